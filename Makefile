@@ -1,0 +1,35 @@
+# The two set-up commands of the README: `make demo` and `make test`. Everything installs into .venv
+# with constraints.txt, which pins the CPU build of torch.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+VERISPEC := $(VENV)/bin/verispec
+MODEL ?= smollm2-135m-instruct
+PROMPT ?= Explain in three sentences why the sky is blue.
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test bench clean
+
+$(VENV)/.base: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -c constraints.txt -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.base
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.base
+	$(VERISPEC) models fetch $(MODEL)
+	$(VERISPEC) generate --model $(MODEL) --chat --max-tokens 96 --prompt "$(PROMPT)"
+
+test: $(VENV)/.dev
+	$(VERISPEC) models fetch smollm2-135m-instruct
+	$(PY) -m pytest -q -ra
+
+bench: $(VENV)/.dev
+	$(VERISPEC) models fetch $(MODEL)
+	$(PY) benchmarks/plain.py --model $(MODEL)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

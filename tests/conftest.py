@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny random models built inside the tests (no files, no network)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+# dims are multiples of 16 so elementwise kernels never take a scalar tail on some rows only
+TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+
+
+def tiny_hf_model(architecture: str, seed: int = 0, **overrides):
+    """A random transformers model of the given architecture, small enough for CPU tests."""
+    import transformers as tf
+
+    kw = {**TINY, **overrides}
+    if architecture == "llama":
+        config = tf.LlamaConfig(**kw, rope_theta=10000.0)
+        cls = tf.LlamaForCausalLM
+    elif architecture == "qwen2":
+        config = tf.Qwen2Config(**kw)
+        cls = tf.Qwen2ForCausalLM
+    elif architecture == "qwen3":
+        config = tf.Qwen3Config(**kw, head_dim=16)
+        cls = tf.Qwen3ForCausalLM
+    elif architecture == "gemma3":
+        kw.setdefault("num_hidden_layers", 3)
+        kw["num_hidden_layers"] = max(kw["num_hidden_layers"], 3)
+        config = tf.Gemma3TextConfig(**kw, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+                                     layer_types=["sliding_attention", "sliding_attention", "full_attention"][
+                                         : kw["num_hidden_layers"]] + ["sliding_attention"] * (kw["num_hidden_layers"] - 3))
+        cls = tf.Gemma3ForCausalLM
+    else:
+        raise ValueError(architecture)
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:  # random norm scales, so a wrong norm formula shows
+                p.copy_(torch.rand_like(p) * 0.5 + (0.0 if architecture == "gemma3" else 0.75))
+    return model
+
+
+@pytest.fixture
+def hf_folder(tmp_path: Path):
+    """Save a tiny transformers model to a folder and return (folder, hf_model)."""
+
+    def make(architecture: str, **overrides):
+        model = tiny_hf_model(architecture, **overrides)
+        folder = tmp_path / architecture
+        model.save_pretrained(folder)
+        return folder, model
+
+    return make

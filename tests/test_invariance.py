@@ -1,0 +1,56 @@
+"""Row invariance: a position's logits and cache entries do not depend on how many rows the forward
+carries. This is what makes greedy speculation exactly equal to plain decoding (docs/numerics.md)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from verispec.model.load import ModelSource, load_model
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3", "gemma3"])
+def model(request, tmp_path_factory):
+    from conftest import tiny_hf_model
+
+    folder = tmp_path_factory.mktemp(request.param)
+    tiny_hf_model(request.param, hidden_size=96, num_attention_heads=6, num_key_value_heads=2).save_pretrained(folder)
+    return load_model(ModelSource.of(folder), 512, torch.device("cpu"))
+
+
+def test_verify_rows_equal_decode_rows_bitwise(model):
+    ids = torch.randint(0, 96, (150,), generator=torch.Generator().manual_seed(3))
+    cache = model.new_cache()
+    prompt = 70  # crosses a 64-position attention block while decoding
+    model.forward(ids[:prompt], torch.arange(prompt), cache)
+    decoded = torch.cat([model.forward(ids[p:p + 1], torch.tensor([p]), cache) for p in range(prompt, 150)])
+    for k in (2, 3, 5, 8, 16, 17, 40):
+        cache.truncate(prompt)
+        pos = prompt
+        rows = []
+        while pos < 150:
+            n = min(k, 150 - pos)
+            rows.append(model.forward(ids[pos:pos + n], torch.arange(pos, pos + n), cache))
+            pos += n
+        assert torch.equal(torch.cat(rows), decoded), f"rows differ when verifying {k} at a time"
+
+
+def test_prefill_in_one_pass_equals_token_by_token_bitwise(model):
+    ids = torch.randint(0, 96, (100,), generator=torch.Generator().manual_seed(4))
+    whole = model.forward(ids, torch.arange(100), model.new_cache())
+    cache = model.new_cache()
+    single = torch.cat([model.forward(ids[p:p + 1], torch.tensor([p]), cache) for p in range(100)])
+    assert torch.equal(whole, single)
+
+
+def test_truncate_then_forward_equals_fresh_prefill(model):
+    ids = torch.randint(0, 96, (80,), generator=torch.Generator().manual_seed(5))
+    other = torch.randint(0, 96, (20,), generator=torch.Generator().manual_seed(6))
+    cache = model.new_cache()
+    model.forward(ids[:60], torch.arange(60), cache)
+    model.forward(other, torch.arange(60, 80), cache)  # a rejected draft: written, then rolled back
+    cache.truncate(60)
+    rolled = model.forward(ids[60:], torch.arange(60, 80), cache)
+    fresh = model.forward(ids, torch.arange(80), model.new_cache())[60:]
+    assert torch.equal(rolled, fresh)
+    assert cache.length == 80

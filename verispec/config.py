@@ -1,0 +1,105 @@
+"""Frozen, validated configuration: the single source for the API, the CLI and the server."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from verispec.errors import InvalidInputError
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise InvalidInputError(message)
+
+
+def _is_real(value: float) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request turns logits into tokens and when it stops.
+
+    temperature 0 means greedy. top_k 0 and top_p 1 and min_p 0 switch those filters off.
+    """
+
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    min_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        _require(
+            isinstance(self.max_tokens, int) and not isinstance(self.max_tokens, bool) and self.max_tokens >= 1,
+            f"max_tokens={self.max_tokens!r} is not allowed: it must be an integer >= 1",
+        )
+        _require(
+            _is_real(self.temperature) and self.temperature >= 0,
+            f"temperature={self.temperature!r} is not allowed: it must be a finite number >= 0 (0 means greedy)",
+        )
+        _require(
+            isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k >= 0,
+            f"top_k={self.top_k!r} is not allowed: it must be an integer >= 0 (0 means off)",
+        )
+        _require(
+            _is_real(self.top_p) and 0 < self.top_p <= 1,
+            f"top_p={self.top_p!r} is not allowed: it must be in (0, 1] (1 means off)",
+        )
+        _require(
+            _is_real(self.min_p) and 0 <= self.min_p < 1,
+            f"min_p={self.min_p!r} is not allowed: it must be in [0, 1) (0 means off)",
+        )
+        _require(
+            self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0),
+            f"seed={self.seed!r} is not allowed: it must be an integer >= 0 or None",
+        )
+        _require(
+            all(isinstance(s, str) and s for s in self.stop),
+            f"stop={self.stop!r} is not allowed: stop strings must be non-empty strings",
+        )
+        _require(
+            all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+            f"stop_token_ids={self.stop_token_ids!r} is not allowed: they must be token ids >= 0",
+        )
+        _require(
+            isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
+            f"min_tokens={self.min_tokens!r} is not allowed: it must be an integer in [0, max_tokens={self.max_tokens}]",
+        )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and how big the runtime is: the device, threads, and the KV cache's capacity in tokens."""
+
+    device: str = "auto"
+    threads: int | None = None
+    max_context: int | None = None
+
+    def __post_init__(self) -> None:
+        _require(
+            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+            f"device={self.device!r} is not allowed: use 'auto', 'cpu', 'cuda' or 'cuda:N'",
+        )
+        _require(
+            self.threads is None or (isinstance(self.threads, int) and self.threads >= 1),
+            f"threads={self.threads!r} is not allowed: it must be an integer >= 1 or None",
+        )
+        _require(
+            self.max_context is None or (isinstance(self.max_context, int) and self.max_context >= 16),
+            f"max_context={self.max_context!r} is not allowed: it must be an integer >= 16 or None (the model's own)",
+        )

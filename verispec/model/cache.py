@@ -1,0 +1,64 @@
+"""A static, position-indexed KV cache: allocated once, rolled back by a length change."""
+
+from __future__ import annotations
+
+import torch
+
+from verispec.errors import ContextOverflowError, ModelLoadError
+
+# Attention reads the cache in fixed blocks of this many positions (see kernels.attention), so the
+# capacity is a whole number of blocks.
+BLOCK = 64
+
+
+class KVCache:
+    """Keys and values of one sequence for every layer.
+
+    k, v: [num_layers, num_kv_heads, capacity, head_dim]. Positions >= length hold stale values that
+    the next forward overwrites; attention never reads them (it masks by position).
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        capacity = -(-capacity // BLOCK) * BLOCK
+        shape = (num_layers, num_kv_heads, capacity, head_dim)
+        need = 2 * torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        _check_memory(need, capacity, device)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.capacity = capacity
+        self.length = 0
+
+    def truncate(self, length: int) -> None:
+        """Forget every position >= length (a rollback): O(1), nothing is copied."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"truncate({length}) outside [0, {self.length}]")
+        self.length = length
+
+    def reserve(self, num_new: int) -> None:
+        if self.length + num_new > self.capacity:
+            raise ContextOverflowError(
+                f"{self.length} cached + {num_new} new tokens exceed the context capacity of {self.capacity} tokens"
+            )
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+def _check_memory(need: int, capacity: int, device: torch.device) -> None:
+    """Refuse a context that cannot fit now, rather than failing mid-generation."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        try:
+            with open("/proc/meminfo") as f:
+                info = dict(line.split(":", 1) for line in f)
+            free = int(info["MemAvailable"].split()[0]) * 1024
+        except (OSError, KeyError, ValueError):
+            return
+    if need > free:
+        raise ModelLoadError(
+            f"a KV cache for {capacity} tokens needs {need / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB is "
+            f"free on {device}; choose a smaller max_context"
+        )

@@ -1,0 +1,96 @@
+"""Row-invariant fp32 kernels.
+
+Greedy speculation is exact only if the logits of a position do not depend on how many positions
+one forward carries: a k-row verify must round exactly like a one-row decode. CPU GEMM kernels
+do not promise this (MKL takes a GEMV path for one row and re-blocks the reduction above ~16 rows),
+so every op here runs on row groups of 2..16 and attention reduces over fixed blocks of positions.
+tests/test_invariance.py holds this property on the machine that runs the tests.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from verispec.model.cache import BLOCK
+
+MAX_ROWS = 16
+
+
+def row_groups(n: int) -> list[int]:
+    """Split n >= 2 rows into near-equal groups of 2..MAX_ROWS rows."""
+    groups = -(-n // MAX_ROWS)
+    base, extra = divmod(n, groups)
+    return [base + 1] * extra + [base] * (groups - extra)
+
+
+def linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [n, in] @ weight_t [in, out] (+ bias) -> [n, out], row by row the same for every n >= 2."""
+    if x.shape[0] <= MAX_ROWS:
+        y = x @ weight_t
+    else:
+        y = torch.cat([part @ weight_t for part in x.split(row_groups(x.shape[0]))])
+    return y if bias is None else y + bias
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., d] normalised over d, times weight [d] (gemma's 1 + w is folded in at load)."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE. x [n, heads, d]; cos, sin [n, 1, d]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def activation(name: str, x: torch.Tensor) -> torch.Tensor:
+    return F.silu(x) if name == "silu" else F.gelu(x, approximate="tanh")
+
+
+def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
+              scale: float, window: int | None) -> torch.Tensor:
+    """Causal attention of n queries over the cache, reduced over fixed blocks of BLOCK positions.
+
+    q [n, heads, d] at `positions` [n]; k_cache, v_cache [kv_heads, capacity, d], already holding the
+    keys and values of every position <= positions[-1]. Returns [n, heads * d].
+    """
+    n = q.shape[0]
+    if n <= MAX_ROWS:
+        return _attention_rows(q, k_cache, v_cache, positions, scale, window)
+    sizes = row_groups(n)
+    return torch.cat([
+        _attention_rows(qp, k_cache, v_cache, pp, scale, window)
+        for qp, pp in zip(q.split(sizes), positions.split(sizes))
+    ])
+
+
+def _attention_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
+                    scale: float, window: int | None) -> torch.Tensor:
+    n, heads, d = q.shape
+    kv_heads = k_cache.shape[0]
+    group = heads // kv_heads
+    blocks = int(positions[-1]) // BLOCK + 1
+    k = k_cache[:, : blocks * BLOCK].view(kv_heads, blocks, BLOCK, d)
+    v = v_cache[:, : blocks * BLOCK].view(kv_heads, blocks, BLOCK, d)
+    # Rows are (query head in its group, query): [kv_heads, group * n, d]
+    rows = q.view(n, kv_heads, group, d).permute(1, 2, 0, 3).reshape(kv_heads, group * n, d)
+    # keys @ queries^T keeps each query's scores independent of the other queries.
+    scores = (k @ rows.transpose(1, 2).unsqueeze(1)).transpose(2, 3) * scale  # [kv_heads, blocks, group*n, BLOCK]
+    key_pos = torch.arange(blocks * BLOCK, device=q.device).view(blocks, 1, BLOCK)
+    query_pos = positions.repeat(group).view(1, group * n, 1)
+    hidden = key_pos > query_pos
+    if window is not None:
+        hidden |= key_pos <= query_pos - window
+    scores = scores.masked_fill(hidden, float("-inf"))
+    block_max = scores.amax(-1, keepdim=True)  # [kv_heads, blocks, group*n, 1]
+    empty = torch.isinf(block_max)
+    weights = torch.exp(scores - block_max.masked_fill(empty, 0.0))
+    block_sum = weights.sum(-1, keepdim=True)
+    block_out = weights @ v  # [kv_heads, blocks, group*n, d]
+    # Merge blocks in position order; a block with nothing visible contributes exact zeros.
+    top = block_max.amax(1, keepdim=True)
+    rescale = torch.exp(block_max - top).masked_fill(empty, 0.0)
+    out = (block_out * rescale).sum(1) / (block_sum * rescale).sum(1)  # [kv_heads, group*n, d]
+    return out.view(kv_heads, group, n, d).permute(2, 0, 1, 3).reshape(n, heads * d)

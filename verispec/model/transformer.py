@@ -1,0 +1,168 @@
+"""One readable decoder for llama, qwen2, qwen3 and gemma3, over a static KV cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from verispec.model import kernels
+from verispec.model.cache import KVCache
+from verispec.model.config import ModelConfig, RopeScaling
+
+
+@dataclass
+class Layer:
+    """One decoder layer's weights, transposed to [in, out] for kernels.linear; QKV and gate/up fused."""
+
+    attn_norm: torch.Tensor
+    qkv_t: torch.Tensor  # [hidden, (heads + 2 * kv_heads) * head_dim]
+    qkv_bias: torch.Tensor | None
+    o_t: torch.Tensor  # [heads * head_dim, hidden]
+    mlp_norm: torch.Tensor
+    gate_up_t: torch.Tensor  # [hidden, 2 * intermediate]
+    down_t: torch.Tensor  # [intermediate, hidden]
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    post_attn_norm: torch.Tensor | None
+    post_mlp_norm: torch.Tensor | None
+    sliding: bool
+
+
+class Transformer:
+    """forward(token_ids, positions, cache) -> logits, with the cache holding every earlier position.
+
+    Weights come as a dict of canonical names (see model/weights.py) in [out, in] layout.
+    """
+
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], max_context: int,
+                 device: torch.device) -> None:
+        self.config = config
+        self.device = device
+        self.max_context = max_context
+        w = {name: t.to(device=device, dtype=torch.float32) for name, t in weights.items()}
+        self.embed = w["embed"]  # [vocab, hidden]
+        self.lm_head_t = (w["lm_head"] if "lm_head" in w else self.embed).t().contiguous()  # [hidden, vocab]
+        self.final_norm = w["final_norm"]
+        self.layers = [self._layer(w, i) for i in range(config.num_layers)]
+        global_rope = _rope_table(config.rope_theta, config.head_dim, max_context, config.rope_scaling, device)
+        local_rope = (_rope_table(config.rope_local_theta, config.head_dim, max_context, None, device)
+                      if config.rope_local_theta else global_rope)
+        self._rope = {False: global_rope, True: local_rope}
+
+    def _layer(self, w: dict[str, torch.Tensor], i: int) -> Layer:
+        c = self.config
+        p = f"layers.{i}."
+
+        def opt(name: str) -> torch.Tensor | None:
+            return w.get(p + name)
+
+        bias = (torch.cat([w[p + "q_bias"], w[p + "k_bias"], w[p + "v_bias"]]) if c.qkv_bias else None)
+        return Layer(
+            attn_norm=w[p + "attn_norm"],
+            qkv_t=torch.cat([w[p + "q"], w[p + "k"], w[p + "v"]]).t().contiguous(),
+            qkv_bias=bias,
+            o_t=w[p + "o"].t().contiguous(),
+            mlp_norm=w[p + "mlp_norm"],
+            gate_up_t=torch.cat([w[p + "gate"], w[p + "up"]]).t().contiguous(),
+            down_t=w[p + "down"].t().contiguous(),
+            q_norm=opt("q_norm"),
+            k_norm=opt("k_norm"),
+            post_attn_norm=opt("post_attn_norm"),
+            post_mlp_norm=opt("post_mlp_norm"),
+            sliding=c.sliding_layers[i],
+        )
+
+    def new_cache(self) -> KVCache:
+        c = self.config
+        return KVCache(c.num_layers, c.num_kv_heads, c.head_dim, self.max_context, torch.float32, self.device)
+
+    @property
+    def weight_bytes_per_token(self) -> int:
+        """Bytes of weights one decode step reads (the embedding row lookup is negligible)."""
+        per_layer = [t for layer in self.layers for t in (layer.qkv_t, layer.o_t, layer.gate_up_t, layer.down_t)]
+        return sum(t.nbytes for t in per_layer) + self.lm_head_t.nbytes
+
+    @torch.inference_mode()
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, *,
+                last_only: bool = False, hidden: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Run n new tokens at `positions` (which must continue the cache) and extend the cache.
+
+        token_ids, positions: [n]. Returns logits [n, vocab] ([1, vocab] when last_only) and, with
+        hidden=True, the last layer's hidden states [n, hidden] before the final norm.
+        """
+        c = self.config
+        n = token_ids.shape[0]
+        start = cache.length
+        if n == 0 or int(positions[0]) != start or int(positions[-1]) != start + n - 1:
+            raise ValueError(f"positions must continue the cache: expected {start}..{start + n - 1}")
+        cache.reserve(n)
+        if n == 1:
+            # A single row would take the GEMV path and round differently from a verify row;
+            # the duplicate has the same token and position, so it writes the same cache entry.
+            token_ids, positions = token_ids.repeat(2), positions.repeat(2)
+        x = self.embed[token_ids] * c.embed_scale  # [rows, hidden]
+        for i, layer in enumerate(self.layers):
+            x = x + self._attention(layer, i, x, positions, cache)
+            x = x + self._mlp(layer, x)
+        x = x[:n]
+        cache.length = start + n
+        out = kernels.rms_norm(x[-1:] if last_only else x, self.final_norm, c.rms_norm_eps)
+        logits = kernels.linear(out if out.shape[0] > 1 else out.repeat(2, 1), self.lm_head_t)[: out.shape[0]]
+        if c.final_logit_softcap:
+            logits = torch.tanh(logits / c.final_logit_softcap) * c.final_logit_softcap
+        return (logits, x) if hidden else logits
+
+    def _attention(self, layer: Layer, i: int, x: torch.Tensor, positions: torch.Tensor,
+                   cache: KVCache) -> torch.Tensor:
+        c = self.config
+        rows = x.shape[0]
+        h = kernels.rms_norm(x, layer.attn_norm, c.rms_norm_eps)
+        qkv = kernels.linear(h, layer.qkv_t, layer.qkv_bias)
+        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        q = qkv[:, :q_size].view(rows, c.num_heads, c.head_dim)
+        k = qkv[:, q_size: q_size + kv_size].view(rows, c.num_kv_heads, c.head_dim)
+        v = qkv[:, q_size + kv_size:].view(rows, c.num_kv_heads, c.head_dim)
+        if layer.q_norm is not None:
+            q = kernels.rms_norm(q, layer.q_norm, c.rms_norm_eps)
+            k = kernels.rms_norm(k, layer.k_norm, c.rms_norm_eps)
+        cos, sin = (t[positions].unsqueeze(1) for t in self._rope[layer.sliding])  # [rows, 1, head_dim]
+        q, k = kernels.rope(q, cos, sin), kernels.rope(k, cos, sin)
+        cache.k[i][:, positions] = k.transpose(0, 1)
+        cache.v[i][:, positions] = v.transpose(0, 1)
+        window = c.sliding_window if layer.sliding else None
+        a = kernels.attention(q, cache.k[i], cache.v[i], positions, c.query_scale, window)
+        a = kernels.linear(a, layer.o_t)
+        return a if layer.post_attn_norm is None else kernels.rms_norm(a, layer.post_attn_norm, c.rms_norm_eps)
+
+    def _mlp(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        h = kernels.rms_norm(x, layer.mlp_norm, c.rms_norm_eps)
+        gate, up = kernels.linear(h, layer.gate_up_t).chunk(2, dim=-1)
+        m = kernels.linear(kernels.activation(c.activation, gate) * up, layer.down_t)
+        return m if layer.post_mlp_norm is None else kernels.rms_norm(m, layer.post_mlp_norm, c.rms_norm_eps)
+
+
+def _rope_table(theta: float, dim: int, length: int, scaling: RopeScaling | None,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [length, dim] in the rotate-half layout, computed as transformers does (float32)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if scaling is not None and scaling.kind == "linear":
+        inv_freq = inv_freq / scaling.factor
+    elif scaling is not None and scaling.kind == "llama3":
+        inv_freq = _llama3_scale(inv_freq, scaling)
+    freqs = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(device), emb.sin().to(device)
+
+
+def _llama3_scale(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
+    low_wavelen = s.original_max_position / s.low_freq_factor
+    high_wavelen = s.original_max_position / s.high_freq_factor
+    wavelen = 2 * torch.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
