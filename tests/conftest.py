@@ -57,3 +57,41 @@ def hf_folder(tmp_path: Path):
         return folder, model
 
     return make
+
+
+CHARS = list(" abcdefghijklmnopqrstuvwxyz.,!?\n0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+MERGES = [("t", "h"), ("th", "e"), ("e", "n"), ("en", "d"), ("s", "t"), ("st", "o"), ("sto", "p")]
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+
+
+def save_tiny_tokenizer(folder: Path, vocab_size: int = 96) -> None:
+    """A character BPE with a few merges (multi-character tokens), EOS '</s>' = 2, a chat template."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    tokens = ["<unk>", "<s>", "</s>"] + CHARS + ["".join(m) for m in MERGES]
+    tokens += [f"<extra{i}>" for i in range(vocab_size - len(tokens))]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=MERGES, unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.add_special_tokens({"additional_special_tokens": [t for t in tokens if t.startswith("<extra")]})
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_folder(tmp_path_factory) -> Path:
+    """A tiny random llama with a tokenizer: a complete model folder for LLM and CLI tests."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_hf_model("llama").save_pretrained(folder)
+    save_tiny_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_llm_folder):
+    from verispec.llm import LLM
+
+    return LLM(str(tiny_llm_folder))

@@ -1,0 +1,1 @@
+"""The generation loop, requests and their statistics."""

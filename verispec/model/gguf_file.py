@@ -119,7 +119,7 @@ class GGUFModel:
         except Exception as e:
             raise ModelLoadError(f"{self.path}: tensor {name!r} cannot be dequantized (corrupt file?): {e}") from None
         shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dimensions innermost first
-        return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32).reshape(shape))
+        return torch.from_numpy(np.array(data, dtype=np.float32).reshape(shape))  # a writable copy
 
 
 def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:

@@ -1,0 +1,132 @@
+"""GGUF loading: llama.cpp's tensor names and Q/K row order, quantized tensors, and bad files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_hf_model
+from verispec.errors import ModelLoadError
+from verispec.model.load import ModelSource, load_model
+
+NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+         "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+         "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+
+def _permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's convert permute of Q/K rows (the loader must undo it)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(path: Path, hf, quant: str = "F32", arch: str = "llama") -> Path:
+    """Write a transformers llama/qwen2 model as llama.cpp would, quantizing the 2-D weights to `quant`."""
+    c = hf.config
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    qtype = gguf.GGMLQuantizationType[quant]
+
+    def add(name: str, t: torch.Tensor) -> None:
+        a = t.detach().float().numpy()
+        if a.ndim == 2 and quant != "F32":
+            w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_shape=a.shape if quant == "F16" else None,
+                         raw_dtype=qtype)
+        else:
+            w.add_tensor(name, a)
+
+    sd = hf.state_dict()
+    add("token_embd.weight", sd["model.embed_tokens.weight"])
+    add("output_norm.weight", sd["model.norm.weight"])
+    add("output.weight", sd["lm_head.weight"])
+    for i in range(c.num_hidden_layers):
+        for hf_name, g_name in NAMES.items():
+            for kind in ("weight", "bias"):
+                key = f"model.layers.{i}.{hf_name}.{kind}"
+                if key not in sd:
+                    continue
+                t = sd[key]
+                if arch == "llama" and g_name in ("attn_q", "attn_k"):
+                    heads = c.num_attention_heads if g_name == "attn_q" else c.num_key_value_heads
+                    t = torch.from_numpy(_permute(t.numpy(), heads))
+                add(f"blk.{i}.{g_name}.{kind}", t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_f32_gguf_matches_the_model_it_was_written_from(tmp_path, arch):
+    hf = tiny_hf_model(arch)
+    path = write_gguf(tmp_path / "m.gguf", hf, arch=arch)
+    ours = load_model(ModelSource.of(path), 128, torch.device("cpu"))
+    ids = torch.arange(3, 43)
+    with torch.no_grad():
+        expected = hf(ids[None]).logits[0]
+    assert (ours.forward(ids, torch.arange(40), ours.new_cache()) - expected).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("quant", ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0"])
+def test_quantized_weights_dequantize_close_to_the_originals(tmp_path, quant):
+    hf = tiny_hf_model("llama")
+    path = write_gguf(tmp_path / "m.gguf", hf, quant)
+    ours = load_model(ModelSource.of(path), 128, torch.device("cpu"))
+    original = hf.state_dict()["model.layers.0.mlp.down_proj.weight"]
+    got = ours.layers[0].down_t.t()
+    scale = original.abs().max()
+    tolerance = {"F16": 1e-3, "BF16": 1e-2, "Q8_0": 2e-2, "Q5_0": 0.1, "Q4_0": 0.2, "Q4_1": 0.2}[quant]
+    assert (got - original).abs().max() / scale < tolerance
+
+
+def test_missing_truncated_and_corrupt_files_are_clear_errors(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        ModelSource.of(tmp_path / "absent.gguf")
+    good = write_gguf(tmp_path / "m.gguf", tiny_hf_model("llama"))
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(ModelLoadError, match="truncated or corrupt"):
+        load_model(ModelSource.of(truncated), 128, torch.device("cpu"))
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"not a gguf file at all" * 10)
+    with pytest.raises(ModelLoadError, match="not a readable GGUF"):
+        load_model(ModelSource.of(garbage), 128, torch.device("cpu"))
+
+
+def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "mamba")
+    w.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ModelLoadError, match="'mamba' is not supported; supported: llama, qwen2, qwen3, gemma3"):
+        load_model(ModelSource.of(tmp_path / "m.gguf"), 128, torch.device("cpu"))
+
+
+def test_unsupported_quant_type_names_it(tmp_path):
+    w = gguf.GGUFWriter(str(tmp_path / "iq.gguf"), "llama")
+    w.add_block_count(1)
+    w.add_embedding_length(256)
+    w.add_feed_forward_length(256)
+    w.add_head_count(4)
+    # 4 rows of 256 IQ4_NL values: 8 blocks of 18 bytes each
+    w.add_tensor("token_embd.weight", np.zeros((4, 144), dtype=np.uint8), raw_dtype=gguf.GGMLQuantizationType.IQ4_NL)
+    w.add_tensor("output_norm.weight", np.ones(256, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ModelLoadError, match="IQ4_NL, which is not supported"):
+        load_model(ModelSource.of(tmp_path / "iq.gguf"), 128, torch.device("cpu"))

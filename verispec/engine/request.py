@@ -1,0 +1,71 @@
+"""One request's token bookkeeping: committing any number of tokens at once, and every way to stop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from verispec.config import SamplingParams
+from verispec.errors import ContextOverflowError
+
+# Given the output ids so far, does the text now contain a stop string? (the text layer supplies it)
+StopCheck = Callable[[Sequence[int]], bool]
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    eos_ids: frozenset[int]
+    capacity: int
+    stop_check: StopCheck | None = None
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.prompt_ids:
+            raise ContextOverflowError("the prompt is empty: it must have at least one token")
+        if len(self.prompt_ids) >= self.capacity:
+            raise ContextOverflowError(
+                f"the prompt has {len(self.prompt_ids)} tokens; the context holds {self.capacity}, "
+                f"so the prompt must have at most {self.capacity - 1}"
+            )
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        """Ids that end the request when emitted (EOS unless ignore_eos, and stop_token_ids)."""
+        eos = frozenset() if self.params.ignore_eos else self.eos_ids
+        return eos | frozenset(self.params.stop_token_ids)
+
+    def suppressed(self, extra: int = 0) -> Sequence[int]:
+        """Ids masked at an output position `extra` tokens past the committed ones (min_tokens)."""
+        return sorted(self.stop_ids) if len(self.output_ids) + extra < self.params.min_tokens else ()
+
+    def commit(self, token_ids: Sequence[int]) -> int:
+        """Append tokens in order until one finishes the request; returns how many were kept.
+
+        A stop id ends the request and is not kept; a stop string keeps the token that completed it
+        (the text layer cuts the text); max_tokens and the context limit end with 'length'.
+        """
+        kept = 0
+        for token in token_ids:
+            if token in self.stop_ids:
+                self.finish_reason = "stop"
+                break
+            self.output_ids.append(int(token))
+            kept += 1
+            if self.stop_check is not None and self.stop_check(self.output_ids):
+                self.finish_reason = "stop"
+            elif len(self.output_ids) >= self.params.max_tokens or self.length >= self.capacity:
+                self.finish_reason = "length"
+            if self.finished:
+                break
+        return kept

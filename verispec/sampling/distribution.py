@@ -1,0 +1,61 @@
+"""The one function that turns logits into the distribution a token is drawn from.
+
+It serves plain decoding, the target's p and a drafter's q alike, so the three can never disagree
+on temperature or truncation (RELIABILITY.md E1, E3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from verispec.config import SamplingParams
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams, suppress: Sequence[int] = ()) -> torch.Tensor:
+    """logits [rows, vocab] -> probabilities [rows, vocab] (float32, rows sum to 1).
+
+    Greedy (temperature 0) is the one-hot of the argmax (the first maximal id on ties). Otherwise
+    softmax(logits / temperature) restricted by top-k, then top-p, then min-p, renormalised.
+    `suppress` ids get probability 0 (EOS before min_tokens).
+    """
+    x = logits.float()
+    if suppress:
+        x = x.clone()
+        x[:, list(suppress)] = float("-inf")
+    if params.greedy:
+        return torch.zeros_like(x).scatter_(-1, x.argmax(-1, keepdim=True), 1.0)
+    x = x / params.temperature
+    if 0 < params.top_k < x.shape[-1]:
+        kth = torch.topk(x, params.top_k, dim=-1).values[:, -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    p = torch.softmax(x, dim=-1)
+    if params.top_p < 1.0:
+        sorted_p, order = torch.sort(p, dim=-1, descending=True)
+        mass_before = sorted_p.cumsum(-1) - sorted_p
+        drop = (mass_before >= params.top_p).scatter(-1, order, mass_before >= params.top_p)
+        p = p.masked_fill(drop, 0.0)
+    if params.min_p > 0:
+        p = p.masked_fill(p < params.min_p * p.amax(-1, keepdim=True), 0.0)
+    return p / p.sum(-1, keepdim=True)
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Draw one id per row of probs [rows, vocab] by inverting the CDF at a uniform -> [rows]."""
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device)
+    cdf = probs.cumsum(-1)
+    ids = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
+    # Rounding can put u * total at the very end; the last id with mass is the right answer there.
+    last_nonzero = probs.shape[-1] - 1 - (probs.flip(-1) > 0).int().argmax(-1)
+    return torch.minimum(ids, last_nonzero)
+
+
+def new_generator(seed: int | None, device: torch.device = torch.device("cpu")) -> torch.Generator:
+    """A private stream per request: seeded -> reproducible; unseeded -> fresh entropy. Never the global RNG."""
+    g = torch.Generator(device=device)
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(seed)
+    return g
