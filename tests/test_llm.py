@@ -1,0 +1,80 @@
+"""The LLM facade and the CLI on a tiny random model with a real tokenizer folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from verispec.cli.main import main
+from verispec.config import SamplingParams
+from verispec.errors import ContextOverflowError, InvalidInputError
+
+
+def test_greedy_generation_is_deterministic_and_counts_match(tiny_llm):
+    a = tiny_llm.generate("the end", SamplingParams(max_tokens=20, ignore_eos=True))
+    b = tiny_llm.generate("the end", SamplingParams(max_tokens=20, ignore_eos=True))
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 20 and a.finish_reason == "length"
+    assert a.stats.completion_tokens == 20 and a.stats.target_forwards == 20
+
+
+def test_text_equals_decode_of_token_ids(tiny_llm):
+    out = tiny_llm.generate("hello", SamplingParams(max_tokens=30, temperature=1.0, seed=3, ignore_eos=True))
+    assert out.text == tiny_llm.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+
+
+def test_same_seed_same_output_other_seed_other_output(tiny_llm):
+    outs = [tiny_llm.generate("hi", SamplingParams(max_tokens=30, temperature=1.5, seed=s, ignore_eos=True)).token_ids
+            for s in (1, 1, 2)]
+    assert outs[0] == outs[1] != outs[2]
+
+
+def test_stop_string_cuts_the_text_and_keeps_the_completing_token(tiny_llm):
+    free = tiny_llm.generate("abc", SamplingParams(max_tokens=40, ignore_eos=True))
+    stop = free.text[10:12]
+    out = tiny_llm.generate("abc", SamplingParams(max_tokens=40, ignore_eos=True, stop=(stop,)))
+    assert out.finish_reason == "stop" and out.text == free.text[: free.text.find(stop)]
+    assert out.token_ids == free.token_ids[: len(out.token_ids)]
+    assert stop in tiny_llm.tokenizer.decode(out.token_ids) and stop not in tiny_llm.tokenizer.decode(out.token_ids[:-1])
+
+
+def test_chat_messages_use_the_chat_template(tiny_llm):
+    ids = tiny_llm.encode([{"role": "user", "content": "hi"}])
+    assert tiny_llm.tokenizer.decode(ids) == "<s>user\nhi</s><s>assistant\n"
+    assert tiny_llm.encode("hi", chat=True) == ids
+
+
+@pytest.mark.parametrize("prompt,match", [
+    ([{"role": "wizard", "content": "x"}], "role='wizard' is not allowed"),
+    ([{"role": "user", "content": 5}], "content must be a string"),
+    ([1, 2, 999], r"outside the vocabulary \[0, 96\)"),
+    ([1.5, "a"], "prompt must be"),
+])
+def test_bad_prompts_are_typed_errors(tiny_llm, prompt, match):
+    with pytest.raises(InvalidInputError, match=match):
+        tiny_llm.generate(prompt)
+
+
+def test_prompt_longer_than_the_context_is_refused(tiny_llm):
+    with pytest.raises(ContextOverflowError, match="the context holds"):
+        tiny_llm.generate([5] * (tiny_llm.engine.capacity + 1))
+
+
+def test_cli_generate_json(tiny_llm_folder, capsys):
+    assert main(["generate", "--model", str(tiny_llm_folder), "--prompt", "the", "--max-tokens", "7",
+                 "--ignore-eos", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["token_ids"]) == 7 and out["finish_reason"] == "length" and "decode_s" in out["stats"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--temperature", "-1"], "temperature=-1.0 is not allowed"),
+    (["--top-p", "0"], "top_p=0.0 is not allowed"),
+    (["--max-tokens", "0"], "max_tokens=0 is not allowed"),
+    (["--model", "/no/such/model.gguf"], "'/no/such/model.gguf' is neither a built-in name"),
+])
+def test_cli_bad_input_exits_2_with_a_message(tiny_llm_folder, capsys, args, message):
+    argv = ["generate", "--model", str(tiny_llm_folder), "--prompt", "x", *args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -1,0 +1,88 @@
+"""logits -> distribution -> token: the filters, the sampler's law, and private random streams."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from verispec.config import SamplingParams
+from verispec.errors import InvalidInputError
+from verispec.sampling import probabilities, sample
+from verispec.sampling.distribution import new_generator
+
+LOGITS = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0, 1.5, 0.2]])
+
+
+def test_greedy_is_the_one_hot_argmax_first_on_ties():
+    p = probabilities(torch.tensor([[1.0, 3.0, 3.0, 0.0]]), SamplingParams())
+    assert p.tolist() == [[0.0, 1.0, 0.0, 0.0]]
+
+
+def test_temperature_is_softmax_of_scaled_logits():
+    p = probabilities(LOGITS, SamplingParams(temperature=0.7))
+    assert torch.allclose(p, torch.softmax(LOGITS / 0.7, -1), atol=1e-7)
+
+
+def test_top_k_keeps_exactly_the_k_largest():
+    p = probabilities(LOGITS, SamplingParams(temperature=1.0, top_k=3))
+    assert set(p.nonzero()[:, 1].tolist()) == {0, 1, 6}
+    assert math.isclose(p.sum().item(), 1.0, rel_tol=1e-6)
+
+
+def test_top_p_keeps_the_smallest_prefix_reaching_p():
+    full = torch.softmax(LOGITS, -1)[0]
+    order = full.argsort(descending=True)
+    for top_p in (0.3, 0.6, 0.9, 0.99):
+        kept = set(probabilities(LOGITS, SamplingParams(temperature=1.0, top_p=top_p)).nonzero()[:, 1].tolist())
+        mass = full[order].cumsum(0)
+        n = int((mass < top_p).sum()) + 1
+        assert kept == set(order[:n].tolist())
+
+
+def test_min_p_drops_tokens_below_a_fraction_of_the_top():
+    p = probabilities(LOGITS, SamplingParams(temperature=1.0, min_p=0.3))
+    full = torch.softmax(LOGITS, -1)[0]
+    assert set(p.nonzero()[:, 1].tolist()) == set((full >= 0.3 * full.max()).nonzero()[:, 0].tolist())
+
+
+def test_suppressed_ids_get_zero_probability():
+    p = probabilities(LOGITS, SamplingParams(temperature=1.0), suppress=[0, 6])
+    assert p[0, 0] == 0 and p[0, 6] == 0
+
+
+def test_sample_follows_the_distribution():
+    p = torch.softmax(LOGITS, -1)
+    g = new_generator(7)
+    draws = torch.cat([sample(p.expand(1000, -1), g) for _ in range(50)])
+    counts = torch.bincount(draws, minlength=8).numpy()
+    assert chisquare(counts, p[0].numpy() * len(draws)).pvalue > 1e-3
+
+
+def test_sample_never_picks_a_zero_probability_id():
+    p = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]])
+    g = new_generator(1)
+    draws = torch.cat([sample(p.expand(1000, -1), g) for _ in range(20)])
+    assert set(draws.tolist()) == {1, 3}
+
+
+def test_seeded_streams_repeat_unseeded_differ_and_global_rng_is_untouched():
+    p = torch.softmax(LOGITS, -1).expand(64, -1)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    assert torch.equal(sample(p, new_generator(5)), sample(p, new_generator(5)))
+    assert not torch.equal(sample(p, new_generator(None)), sample(p, new_generator(None)))
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.parametrize("field,value,allowed", [
+    ("temperature", -0.1, ">= 0"), ("temperature", float("nan"), "finite"), ("temperature", float("inf"), "finite"),
+    ("top_p", 0.0, "(0, 1]"), ("top_p", 1.5, "(0, 1]"), ("top_k", -1, ">= 0"), ("min_p", 1.0, "[0, 1)"),
+    ("max_tokens", 0, ">= 1"), ("max_tokens", -5, ">= 1"), ("seed", -1, ">= 0"), ("stop", ("",), "non-empty"),
+])
+def test_invalid_sampling_values_name_the_value_and_the_allowed_range(field, value, allowed):
+    with pytest.raises(InvalidInputError) as e:
+        SamplingParams(**{field: value})
+    assert f"{field}={value!r}" in str(e.value) and allowed in str(e.value)
