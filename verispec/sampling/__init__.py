@@ -1,5 +1,6 @@
-"""logits -> distributions -> tokens."""
+"""logits -> distributions -> tokens; speculative verification."""
 
 from verispec.sampling.distribution import probabilities, sample
+from verispec.sampling.rejection import verify, verify_batch, verify_reference
 
-__all__ = ["probabilities", "sample"]
+__all__ = ["probabilities", "sample", "verify", "verify_batch", "verify_reference"]

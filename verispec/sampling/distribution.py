@@ -43,11 +43,16 @@ def probabilities(logits: torch.Tensor, params: SamplingParams, suppress: Sequen
 
 def sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Draw one id per row of probs [rows, vocab] by inverting the CDF at a uniform -> [rows]."""
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device)
-    cdf = probs.cumsum(-1)
-    ids = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
-    # Rounding can put u * total at the very end; the last id with mass is the right answer there.
-    last_nonzero = probs.shape[-1] - 1 - (probs.flip(-1) > 0).int().argmax(-1)
+    return inverse_cdf(probs, torch.rand(probs.shape[0], generator=generator, device=probs.device))
+
+
+def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """weights [B, V] (unnormalised, >= 0), u [B] in [0, 1) -> ids [B]: the first id whose cumulative
+    weight exceeds u * total; never an id of zero weight."""
+    cdf = weights.cumsum(-1)
+    ids = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
+    # Rounding can put u * total at the very end; the last id with weight is the right answer there.
+    last_nonzero = weights.shape[-1] - 1 - (weights.flip(-1) > 0).int().argmax(-1)
     return torch.minimum(ids, last_nonzero)
 
 
