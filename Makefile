@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 VERISPEC := $(VENV)/bin/verispec
 MODEL ?= smollm2-135m-instruct
-PROMPT ?= Explain in three sentences why the sky is blue.
+PROMPT ?= Repeat this sentence twice, word for word: The quick brown fox jumps over the lazy dog near the river bank.
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: demo test bench clean
@@ -21,7 +21,8 @@ $(VENV)/.dev: $(VENV)/.base
 
 demo: $(VENV)/.base
 	$(VERISPEC) models fetch $(MODEL)
-	$(VERISPEC) generate --model $(MODEL) --chat --max-tokens 96 --prompt "$(PROMPT)"
+	$(VERISPEC) generate --model $(MODEL) --chat --max-tokens 96 --drafter ngram --num-draft-tokens 4 \
+		--compare --prompt "$(PROMPT)"
 
 test: $(VENV)/.dev
 	$(VERISPEC) models fetch smollm2-135m-instruct

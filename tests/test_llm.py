@@ -15,7 +15,7 @@ def test_greedy_generation_is_deterministic_and_counts_match(tiny_llm):
     a = tiny_llm.generate("the end", SamplingParams(max_tokens=20, ignore_eos=True))
     b = tiny_llm.generate("the end", SamplingParams(max_tokens=20, ignore_eos=True))
     assert a.token_ids == b.token_ids and len(a.token_ids) == 20 and a.finish_reason == "length"
-    assert a.stats.completion_tokens == 20 and a.stats.target_forwards == 20
+    assert a.stats.completion_tokens == 20 and a.stats.cycles == 20 and a.stats.target_forwards == 21
 
 
 def test_text_equals_decode_of_token_ids(tiny_llm):
@@ -78,3 +78,20 @@ def test_cli_bad_input_exits_2_with_a_message(tiny_llm_folder, capsys, args, mes
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_cli_compare_runs_speculation_beside_plain(tiny_llm_folder, capsys):
+    assert main(["generate", "--model", str(tiny_llm_folder), "--prompt", "the end the end", "--max-tokens", "40",
+                 "--ignore-eos", "--drafter", "ngram", "--num-draft-tokens", "3", "--compare", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["token_ids"] == out["plain"]["token_ids"]
+    assert out["stats"]["cycles"] < 40 and out["plain"]["stats"]["cycles"] == 40
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--drafter", "oracle"], "drafter='oracle' is not allowed; allowed: none, ngram"),
+    (["--drafter", "ngram", "--num-draft-tokens", "0"], "num_draft_tokens=0 is not allowed"),
+])
+def test_cli_bad_drafter_settings_exit_2(tiny_llm_folder, capsys, args, message):
+    assert main(["generate", "--model", str(tiny_llm_folder), "--prompt", "x", *args]) == 2
+    assert message in capsys.readouterr().err

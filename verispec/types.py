@@ -8,21 +8,48 @@ from typing import Any
 
 @dataclass
 class Stats:
-    """What one generation cost: token counts and wall time split into prefill and decode."""
+    """What one generation cost: token counts, wall time (prefill, decode; inside decode the drafter's
+    and the verifying target's share), and speculation: per cycle τ drafted, the accepted prefix."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
     target_forwards: int = 0
+    cycles: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+    drafted_per_position: list[int] = field(default_factory=list)
+
+    def record_cycle(self, drafted: int, accepted: int) -> None:
+        self.cycles += 1
+        self.drafted += drafted
+        self.accepted += accepted
+        for counts, n in ((self.drafted_per_position, drafted), (self.accepted_per_position, accepted)):
+            counts.extend([0] * max(0, drafted - len(counts)))
+            for i in range(n):
+                counts[i] += 1
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens committed per cycle, the recovered or bonus token included (vLLM's convention)."""
+        return 1 + self.accepted / self.cycles if self.cycles else 0.0
 
     @property
     def decode_tokens_per_s(self) -> float:
-        # the first token comes from the prefill; the rest from decode steps
-        return max(self.completion_tokens - 1, 0) / self.decode_s if self.decode_s > 0 else 0.0
+        return self.completion_tokens / self.decode_s if self.decode_s > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "decode_tokens_per_s": round(self.decode_tokens_per_s, 3)}
+        return {**asdict(self), "decode_tokens_per_s": round(self.decode_tokens_per_s, 3),
+                "acceptance_rate": round(self.acceptance_rate, 4),
+                "mean_accepted_length": round(self.mean_accepted_length, 4)}
 
 
 @dataclass

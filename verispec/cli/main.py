@@ -31,6 +31,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--max-context", type=int, default=None, help="KV cache capacity in tokens")
     g.add_argument("--threads", type=int, default=None)
     g.add_argument("--device", default="auto")
+    g.add_argument("--drafter", default="none", help="none | ngram (prompt lookup)")
+    g.add_argument("--num-draft-tokens", type=int, default=4, help="tokens drafted per cycle (tau), 1..15")
+    g.add_argument("--compare", action="store_true",
+                   help="also run plain decoding and print the speedup and whether the outputs are identical")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
     m = sub.add_parser("models", help="built-in models")
@@ -48,15 +52,28 @@ def _generate(args: argparse.Namespace) -> None:
                             top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop=tuple(args.stop),
                             ignore_eos=args.ignore_eos)
     runtime = RuntimeConfig(device=args.device, threads=args.threads, max_context=args.max_context)
-    llm = LLM(args.model, runtime)
+    llm = LLM(args.model, runtime, drafter=args.drafter, num_draft_tokens=args.num_draft_tokens)
     out = llm.generate(args.prompt, params, chat=args.chat)
+    plain = llm.generate(args.prompt, params, chat=args.chat, speculative=False) if args.compare else None
     if args.json:
-        print(json.dumps(out.to_dict()))
+        result = out.to_dict()
+        if plain is not None:
+            result["plain"] = plain.to_dict()
+        print(json.dumps(result))
         return
     print(out.text)
     s = out.stats
     print(f"\n[{s.completion_tokens} tokens, finish_reason={out.finish_reason}, prompt {s.prompt_tokens} tokens "
           f"in {s.prefill_s:.2f}s, decode {s.decode_tokens_per_s:.1f} tok/s]", file=sys.stderr)
+    if s.drafted:
+        print(f"[drafter {args.drafter}, tau {args.num_draft_tokens}: {s.cycles} cycles, acceptance "
+              f"{s.acceptance_rate:.0%}, {s.mean_accepted_length:.2f} tokens per target forward, accepted by "
+              f"position {s.accepted_per_position}/{s.drafted_per_position}]", file=sys.stderr)
+    if plain is not None:
+        p = plain.stats
+        same = "identical" if plain.token_ids == out.token_ids else "DIFFERENT (a correctness failure)"
+        print(f"[plain decoding {p.decode_tokens_per_s:.1f} tok/s -> speedup "
+              f"{s.decode_tokens_per_s / p.decode_tokens_per_s:.2f}x; outputs {same}]", file=sys.stderr)
 
 
 def _models(args: argparse.Namespace) -> None:

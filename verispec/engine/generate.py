@@ -1,4 +1,12 @@
-"""The generation loop: prefill, then steps that each commit one or more tokens."""
+"""The generation loop. Every step is a speculative cycle; plain decoding is the cycle with τ = 0.
+
+The cache holds every committed token but the last one (`pending`). A cycle:
+1. the drafter proposes up to τ tokens after the committed sequence;
+2. the target runs [pending] + drafts in ONE forward: row i is its distribution after draft i;
+3. the verifier keeps the longest accepted prefix and adds the recovered or bonus token;
+4. the request commits them (stop rules apply inside the chunk) and the cache rolls back to
+   pending + accepted drafts; the emitted token becomes the new pending.
+"""
 
 from __future__ import annotations
 
@@ -6,45 +14,73 @@ import time
 
 import torch
 
+from verispec.drafters.base import Drafter
 from verispec.engine.request import Request
 from verispec.model.transformer import Transformer
-from verispec.sampling import probabilities, sample
+from verispec.sampling import probabilities
 from verispec.sampling.distribution import new_generator
+from verispec.sampling.rejection import verify
 from verispec.types import Stats
 
 
 class Engine:
-    """Owns a target model and its KV cache; runs one request at a time."""
+    """Owns a target model, its KV cache and an optional drafter; runs one request at a time."""
 
-    def __init__(self, target: Transformer) -> None:
+    def __init__(self, target: Transformer, drafter: Drafter | None = None, num_draft_tokens: int = 0) -> None:
         self.target = target
         self.cache = target.new_cache()
+        self.drafter = drafter
+        self.num_draft_tokens = num_draft_tokens if drafter is not None else 0
 
     @property
     def capacity(self) -> int:
         return self.cache.capacity
 
     def run(self, request: Request) -> Stats:
-        device = self.target.device
+        device, cache = self.target.device, self.cache
         generator = new_generator(request.params.seed)
         stats = Stats(prompt_tokens=len(request.prompt_ids))
-        self.cache.truncate(0)
+        if self.drafter is not None:
+            self.drafter.reset()
+        cache.truncate(0)
         start = time.perf_counter()
-        prompt = torch.tensor(request.prompt_ids, device=device)
-        logits = self.target.forward(prompt, torch.arange(len(prompt), device=device), self.cache, last_only=True)
-        stats.target_forwards += 1
-        stats.prefill_s = time.perf_counter() - start
-        start = time.perf_counter()
-        while True:
-            probs = probabilities(logits[-1:], request.params, request.suppressed())
-            token = int(sample(probs, generator)[0]) if not request.params.greedy else int(probs.argmax())
-            request.commit([token])
-            if request.finished:
-                break
-            pos = self.cache.length
-            logits = self.target.forward(torch.tensor([token], device=device), torch.tensor([pos], device=device),
-                                         self.cache)
+        if len(request.prompt_ids) > 1:
+            prefix = torch.tensor(request.prompt_ids[:-1], device=device)
+            self.target.forward(prefix, torch.arange(len(prefix), device=device), cache, last_only=True)
             stats.target_forwards += 1
+        stats.prefill_s = time.perf_counter() - start
+        pending = request.prompt_ids[-1]
+        start = time.perf_counter()
+        while not request.finished:
+            drafts, draft_probs = self._draft(request, stats)
+            t0 = time.perf_counter()
+            base = cache.length
+            inputs = torch.tensor([pending] + drafts, device=device)
+            logits = self.target.forward(inputs, torch.arange(base, base + len(inputs), device=device), cache)
+            target_probs = torch.cat([probabilities(logits[i: i + 1], request.params, request.suppressed(extra=i))
+                                      for i in range(len(inputs))])  # [k + 1, vocab]
+            accepted, tokens = verify(torch.tensor(drafts, dtype=torch.long), draft_probs, target_probs, generator)
+            cache.truncate(base + 1 + accepted)
+            stats.verify_s += time.perf_counter() - t0
+            stats.target_forwards += 1
+            if self.drafter is not None:
+                self.drafter.observe(accepted)
+            stats.record_cycle(len(drafts), accepted)
+            request.commit(tokens)
+            pending = tokens[-1]
         stats.decode_s = time.perf_counter() - start
         stats.completion_tokens = len(request.output_ids)
         return stats
+
+    def _draft(self, request: Request, stats: Stats) -> tuple[list[int], torch.Tensor | None]:
+        # Never draft past max_tokens or the context: a cycle commits at most k + 1 tokens and the
+        # forward writes k + 1 cache positions.
+        room = min(request.params.max_tokens - len(request.output_ids), self.capacity - request.length) - 1
+        k = min(self.num_draft_tokens, room)
+        if self.drafter is None or k <= 0:
+            return [], None
+        t0 = time.perf_counter()
+        proposal = self.drafter.propose(request.prompt_ids + request.output_ids, k)
+        stats.draft_s += time.perf_counter() - t0
+        drafts = proposal.token_ids[:k]
+        return drafts, None if proposal.probs is None else proposal.probs[: len(drafts)]

@@ -1,0 +1,93 @@
+"""Speculative decoding end to end: greedy output equals plain output token for token (RELIABILITY.md
+C1), stops inside accepted chunks, statistics invariants (G), drafter = target-like copying."""
+
+from __future__ import annotations
+
+import pytest
+
+from verispec import hub
+from verispec.config import SamplingParams
+from verispec.drafters import NgramDrafter
+from verispec.engine.generate import Engine
+from verispec.engine.request import Request
+
+
+@pytest.fixture(scope="module")
+def long_llm(tmp_path_factory):
+    from conftest import save_tiny_tokenizer, tiny_hf_model
+    from verispec.llm import LLM
+
+    folder = tmp_path_factory.mktemp("tiny-long")
+    tiny_hf_model("llama", max_position_embeddings=2048, seed=3).save_pretrained(folder)
+    save_tiny_tokenizer(folder)
+    return LLM(str(folder))
+
+
+def run(llm, prompt, params, k):
+    engine = Engine(llm.target, NgramDrafter() if k else None, k)
+    request = Request(prompt, params, llm.eos_ids, engine.capacity)
+    stats = engine.run(request)
+    return request, stats
+
+
+def test_greedy_speculative_equals_plain_for_every_tau_on_long_outputs(long_llm):
+    prompt = long_llm.encode("the stop the end the stop")
+    params = SamplingParams(max_tokens=1024, ignore_eos=True)
+    plain, _ = run(long_llm, prompt, params, 0)
+    assert len(plain.output_ids) == 1024
+    for k in range(1, 9):
+        spec, stats = run(long_llm, prompt, params, k)
+        assert spec.output_ids == plain.output_ids, f"tau={k} diverged"
+        assert 0 < stats.accepted < stats.drafted, "the test must see both accepted and rejected drafts"
+        # G: metrics invariants
+        assert stats.drafted == sum(stats.drafted_per_position)
+        assert stats.accepted == sum(stats.accepted_per_position)
+        assert all(a >= b for a, b in zip(stats.accepted_per_position, stats.accepted_per_position[1:]))
+        assert stats.completion_tokens == len(spec.output_ids)
+        assert stats.cycles <= stats.completion_tokens <= stats.cycles + stats.accepted
+
+
+def test_max_tokens_and_stop_inside_an_accepted_chunk(long_llm):
+    prompt = long_llm.encode("the end the end the end")
+    full, _ = run(long_llm, prompt, SamplingParams(max_tokens=200, ignore_eos=True), 0)
+    for max_tokens in (1, 7, 33, 101):
+        spec, stats = run(long_llm, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True), 8)
+        assert spec.output_ids == full.output_ids[:max_tokens] and spec.finish_reason == "length"
+        assert stats.completion_tokens == max_tokens
+    # a stop id in the middle of the output stops there, with nothing after it
+    stop = full.output_ids[150]
+    first = full.output_ids.index(stop)
+    spec, _ = run(long_llm, prompt, SamplingParams(max_tokens=200, ignore_eos=True, stop_token_ids=(stop,)), 8)
+    assert spec.output_ids == full.output_ids[:first] and spec.finish_reason == "stop"
+
+
+def test_context_limit_inside_a_draft_finishes_with_length(long_llm):
+    prompt = long_llm.encode("the end the end")
+    capacity = long_llm.engine.capacity
+    spec, _ = run(long_llm, prompt, SamplingParams(max_tokens=capacity, ignore_eos=True), 8)
+    assert spec.finish_reason == "length" and spec.length == capacity
+
+
+def test_seeded_sampling_is_reproducible_under_speculation(long_llm):
+    prompt = long_llm.encode("the end")
+    params = SamplingParams(max_tokens=100, temperature=0.8, seed=9, ignore_eos=True)
+    a, _ = run(long_llm, prompt, params, 4)
+    b, _ = run(long_llm, prompt, params, 4)
+    assert a.output_ids == b.output_ids
+
+
+@pytest.mark.real
+@pytest.mark.skipif(not hub.is_fetched("smollm2-135m-instruct"), reason="SmolLM2 not fetched")
+@pytest.mark.parametrize("k", [2, 5])
+def test_real_smollm2_greedy_speculative_equals_plain(k):
+    from verispec.llm import LLM
+
+    llm = LLM("smollm2-135m-instruct")
+    text = ("Repeat this list exactly, then continue it with five more items: apples, pears, plums, "
+            "cherries, peaches, apricots, grapes, melons.")
+    prompt = llm.encode(text, chat=True)
+    params = SamplingParams(max_tokens=256, min_tokens=256)
+    plain, _ = run(llm, prompt, params, 0)
+    spec, stats = run(llm, prompt, params, k)
+    assert spec.output_ids == plain.output_ids
+    assert stats.accepted > 0
