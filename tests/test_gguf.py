@@ -23,6 +23,13 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _finish(w: gguf.GGUFWriter) -> None:
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def write_gguf(path: Path, hf, quant: str = "F32", arch: str = "llama") -> Path:
     """Write a transformers llama/qwen2 model as llama.cpp would, quantizing the 2-D weights to `quant`."""
     c = hf.config
@@ -60,10 +67,7 @@ def write_gguf(path: Path, hf, quant: str = "F32", arch: str = "llama") -> Path:
                     heads = c.num_attention_heads if g_name == "attn_q" else c.num_key_value_heads
                     t = torch.from_numpy(_permute(t.numpy(), heads))
                 add(f"blk.{i}.{g_name}.{kind}", t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _finish(w)
     return path
 
 
@@ -107,10 +111,7 @@ def test_missing_truncated_and_corrupt_files_are_clear_errors(tmp_path):
 def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
     w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "mamba")
     w.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _finish(w)
     with pytest.raises(ModelLoadError, match="'mamba' is not supported; supported: llama, qwen2, qwen3, gemma3"):
         load_model(ModelSource.of(tmp_path / "m.gguf"), 128, torch.device("cpu"))
 
@@ -124,9 +125,6 @@ def test_unsupported_quant_type_names_it(tmp_path):
     # 4 rows of 256 IQ4_NL values: 8 blocks of 18 bytes each
     w.add_tensor("token_embd.weight", np.zeros((4, 144), dtype=np.uint8), raw_dtype=gguf.GGMLQuantizationType.IQ4_NL)
     w.add_tensor("output_norm.weight", np.ones(256, dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _finish(w)
     with pytest.raises(ModelLoadError, match="IQ4_NL, which is not supported"):
         load_model(ModelSource.of(tmp_path / "iq.gguf"), 128, torch.device("cpu"))
