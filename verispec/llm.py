@@ -40,8 +40,6 @@ class LLM:
         self.target = load_model(self.source, runtime.max_context, resolve_device(runtime.device))
         self.eos_ids = eos_ids(self.tokenizer, self.source)
         self.engine = Engine(self.target, chosen, num_draft_tokens)
-        self._plain = Engine(self.target) if chosen is not None else self.engine
-        self._plain.cache = self.engine.cache  # one cache: the engines never run at the same time
 
     def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
         return encode(self.tokenizer, prompt, self.target.config.vocab_size, chat)
@@ -56,9 +54,8 @@ class LLM:
             raise InvalidInputError(f"params must be a SamplingParams, got {type(params).__name__}")
         prompt_ids = self.encode(prompt, chat)
         stops = StopStrings(self.tokenizer, params.stop) if params.stop else None
-        engine = self.engine if speculative else self._plain
-        request = Request(prompt_ids, params, self.eos_ids, engine.capacity, stops)
-        stats = engine.run(request)
+        request = Request(prompt_ids, params, self.eos_ids, self.engine.capacity, stops)
+        stats = self.engine.run(request, speculative)
         text = self.tokenizer.decode(request.output_ids, skip_special_tokens=True)
         if stops is not None and request.finish_reason == "stop":
             text = stops.cut(text)

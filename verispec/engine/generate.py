@@ -36,8 +36,10 @@ class Engine:
     def capacity(self) -> int:
         return self.cache.capacity
 
-    def run(self, request: Request) -> Stats:
+    def run(self, request: Request, speculative: bool = True) -> Stats:
+        """speculative=False decodes plainly (τ = 0) with the same target and cache, for comparisons."""
         device, cache = self.target.device, self.cache
+        num_draft_tokens = self.num_draft_tokens if speculative else 0
         generator = new_generator(request.params.seed)
         stats = Stats(prompt_tokens=len(request.prompt_ids))
         if self.drafter is not None:
@@ -52,7 +54,7 @@ class Engine:
         pending = request.prompt_ids[-1]
         start = time.perf_counter()
         while not request.finished:
-            drafts, draft_probs = self._draft(request, stats)
+            drafts, draft_probs = self._draft(request, num_draft_tokens, stats)
             t0 = time.perf_counter()
             base = cache.length
             inputs = torch.tensor([pending] + drafts, device=device)
@@ -63,7 +65,7 @@ class Engine:
             cache.truncate(base + 1 + accepted)
             stats.verify_s += time.perf_counter() - t0
             stats.target_forwards += 1
-            if self.drafter is not None:
+            if num_draft_tokens:
                 self.drafter.observe(accepted)
             stats.record_cycle(len(drafts), accepted)
             request.commit(tokens)
@@ -72,12 +74,12 @@ class Engine:
         stats.completion_tokens = len(request.output_ids)
         return stats
 
-    def _draft(self, request: Request, stats: Stats) -> tuple[list[int], torch.Tensor | None]:
+    def _draft(self, request: Request, num_draft_tokens: int, stats: Stats) -> tuple[list[int], torch.Tensor | None]:
         # Never draft past max_tokens or the context: a cycle commits at most k + 1 tokens and the
         # forward writes k + 1 cache positions.
         room = min(request.params.max_tokens - len(request.output_ids), self.capacity - request.length) - 1
-        k = min(self.num_draft_tokens, room)
-        if self.drafter is None or k <= 0:
+        k = min(num_draft_tokens, room)
+        if k <= 0:
             return [], None
         t0 = time.perf_counter()
         proposal = self.drafter.propose(request.prompt_ids + request.output_ids, k)
