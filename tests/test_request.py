@@ -53,12 +53,16 @@ def test_stop_token_ids_stop_like_eos():
     assert r.output_ids == [10] and r.finish_reason == "stop"
 
 
-def test_min_tokens_suppresses_stop_ids_at_every_position_before_it():
-    r = req(min_tokens=3, stop_token_ids=(9,))
-    assert r.suppressed() == [EOS, 9] and r.suppressed(extra=2) == [EOS, 9]
-    assert r.suppressed(extra=3) == ()
+def test_min_tokens_masks_stop_ids_at_every_verify_position_before_it():
+    import torch
+
+    r = req(min_tokens=3, stop_token_ids=(9,), temperature=1.0)
+    logits = torch.zeros(5, 16)
+    logits[:, [EOS, 9]] = 10.0  # the stop ids would win everywhere if not masked
+    p = r.sampler.probs(logits, r.output_ids, [10, 11, 12, 13])  # rows follow 0..4 output tokens
+    assert (p[:3, [EOS, 9]] == 0).all() and (p[3:, [EOS, 9]] > 0).all()
     r.commit([10, 11, 12])
-    assert r.suppressed() == ()
+    assert (r.sampler.probs(logits[:1], r.output_ids)[0, [EOS, 9]] > 0).all()
 
 
 def test_stop_string_check_stops_at_the_token_that_completes_it():

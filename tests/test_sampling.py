@@ -10,7 +10,7 @@ from scipy.stats import chisquare
 
 from verispec.config import SamplingParams
 from verispec.errors import InvalidInputError
-from verispec.sampling import probabilities, sample
+from verispec.sampling import Sampler, probabilities, sample
 from verispec.sampling.distribution import new_generator
 
 LOGITS = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0, 1.5, 0.2]])
@@ -48,9 +48,32 @@ def test_min_p_drops_tokens_below_a_fraction_of_the_top():
     assert set(p.nonzero()[:, 1].tolist()) == set((full >= 0.3 * full.max()).nonzero()[:, 0].tolist())
 
 
-def test_suppressed_ids_get_zero_probability():
-    p = probabilities(LOGITS, SamplingParams(temperature=1.0), suppress=[0, 6])
-    assert p[0, 0] == 0 and p[0, 6] == 0
+def test_penalties_follow_the_openai_and_vllm_formulas_by_hand():
+    params = SamplingParams(temperature=1.0, repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25)
+    sampler = Sampler(params, prompt_ids=[4], stop_ids=[])
+    p = sampler.probs(LOGITS, history=[0, 0, 5])
+    # by hand: id 0 (2.0, seen twice in the output): 2.0 / 2 - 0.5 * 2 - 0.25 = -0.25;
+    # id 4 (-1.0, in the prompt only): -1.0 * 2 = -2.0; id 5 (-3.0, once): -6.0 - 0.5 - 0.25 = -6.75
+    expected = LOGITS.clone()
+    expected[0, 0], expected[0, 4], expected[0, 5] = -0.25, -2.0, -6.75
+    assert torch.allclose(p, torch.softmax(expected, -1))
+
+
+def test_penalties_at_each_verify_position_count_the_earlier_drafts():
+    params = SamplingParams(frequency_penalty=1.0, presence_penalty=1.0)  # greedy with penalties
+    sampler = Sampler(params, prompt_ids=[1], stop_ids=[])
+    rows = LOGITS.expand(3, -1)
+    drafts = [0, 0]
+    p = sampler.probs(rows, history=[], drafts=drafts)
+    by_row = [sampler.probs(LOGITS, history=drafts[:i]) for i in range(3)]
+    assert torch.equal(p, torch.cat(by_row))
+    # row 0 sees nothing: argmax 0; row 1 sees one 0 (2.0 - 2 = 0): argmax 6; row 2 sees two 0s: argmax 6
+    assert p.argmax(-1).tolist() == [0, 6, 6]
+
+
+def test_no_penalty_means_the_plain_distribution():
+    sampler = Sampler(SamplingParams(temperature=0.7), prompt_ids=[0, 1], stop_ids=[])
+    assert torch.equal(sampler.probs(LOGITS, history=[0, 0, 6]), probabilities(LOGITS, SamplingParams(temperature=0.7)))
 
 
 def test_sample_follows_the_distribution():
@@ -81,6 +104,7 @@ def test_seeded_streams_repeat_unseeded_differ_and_global_rng_is_untouched():
     ("temperature", -0.1, ">= 0"), ("temperature", float("nan"), "finite"), ("temperature", float("inf"), "finite"),
     ("top_p", 0.0, "(0, 1]"), ("top_p", 1.5, "(0, 1]"), ("top_k", -1, ">= 0"), ("min_p", 1.0, "[0, 1)"),
     ("max_tokens", 0, ">= 1"), ("max_tokens", -5, ">= 1"), ("seed", -1, ">= 0"), ("stop", ("",), "non-empty"),
+    ("repetition_penalty", 0.0, "> 0"), ("frequency_penalty", 2.5, "[-2, 2]"), ("presence_penalty", float("nan"), "[-2, 2]"),
 ])
 def test_invalid_sampling_values_name_the_value_and_the_allowed_range(field, value, allowed):
     with pytest.raises(InvalidInputError) as e:

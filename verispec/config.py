@@ -22,6 +22,9 @@ class SamplingParams:
     """How one request turns logits into tokens and when it stops.
 
     temperature 0 means greedy. top_k 0 and top_p 1 and min_p 0 switch those filters off.
+    Penalties follow vLLM and OpenAI: repetition_penalty (1 = off) divides positive logits and
+    multiplies negative ones of every token seen in the prompt or the output; frequency_penalty and
+    presence_penalty (0 = off) subtract count * f + (count > 0) * p for tokens of the output.
     """
 
     max_tokens: int = 128
@@ -34,6 +37,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     min_tokens: int = 0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -76,10 +82,22 @@ class SamplingParams:
             isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
             f"min_tokens={self.min_tokens!r} is not allowed: it must be an integer in [0, max_tokens={self.max_tokens}]",
         )
+        _require(
+            _is_real(self.repetition_penalty) and self.repetition_penalty > 0,
+            f"repetition_penalty={self.repetition_penalty!r} is not allowed: it must be a finite number > 0 (1 means off)",
+        )
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            _require(_is_real(value) and -2 <= value <= 2,
+                     f"{name}={value!r} is not allowed: it must be in [-2, 2] (0 means off)")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1 or self.frequency_penalty != 0 or self.presence_penalty != 0
 
 
 @dataclass(frozen=True)

@@ -15,3 +15,7 @@ class ModelLoadError(VerispecError):
 
 class ContextOverflowError(InvalidInputError):
     """A prompt (or prompt plus the requested tokens) does not fit in the model's context."""
+
+
+class TokenizerMismatchError(InvalidInputError):
+    """A draft model whose tokenizer differs from the target's: its token ids would mean other text."""

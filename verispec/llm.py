@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from verispec import hub
 from verispec.config import RuntimeConfig, SamplingParams
-from verispec.drafters.select import make_drafter
+from verispec.drafters import DraftModelDrafter, Drafter, NgramDrafter
+from verispec.drafters.select import parse_drafter
 from verispec.engine.generate import Engine
 from verispec.engine.request import Request
-from verispec.errors import InvalidInputError
+from verispec.engine.trace import TraceWriter
+from verispec.errors import InvalidInputError, TokenizerMismatchError
 from verispec.model.load import load_model, resolve_device
-from verispec.text import Prompt, StopStrings, encode, eos_ids, load_tokenizer
+from verispec.model.transformer import Transformer
+from verispec.text import Prompt, StopStrings, check_same_tokenizer, encode, eos_ids, load_tokenizer
 from verispec.types import Output
 
 # a verify forward carries the pending token plus the drafts: at most 16 rows, one kernel row group
@@ -32,31 +37,75 @@ class LLM:
             raise InvalidInputError(
                 f"num_draft_tokens={num_draft_tokens!r} is not allowed: it must be an integer in [1, {MAX_DRAFT_TOKENS}]"
             )
-        chosen = make_drafter(drafter)
+        kind, draft_model = parse_drafter(drafter)
         if runtime.threads:
             torch.set_num_threads(runtime.threads)
         self.source = hub.resolve(model)
         self.tokenizer = load_tokenizer(self.source, hub.cache_dir())
         self.target = load_model(self.source, runtime.max_context, resolve_device(runtime.device))
         self.eos_ids = eos_ids(self.tokenizer, self.source)
+        chosen: Drafter | None = None
+        if kind == "ngram":
+            chosen = NgramDrafter()
+        elif kind == "draft":
+            chosen = DraftModelDrafter(self._load_draft_model(draft_model))
+        self.drafter_name = drafter or "none"
         self.engine = Engine(self.target, chosen, num_draft_tokens)
+
+    def _load_draft_model(self, name: str) -> Transformer:
+        source = hub.resolve(name)
+        check_same_tokenizer(self.tokenizer, load_tokenizer(source, hub.cache_dir()))
+        model = load_model(source, self.target.max_context, self.target.device)
+        if model.config.vocab_size != self.target.config.vocab_size:
+            raise TokenizerMismatchError(
+                f"the draft model {name!r} has {model.config.vocab_size} logits, the target {self.target.config.vocab_size}: "
+                "their distributions cannot be compared token by token")
+        return model
 
     def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
         return encode(self.tokenizer, prompt, self.target.config.vocab_size, chat)
 
     def generate(self, prompt: Prompt, params: SamplingParams | None = None, *, chat: bool = False,
-                 speculative: bool = True) -> Output:
+                 speculative: bool = True, trace: TraceWriter | None = None) -> Output:
         """Generate for a string (wrapped in the chat template when chat=True), token ids, or chat messages.
 
-        speculative=False runs plain decoding with the same target (for comparisons)."""
+        speculative=False runs plain decoding with the same target (for comparisons); `trace` gets
+        one line per cycle."""
+        request, stops = self._request(prompt, params, chat)
+        self.engine.run(request, speculative, trace)
+        return self._output(request, self._text(request, stops))
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None, *, chat: bool = False,
+               speculative: bool = True, trace: TraceWriter | None = None) -> Iterator[str | Output]:
+        """Like generate, but yields text as cycles commit it, then the Output (whose text is the
+        concatenation of the pieces). Text that may still become a stop string or an unfinished
+        UTF-8 character is held back until it is certain."""
+        request, stops = self._request(prompt, params, chat)
+        hold = max((len(s) for s in stops.stops), default=1) - 1 if stops else 0
+        sent = 0
+        for _ in self.engine.steps(request, speculative, trace):
+            text = self._text(request, stops)
+            end = len(text) if request.finished else len(text.rstrip("\ufffd")) - hold
+            if end > sent:
+                yield text[sent:end]
+                sent = end
+        yield self._output(request, text)
+
+    def _request(self, prompt: Prompt, params: SamplingParams | None, chat: bool) -> tuple[Request, StopStrings | None]:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidInputError(f"params must be a SamplingParams, got {type(params).__name__}")
         prompt_ids = self.encode(prompt, chat)
         stops = StopStrings(self.tokenizer, params.stop) if params.stop else None
-        request = Request(prompt_ids, params, self.eos_ids, self.engine.capacity, stops)
-        stats = self.engine.run(request, speculative)
+        return Request(prompt_ids, params, self.eos_ids, self.engine.capacity, stops), stops
+
+    def _text(self, request: Request, stops: StopStrings | None) -> str:
         text = self.tokenizer.decode(request.output_ids, skip_special_tokens=True)
         if stops is not None and request.finish_reason == "stop":
             text = stops.cut(text)
-        return Output(text, list(request.output_ids), request.finish_reason or "length", stats, prompt_ids)
+        return text
+
+    @staticmethod
+    def _output(request: Request, text: str) -> Output:
+        return Output(text, list(request.output_ids), request.finish_reason or "length", request.stats,
+                      list(request.prompt_ids))

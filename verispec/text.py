@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from verispec.errors import InvalidInputError, ModelLoadError
+from verispec.errors import InvalidInputError, ModelLoadError, TokenizerMismatchError
 from verispec.model.load import ModelSource
 
 Prompt = str | Sequence[int] | Sequence[dict[str, Any]]
@@ -101,3 +101,22 @@ class StopStrings:
         """The text before the first stop string."""
         at = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=len(text))
         return text[:at]
+
+
+def check_same_tokenizer(target: Any, draft: Any) -> None:
+    """A draft model must share the target's tokenizer; else its ids mean other text and acceptance
+    silently collapses. Compares the vocabulary size, the special tokens and every token string."""
+    if len(target) != len(draft):
+        raise TokenizerMismatchError(f"the draft tokenizer has {len(draft)} tokens, the target's {len(target)}: "
+                                     "a draft model must use the target's tokenizer")
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        t, d = getattr(target, name, None), getattr(draft, name, None)
+        if t != d:
+            raise TokenizerMismatchError(f"special token {name} differs: target {t!r}, draft {d!r}")
+    t_vocab, d_vocab = target.get_vocab(), draft.get_vocab()
+    if t_vocab != d_vocab:
+        by_id = {i: s for s, i in d_vocab.items()}
+        token, i = next(((s, i) for s, i in sorted(t_vocab.items(), key=lambda x: x[1]) if by_id.get(i) != s),
+                        (None, None))
+        raise TokenizerMismatchError(f"token {i} is {token!r} for the target but {by_id.get(i)!r} for the draft "
+                                     "model: a draft model must use the target's tokenizer")

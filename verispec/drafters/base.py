@@ -8,6 +8,8 @@ from typing import Protocol
 
 import torch
 
+from verispec.sampling import Sampler
+
 
 @dataclass(frozen=True)
 class DraftProposal:
@@ -25,5 +27,6 @@ class Drafter(Protocol):
     def observe(self, num_accepted: int) -> None:
         """How many of the last proposal's tokens the target kept (a drafter rolls back its own state)."""
 
-    def reset(self) -> None:
-        """Forget everything: a new request starts."""
+    def reset(self, sampler: Sampler) -> None:
+        """Forget everything: a new request starts; a drafter that samples uses its sampler (params,
+        random stream), so that q is shaped like the target's p."""

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from verispec.drafters.base import DraftProposal
 from verispec.errors import InvalidInputError
+from verispec.sampling import Sampler
 
 
 class NgramDrafter:
@@ -21,7 +22,7 @@ class NgramDrafter:
         self.min_n, self.max_n = min_n, max_n
         self.reset()
 
-    def reset(self) -> None:
+    def reset(self, sampler: Sampler | None = None) -> None:
         self._index: dict[tuple[int, ...], int] = {}
         self._context: list[int] = []
 

@@ -1,17 +1,19 @@
-"""Drafter names as users write them: 'none' or 'ngram' (more to come)."""
+"""Drafter names as users write them: 'none', 'ngram' or 'draft:MODEL'."""
 
 from __future__ import annotations
 
-from verispec.drafters.base import Drafter
-from verispec.drafters.ngram import NgramDrafter
 from verispec.errors import InvalidInputError
 
-DRAFTERS = ("none", "ngram")
+DRAFTERS = ("none", "ngram", "draft:MODEL")
 
 
-def make_drafter(name: str | None) -> Drafter | None:
+def parse_drafter(name: str | None) -> tuple[str, str | None]:
+    """-> (kind, model): ('none', None), ('ngram', None) or ('draft', MODEL)."""
     if name in (None, "none"):
-        return None
+        return "none", None
     if name == "ngram":
-        return NgramDrafter()
-    raise InvalidInputError(f"drafter={name!r} is not allowed; allowed: {', '.join(DRAFTERS)}")
+        return "ngram", None
+    if isinstance(name, str) and name.startswith("draft:") and name[len("draft:"):]:
+        return "draft", name[len("draft:"):]
+    raise InvalidInputError(f"drafter={name!r} is not allowed; allowed: {', '.join(DRAFTERS)} "
+                            "(MODEL: a built-in name, a .gguf file or a Hugging Face folder)")

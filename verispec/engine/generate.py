@@ -11,14 +11,14 @@ The cache holds every committed token but the last one (`pending`). A cycle:
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import torch
 
 from verispec.drafters.base import Drafter
 from verispec.engine.request import Request
+from verispec.engine.trace import TraceWriter
 from verispec.model.transformer import Transformer
-from verispec.sampling import probabilities
-from verispec.sampling.distribution import new_generator
 from verispec.sampling.rejection import verify
 from verispec.types import Stats
 
@@ -36,14 +36,19 @@ class Engine:
     def capacity(self) -> int:
         return self.cache.capacity
 
-    def run(self, request: Request, speculative: bool = True) -> Stats:
+    def run(self, request: Request, speculative: bool = True, trace: TraceWriter | None = None) -> Stats:
         """speculative=False decodes plainly (τ = 0) with the same target and cache, for comparisons."""
-        device, cache = self.target.device, self.cache
+        for _ in self.steps(request, speculative, trace):
+            pass
+        return request.stats
+
+    def steps(self, request: Request, speculative: bool = True, trace: TraceWriter | None = None
+              ) -> Iterator[list[int]]:
+        """Run the request, yielding the tokens each cycle commits (for streaming)."""
+        device, cache, stats, sampler = self.target.device, self.cache, request.stats, request.sampler
         num_draft_tokens = self.num_draft_tokens if speculative else 0
-        generator = new_generator(request.params.seed)
-        stats = Stats(prompt_tokens=len(request.prompt_ids))
         if self.drafter is not None:
-            self.drafter.reset()
+            self.drafter.reset(sampler)
         cache.truncate(0)
         start = time.perf_counter()
         if len(request.prompt_ids) > 1:
@@ -54,35 +59,39 @@ class Engine:
         pending = request.prompt_ids[-1]
         start = time.perf_counter()
         while not request.finished:
-            drafts, draft_probs = self._draft(request, num_draft_tokens, stats)
             t0 = time.perf_counter()
+            drafts, draft_probs = self._draft(request, num_draft_tokens)
+            t1 = time.perf_counter()
             base = cache.length
             inputs = torch.tensor([pending] + drafts, device=device)
             logits = self.target.forward(inputs, torch.arange(base, base + len(inputs), device=device), cache)
-            target_probs = torch.cat([probabilities(logits[i: i + 1], request.params, request.suppressed(extra=i))
-                                      for i in range(len(inputs))])  # [k + 1, vocab]
-            accepted, tokens = verify(torch.tensor(drafts, dtype=torch.long), draft_probs, target_probs, generator)
+            target_probs = sampler.probs(logits, request.output_ids, drafts)  # [k + 1, V]
+            accepted, tokens = verify(torch.tensor(drafts, dtype=torch.long), draft_probs, target_probs,
+                                      sampler.generator)
             cache.truncate(base + 1 + accepted)
-            stats.verify_s += time.perf_counter() - t0
-            stats.target_forwards += 1
-            if num_draft_tokens:
+            t2 = time.perf_counter()
+            if drafts:
                 self.drafter.observe(accepted)
+            kept = tokens[: request.commit(tokens)]
+            stats.draft_s += t1 - t0
+            stats.verify_s += t2 - t1
+            stats.target_forwards += 1
             stats.record_cycle(len(drafts), accepted)
-            request.commit(tokens)
+            if trace is not None:
+                trace.cycle(tau=num_draft_tokens, drafted=len(drafts), accepted=accepted,
+                            draft_ms=(t1 - t0) * 1e3, verify_ms=(t2 - t1) * 1e3, tokens=kept)
             pending = tokens[-1]
-        stats.decode_s = time.perf_counter() - start
-        stats.completion_tokens = len(request.output_ids)
-        return stats
+            stats.decode_s = time.perf_counter() - start
+            stats.completion_tokens = len(request.output_ids)
+            yield kept
 
-    def _draft(self, request: Request, num_draft_tokens: int, stats: Stats) -> tuple[list[int], torch.Tensor | None]:
+    def _draft(self, request: Request, num_draft_tokens: int) -> tuple[list[int], torch.Tensor | None]:
         # Never draft past max_tokens or the context: a cycle commits at most k + 1 tokens and the
         # forward writes k + 1 cache positions.
         room = min(request.params.max_tokens - len(request.output_ids), self.capacity - request.length) - 1
         k = min(num_draft_tokens, room)
         if k <= 0:
             return [], None
-        t0 = time.perf_counter()
         proposal = self.drafter.propose(request.prompt_ids + request.output_ids, k)
-        stats.draft_s += time.perf_counter() - t0
         drafts = proposal.token_ids[:k]
         return drafts, None if proposal.probs is None else proposal.probs[: len(drafts)]

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from verispec.config import SamplingParams
 from verispec.errors import ContextOverflowError
+from verispec.sampling import Sampler
+from verispec.types import Stats
 
 # Given the output ids so far, does the text now contain a stop string? (the text layer supplies it)
 StopCheck = Callable[[Sequence[int]], bool]
@@ -21,6 +23,8 @@ class Request:
     stop_check: StopCheck | None = None
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    stats: Stats = field(init=False)
+    sampler: Sampler = field(init=False)
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -30,6 +34,8 @@ class Request:
                 f"the prompt has {len(self.prompt_ids)} tokens; the context holds {self.capacity}, "
                 f"so the prompt must have at most {self.capacity - 1}"
             )
+        self.stats = Stats(prompt_tokens=len(self.prompt_ids))
+        self.sampler = Sampler(self.params, self.prompt_ids, self.stop_ids)
 
     @property
     def length(self) -> int:
@@ -44,10 +50,6 @@ class Request:
         """Ids that end the request when emitted (EOS unless ignore_eos, and stop_token_ids)."""
         eos = frozenset() if self.params.ignore_eos else self.eos_ids
         return eos | frozenset(self.params.stop_token_ids)
-
-    def suppressed(self, extra: int = 0) -> Sequence[int]:
-        """Ids masked at an output position `extra` tokens past the committed ones (min_tokens)."""
-        return sorted(self.stop_ids) if len(self.output_ids) + extra < self.params.min_tokens else ()
 
     def commit(self, token_ids: Sequence[int]) -> int:
         """Append tokens in order until one finishes the request; returns how many were kept.

@@ -6,24 +6,19 @@ on temperature or truncation (RELIABILITY.md E1, E3).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from verispec.config import SamplingParams
 
 
-def probabilities(logits: torch.Tensor, params: SamplingParams, suppress: Sequence[int] = ()) -> torch.Tensor:
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """logits [rows, vocab] -> probabilities [rows, vocab] (float32, rows sum to 1).
 
     Greedy (temperature 0) is the one-hot of the argmax (the first maximal id on ties). Otherwise
     softmax(logits / temperature) restricted by top-k, then top-p, then min-p, renormalised.
-    `suppress` ids get probability 0 (EOS before min_tokens).
+    Penalties and masks are the caller's (Sampler), applied to the logits before.
     """
     x = logits.float()
-    if suppress:
-        x = x.clone()
-        x[:, list(suppress)] = float("-inf")
     if params.greedy:
         return torch.zeros_like(x).scatter_(-1, x.argmax(-1, keepdim=True), 1.0)
     x = x / params.temperature

@@ -1,0 +1,61 @@
+"""One request's way from logits to tokens, shared by plain decoding, the target's verify rows and
+a draft model's proposals, so that p and q are shaped alike (RELIABILITY.md E1-E3)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from verispec.config import SamplingParams
+from verispec.sampling.distribution import new_generator, probabilities, sample
+
+
+class Sampler:
+    """The request's params and private random stream, and what penalties and min_tokens depend on.
+
+    A row's history is the output before it: the committed tokens, then the drafts that precede it
+    in the same cycle. History is rebuilt from committed tokens every cycle, so a rejected draft
+    leaves no count behind.
+    """
+
+    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int], stop_ids: Sequence[int]) -> None:
+        self.params = params
+        self.prompt_ids = list(prompt_ids)
+        self.stop_ids = sorted(stop_ids)
+        self.generator = new_generator(params.seed)
+
+    def probs(self, logits: torch.Tensor, history: Sequence[int], drafts: Sequence[int] = ()) -> torch.Tensor:
+        """logits [rows, V] -> [rows, V]; row i follows output `history` + drafts[:i]."""
+        x = logits.float()
+        rows, vocab = x.shape
+        masked = [i for i in range(rows) if len(history) + i < self.params.min_tokens]
+        if masked or self.params.penalized:
+            x = x.clone()
+        if masked and self.stop_ids:
+            x[torch.tensor(masked)[:, None], torch.tensor(self.stop_ids)[None, :]] = float("-inf")
+        if self.params.penalized:
+            x = self._penalize(x, history, drafts)
+        return probabilities(x, self.params)
+
+    def sample(self, probs: torch.Tensor) -> torch.Tensor:
+        """probs [rows, V] -> ids [rows], from this request's stream."""
+        return sample(probs, self.generator)
+
+    def _penalize(self, x: torch.Tensor, history: Sequence[int], drafts: Sequence[int]) -> torch.Tensor:
+        rows, vocab = x.shape
+        p = self.params
+        counts = _bincount(history, vocab, x.device).repeat(rows, 1)  # [rows, V]
+        for i, token in enumerate(drafts[: rows - 1]):  # row i sees drafts[:i]
+            if 0 <= token < vocab:
+                counts[i + 1:, token] += 1
+        if p.repetition_penalty != 1:
+            seen = (counts > 0) | (_bincount(self.prompt_ids, vocab, x.device) > 0)
+            x = torch.where(seen, torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty), x)
+        return x - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).float()
+
+
+def _bincount(ids: Sequence[int], vocab: int, device: torch.device) -> torch.Tensor:
+    """ids -> counts [V] (float32); ids outside [0, V) are not counted."""
+    t = torch.tensor(list(ids), dtype=torch.long, device=device)
+    return torch.bincount(t[(t >= 0) & (t < vocab)], minlength=vocab).float()[:vocab]
