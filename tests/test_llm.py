@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -89,9 +90,62 @@ def test_cli_compare_runs_speculation_beside_plain(tiny_llm_folder, capsys):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--drafter", "oracle"], "drafter='oracle' is not allowed; allowed: none, ngram"),
+    (["--drafter", "oracle"], "drafter='oracle' is not allowed; allowed: none, ngram, draft:MODEL"),
     (["--drafter", "ngram", "--num-draft-tokens", "0"], "num_draft_tokens=0 is not allowed"),
 ])
 def test_cli_bad_drafter_settings_exit_2(tiny_llm_folder, capsys, args, message):
     assert main(["generate", "--model", str(tiny_llm_folder), "--prompt", "x", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("drafter_k", [0, 3])
+@pytest.mark.parametrize("stop_length", [0, 1, 3])
+def test_streamed_text_equals_generated_text_equals_decode(tiny_llm_folder, drafter_k, stop_length):
+    """C3, also with stop strings (taken from the unstopped text) that a stream must hold back."""
+    from verispec.llm import LLM
+
+    llm = LLM(str(tiny_llm_folder), drafter="ngram" if drafter_k else None, num_draft_tokens=max(drafter_k, 1))
+    prompt, params = "the end the stop the end", SamplingParams(max_tokens=60, ignore_eos=True)
+    unstopped = llm.generate(prompt, params).text
+    stop = (unstopped[len(unstopped) // 2:][:stop_length],) if stop_length else ()
+    params = SamplingParams(max_tokens=60, ignore_eos=True, stop=stop)
+    full = llm.generate(prompt, params)
+    *pieces, out = list(llm.stream(prompt, params))
+    assert "".join(pieces) == out.text == full.text and out.token_ids == full.token_ids
+    assert len(pieces) > 1, "a stream must deliver text as it is made"
+    if stop:
+        assert out.finish_reason == "stop" and stop[0] not in out.text
+    else:
+        assert out.text == llm.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+
+
+def test_cli_trace_has_a_run_line_and_one_line_per_cycle(tiny_llm_folder, tmp_path, capsys):
+    from verispec.engine.trace import read_trace
+
+    path = tmp_path / "trace.jsonl"
+    assert main(["generate", "--model", str(tiny_llm_folder), "--prompt", "the end the end the end", "--max-tokens",
+                 "50", "--ignore-eos", "--drafter", "ngram", "--num-draft-tokens", "4", "--trace", str(path),
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    trace = read_trace(path)
+    assert trace.run["target_step_ms"] > 0 and trace.run["drafter"] == "ngram"
+    assert len(trace.cycles) == out["stats"]["cycles"]
+    assert [t for c in trace.cycles for t in c["tokens"]] == out["token_ids"]
+    assert sum(c["accepted"] for c in trace.cycles) == out["stats"]["accepted"]
+    assert all(c["verify_ms"] > 0 and c["tau"] == 4 for c in trace.cycles)
+
+
+@pytest.mark.parametrize("content,message", [
+    ("", "is empty"), ("not json\n", "line 1: not JSON"), ('{"type": "cycle"}\n', "first line must be the run line"),
+    ('{"type": "run"}\n{"type": "cycle", "tau": 2, "drafted": 2, "accepted": 3, "draft_ms": 1, "verify_ms": 1}\n',
+     "line 2: accepted=3 must be in [0, drafted=2]"),
+    ('{"type": "run"}\n{"type": "cycle", "tau": 2}\n', "line 2: cycle lacks numeric field(s) drafted"),
+])
+def test_bad_traces_are_refused_naming_the_line(tmp_path, content, message):
+    from verispec.engine.trace import read_trace
+    from verispec.errors import InvalidInputError
+
+    path = tmp_path / "t.jsonl"
+    path.write_text(content)
+    with pytest.raises(InvalidInputError, match=re.escape(message)):
+        read_trace(path)

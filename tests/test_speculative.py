@@ -76,18 +76,38 @@ def test_seeded_sampling_is_reproducible_under_speculation(long_llm):
     assert a.output_ids == b.output_ids
 
 
-@pytest.mark.real
-@pytest.mark.skipif(not hub.is_fetched("smollm2-135m-instruct"), reason="SmolLM2 not fetched")
-@pytest.mark.parametrize("k", [2, 5])
-def test_real_smollm2_greedy_speculative_equals_plain(k):
+REAL = pytest.mark.skipif(not hub.is_fetched("smollm2-135m-instruct"), reason="SmolLM2 not fetched")
+
+
+@pytest.fixture(scope="module")
+def smollm2_plain():
+    """SmolLM2 as its own draft model, a copying prompt and its plain greedy output (computed once)."""
     from verispec.llm import LLM
 
-    llm = LLM("smollm2-135m-instruct")
+    llm = LLM("smollm2-135m-instruct", drafter="draft:smollm2-135m-instruct", num_draft_tokens=4)
     text = ("Repeat this list exactly, then continue it with five more items: apples, pears, plums, "
             "cherries, peaches, apricots, grapes, melons.")
     prompt = llm.encode(text, chat=True)
-    params = SamplingParams(max_tokens=256, min_tokens=256)
-    plain, _ = run(llm, prompt, params, 0)
+    params = SamplingParams(max_tokens=160, min_tokens=160)
+    return llm, prompt, params, run(llm, prompt, params, 0)[0]
+
+
+@pytest.mark.real
+@REAL
+@pytest.mark.parametrize("k", [2, 5])
+def test_real_smollm2_greedy_speculative_equals_plain(smollm2_plain, k):
+    llm, prompt, params, plain = smollm2_plain
     spec, stats = run(llm, prompt, params, k)
     assert spec.output_ids == plain.output_ids
     assert stats.accepted > 0
+
+
+@pytest.mark.real
+@REAL
+def test_real_smollm2_as_its_own_draft_model_is_accepted_everywhere_and_exact(smollm2_plain):
+    """C2 on the real model: drafter = target -> acceptance >= 0.98 and the plain greedy output."""
+    llm, prompt, params, plain = smollm2_plain
+    request = Request(prompt, params, llm.eos_ids, llm.engine.capacity)
+    stats = llm.engine.run(request)
+    assert request.output_ids == plain.output_ids
+    assert stats.acceptance_rate >= 0.98

@@ -94,12 +94,13 @@ def test_fast_equals_reference_bit_for_bit_under_the_same_uniforms():
 N = 100_000
 
 
-def first_token_law(p_logits, q_logits, temperature, k, seed=0, q_for_verify=None, point_mass=False):
+def first_token_law(p_logits, q_logits, temperature, k, seed=0, q_for_verify=None, point_mass=False, params=None):
     """Draft k tokens a trial from q, verify against p -> (counts of the first emitted token, p, accepted).
 
-    q_for_verify: the q handed to the verifier (default: the q drafts came from); point_mass: none (q=None).
+    q_for_verify: the q handed to the verifier (default: the q drafts came from); point_mass: none (q=None);
+    params: the sampling params shaping both (default: just the temperature).
     """
-    params = SamplingParams(temperature=temperature)
+    params = params or SamplingParams(temperature=temperature)
     p = probabilities(p_logits[None], params)[0]
     q = probabilities(q_logits[None], params)[0]
     g = torch.Generator().manual_seed(seed)
@@ -128,6 +129,20 @@ def test_first_token_follows_the_target_law(vocab, k, temperature):
     p_logits, q_logits = torch.randn(vocab, generator=g) * 1.5, torch.randn(vocab, generator=g) * 1.5
     counts, p, _ = first_token_law(p_logits, q_logits, temperature, k, seed=k)
     pvalue, tv = fit(counts, p)
+    assert pvalue > 1e-3 and tv < 0.01
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.8, top_k=4), SamplingParams(temperature=1.2, top_p=0.6),
+                                    SamplingParams(temperature=1.0, min_p=0.1),
+                                    SamplingParams(temperature=0.7, top_k=6, top_p=0.8, min_p=0.05)],
+                         ids=["top-k", "top-p", "min-p", "all"])
+def test_truncated_sampling_stays_in_the_allowed_set_and_follows_the_processed_target(params):
+    """B5: the drafter's q and the target's p truncated alike; no token outside p's support."""
+    g = torch.Generator().manual_seed(21)
+    p_logits, q_logits = torch.randn(32, generator=g) * 1.5, torch.randn(32, generator=g) * 1.5
+    counts, p, _ = first_token_law(p_logits, q_logits, None, 2, params=params)
+    assert 1 < (p > 0).sum() < 32, "the filter must cut something for this test to mean anything"
+    pvalue, tv = fit(counts, p)  # fit also asserts that nothing outside p's support was emitted
     assert pvalue > 1e-3 and tv < 0.01
 
 

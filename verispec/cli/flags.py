@@ -1,0 +1,35 @@
+"""CLI flags derived from the config dataclasses, so a new parameter is a flag without more code."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+# annotation (as written in config.py) -> argparse keywords
+_KINDS: dict[str, dict[str, Any]] = {
+    "int": {"type": int},
+    "float": {"type": float},
+    "str": {"type": str},
+    "int | None": {"type": int},
+    "bool": {"action": "store_true"},
+    "tuple[str, ...]": {"action": "append", "type": str},
+    "tuple[int, ...]": {"action": "append", "type": int},
+}
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type, help: dict[str, str] | None = None) -> None:
+    """One --flag per field of the dataclass cls; defaults stay the dataclass's."""
+    group = parser.add_argument_group(cls.__name__)
+    for f in dataclasses.fields(cls):
+        kind = _KINDS[str(f.type)]
+        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
+                           help=(help or {}).get(f.name, f"default {f.default!r}"), **kind)
+
+
+def from_flags(cls: type[T], args: argparse.Namespace) -> T:
+    """The dataclass built from the flags the user gave (the rest keep their defaults)."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
