@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -10,6 +11,8 @@ from verispec import hub
 from verispec.config import RuntimeConfig, SamplingParams
 from verispec.drafters import DraftModelDrafter, Drafter, NgramDrafter
 from verispec.drafters.select import parse_drafter
+from verispec.engine.calibrate import (Calibration, calibration_path, drafter_ms_per_token, forward_ms,
+                                       save_calibration)
 from verispec.engine.generate import Engine
 from verispec.engine.request import Request
 from verispec.engine.trace import TraceWriter
@@ -19,6 +22,8 @@ from verispec.model.transformer import Transformer
 from verispec.text import Prompt, StopStrings, check_same_tokenizer, encode, eos_ids, load_tokenizer
 from verispec.types import Output
 
+CALIBRATION_TEXT = ("The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a "
+                    "single step. To be or not to be, that is the question. ")
 # a verify forward carries the pending token plus the drafts: at most 16 rows, one kernel row group
 MAX_DRAFT_TOKENS = 15
 
@@ -37,20 +42,24 @@ class LLM:
             raise InvalidInputError(
                 f"num_draft_tokens={num_draft_tokens!r} is not allowed: it must be an integer in [1, {MAX_DRAFT_TOKENS}]"
             )
-        kind, draft_model = parse_drafter(drafter)
+        parse_drafter(drafter)  # a bad name fails before any model loads
         if runtime.threads:
             torch.set_num_threads(runtime.threads)
         self.source = hub.resolve(model)
         self.tokenizer = load_tokenizer(self.source, hub.cache_dir())
         self.target = load_model(self.source, runtime.max_context, resolve_device(runtime.device))
         self.eos_ids = eos_ids(self.tokenizer, self.source)
-        chosen: Drafter | None = None
-        if kind == "ngram":
-            chosen = NgramDrafter()
-        elif kind == "draft":
-            chosen = DraftModelDrafter(self._load_draft_model(draft_model))
         self.drafter_name = drafter or "none"
-        self.engine = Engine(self.target, chosen, num_draft_tokens)
+        self.engine = Engine(self.target, self.make_drafter(drafter), num_draft_tokens)
+
+    def make_drafter(self, name: str | None) -> Drafter | None:
+        """A drafter for this target from its name: 'none', 'ngram' or 'draft:MODEL'."""
+        kind, draft_model = parse_drafter(name)
+        if kind == "ngram":
+            return NgramDrafter()
+        if kind == "draft":
+            return DraftModelDrafter(self._load_draft_model(draft_model))
+        return None
 
     def _load_draft_model(self, name: str) -> Transformer:
         source = hub.resolve(name)
@@ -61,6 +70,24 @@ class LLM:
                 f"the draft model {name!r} has {model.config.vocab_size} logits, the target {self.target.config.vocab_size}: "
                 "their distributions cannot be compared token by token")
         return model
+
+    @property
+    def calibration_path(self) -> Path:
+        src = self.source
+        return calibration_path(hub.cache_dir(), str((src.folder / (src.gguf_file or "")).resolve()),
+                                self.drafter_name)
+
+    def calibrate(self, max_k: int = MAX_DRAFT_TOKENS + 1, repeats: int = 5) -> Calibration:
+        """Measure T(k) for k = 1..max_k and the drafter's cost per token here; store them for later runs."""
+        verify_ms = tuple(forward_ms(self.target, self.engine.cache, k, repeats=repeats) for k in range(1, max_k + 1))
+        draft_ms = 0.0
+        if self.engine.drafter is not None:
+            context = self.encode(CALIBRATION_TEXT * 4)[:128]
+            sampler = Request(context, SamplingParams(), self.eos_ids, self.engine.capacity).sampler
+            draft_ms = drafter_ms_per_token(self.engine.drafter, context, sampler, repeats=repeats)
+        calibration = Calibration(verify_ms, draft_ms)
+        save_calibration(self.calibration_path, calibration)
+        return calibration
 
     def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
         return encode(self.tokenizer, prompt, self.target.config.vocab_size, chat)

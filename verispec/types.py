@@ -23,15 +23,23 @@ class Stats:
     accepted: int = 0
     accepted_per_position: list[int] = field(default_factory=list)
     drafted_per_position: list[int] = field(default_factory=list)
+    # position i is tried when it was drafted and drafts 0..i-1 were accepted
+    tried_per_position: list[int] = field(default_factory=list)
 
     def record_cycle(self, drafted: int, accepted: int) -> None:
         self.cycles += 1
         self.drafted += drafted
         self.accepted += accepted
-        for counts, n in ((self.drafted_per_position, drafted), (self.accepted_per_position, accepted)):
+        for counts, n in ((self.drafted_per_position, drafted), (self.accepted_per_position, accepted),
+                          (self.tried_per_position, min(drafted, accepted + 1))):
             counts.extend([0] * max(0, drafted - len(counts)))
             for i in range(n):
                 counts[i] += 1
+
+    @property
+    def position_acceptance(self) -> list[float]:
+        """α_i: the chance that draft i is accepted given that drafts 0..i-1 were."""
+        return [a / t for a, t in zip(self.accepted_per_position, self.tried_per_position) if t]
 
     @property
     def acceptance_rate(self) -> float:
@@ -49,6 +57,7 @@ class Stats:
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "decode_tokens_per_s": round(self.decode_tokens_per_s, 3),
                 "acceptance_rate": round(self.acceptance_rate, 4),
+                "position_acceptance": [round(a, 4) for a in self.position_acceptance],
                 "mean_accepted_length": round(self.mean_accepted_length, 4)}
 
 

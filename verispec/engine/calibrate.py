@@ -3,13 +3,18 @@ T(k), and the drafter's cost per proposed token. Medians over repeats, after a w
 
 from __future__ import annotations
 
+import hashlib
+import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
 from verispec.drafters.base import Drafter
+from verispec.engine.cost import CostModel, VerifyCurve
 from verispec.model.cache import KVCache
 from verispec.model.transformer import Transformer
 from verispec.sampling import Sampler
@@ -51,3 +56,34 @@ def drafter_ms_per_token(drafter: Drafter, context_ids: Sequence[int], sampler: 
     drafter.reset(sampler)
     proposed = max(1, len(drafter.propose(context_ids, k).token_ids))
     return median_ms(lambda: drafter.propose(context_ids, k), repeats) / proposed
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """T(k) for k = 1..len(verify_ms) and the drafter's cost per token, on one machine and setting."""
+
+    verify_ms: tuple[float, ...]
+    draft_ms_per_token: float
+
+    def cost_model(self) -> CostModel:
+        return CostModel(VerifyCurve(self.verify_ms), self.draft_ms_per_token)
+
+
+def calibration_path(cache_root: Path, model_key: str, drafter: str) -> Path:
+    """Beside the model cache; the key names the weights, the drafter and this runtime (threads, torch)."""
+    ident = f"{model_key}|{drafter}|{torch.get_num_threads()}|{torch.__version__}"
+    return cache_root / "calibration" / (hashlib.sha256(ident.encode()).hexdigest()[:16] + ".json")
+
+
+def save_calibration(path: Path, calibration: Calibration) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(asdict(calibration)))
+
+
+def load_calibration(path: Path) -> Calibration | None:
+    """The stored calibration, or None when there is none (or it is unreadable: calibrate again)."""
+    try:
+        raw = json.loads(path.read_text())
+        return Calibration(tuple(float(x) for x in raw["verify_ms"]), float(raw["draft_ms_per_token"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -29,6 +29,10 @@ class Engine:
     def __init__(self, target: Transformer, drafter: Drafter | None = None, num_draft_tokens: int = 0) -> None:
         self.target = target
         self.cache = target.new_cache()
+        self.use(drafter, num_draft_tokens)
+
+    def use(self, drafter: Drafter | None, num_draft_tokens: int) -> None:
+        """Switch the drafter and τ between requests (bench compares several on one cache)."""
         self.drafter = drafter
         self.num_draft_tokens = num_draft_tokens if drafter is not None else 0
 

@@ -6,6 +6,7 @@ bench, diagnose and the controller read the same numbers that a run writes here.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -50,8 +51,12 @@ def read_trace(path: str | Path) -> Trace:
     path = Path(path)
     if not path.is_file():
         raise InvalidInputError(f"trace {str(path)!r} does not exist or is not a file")
+    return parse_trace(path.read_text().splitlines(), str(path))
+
+
+def parse_trace(lines: Iterable[str], path: str = "<trace>") -> Trace:
     trace: Trace | None = None
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:

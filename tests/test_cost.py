@@ -1,0 +1,47 @@
+"""The cost model against values computed by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from verispec.engine.cost import CostModel, VerifyCurve, expected_tokens, position_acceptance
+
+
+def test_leviathan_closed_form_with_flat_verification():
+    model = CostModel(VerifyCurve.flat(10.0), draft_ms=0.5)  # c = 0.05
+    # E = (1 - 0.8^5) / 0.2 = 3.3616; speedup = 3.3616 / (4 * 0.05 + 1) = 2.801333
+    assert expected_tokens([0.8], 4) == pytest.approx(3.3616)
+    assert model.speedup([0.8], 4) == pytest.approx(2.801333, rel=1e-6)
+    assert model.speedup([0.8], 0) == 1.0
+    # tau = 1 breaks even where 1 + a = 1.05
+    assert model.break_even_alpha(1) == pytest.approx(0.05, abs=1e-9)
+
+
+def test_per_position_acceptance_and_a_measured_verify_curve():
+    model = CostModel(VerifyCurve((10.0, 12.0, 14.0)), draft_ms=1.0)
+    # E = 1 + 0.9 + 0.9 * 0.5 = 2.35; cycle = 2 * 1 + T(3) = 16 ms; speedup = 2.35 * 10 / 16
+    assert model.speedup([0.9, 0.5], 2) == pytest.approx(1.46875)
+    assert model.curve(5) == pytest.approx(18.0)  # linear beyond the measured k
+    assert model.c == pytest.approx(0.1)
+
+
+def test_best_tau_is_zero_when_drafting_cannot_pay():
+    model = CostModel(VerifyCurve((10.0, 13.0, 16.0, 19.0)), draft_ms=2.0)
+    assert model.best_tau([0.1]) == (0, 1.0)
+    tau, speedup = model.best_tau([0.95])
+    assert tau > 2 and speedup > 1.5
+    # more acceptance never lowers the best speedup
+    values = [model.best_tau([a])[1] for a in (0.2, 0.4, 0.6, 0.8, 0.95)]
+    assert values == sorted(values)
+
+
+def test_alpha_needed_for_a_speedup():
+    model = CostModel(VerifyCurve.flat(10.0), draft_ms=1.0)  # c = 0.1
+    alpha = model.alpha_for(1.5)
+    assert max(model.speedup([alpha], t) for t in range(16)) == pytest.approx(1.5, abs=1e-6)
+    assert model.alpha_for(100.0) is None
+
+
+def test_position_acceptance_counts_only_tried_positions():
+    # cycles (drafted, accepted): position 0 tried 3x kept 2x; position 1 tried 2x kept 2x; 2 tried once
+    assert position_acceptance([(4, 2), (4, 0), (2, 2), (0, 0)]) == pytest.approx([2 / 3, 1.0, 0.0])

@@ -1,0 +1,1 @@
+"""`verispec bench`: speculative decoding beside plain decoding (and transformers), per category."""

@@ -1,0 +1,54 @@
+"""Benchmark prompts: the bundled Spec-Bench questions (data/NOTICE.md) or a JSONL file of the same shape."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from verispec.errors import InvalidInputError
+
+
+@dataclass(frozen=True)
+class BenchPrompt:
+    category: str
+    question_id: str
+    text: str  # the first turn
+
+
+def load_prompts(source: str, categories: list[str] | None = None, per_category: int | None = None
+                 ) -> list[BenchPrompt]:
+    """source: 'spec-bench' or a JSONL file with {"category", "turns": [...]} (or "prompt") per line."""
+    if source == "spec-bench":
+        text = resources.files("verispec.data").joinpath("spec_bench.jsonl").read_text()
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise InvalidInputError(f"prompts={source!r} is not allowed: use 'spec-bench' or a JSONL file path")
+        text = path.read_text()
+    prompts = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            turn = row["turns"][0] if "turns" in row else row["prompt"]
+            prompts.append(BenchPrompt(str(row.get("category", "all")), str(row.get("question_id", number)), turn))
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise InvalidInputError(f"{source}, line {number}: need a JSON object with 'turns' or 'prompt'") from None
+    known = sorted({p.category for p in prompts})
+    if categories:
+        unknown = [c for c in categories if c not in known]
+        if unknown:
+            raise InvalidInputError(f"categories {unknown} are not in {source}; it has: {', '.join(known)}")
+        prompts = [p for p in prompts if p.category in categories]
+    if per_category:
+        taken: dict[str, int] = {}
+        kept = []
+        for p in prompts:
+            if taken.get(p.category, 0) < per_category:
+                kept.append(p)
+                taken[p.category] = taken.get(p.category, 0) + 1
+        prompts = kept
+    return prompts

@@ -1,0 +1,188 @@
+"""Run every prompt through plain decoding and each (drafter, τ), interleaved so drift hits all alike;
+check greedy outputs against plain; aggregate medians per category; price the runs with the cost model."""
+
+from __future__ import annotations
+
+import io
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from verispec.benchmark import baselines
+from verispec.benchmark.prompts import BenchPrompt
+from verispec.config import SamplingParams
+from verispec.drafters.base import Drafter
+from verispec.engine.calibrate import forward_ms
+from verispec.engine.diagnose import diagnose
+from verispec.engine.request import Request
+from verispec.engine.trace import TraceWriter, parse_trace
+from verispec.llm import LLM
+from verispec.types import Stats
+
+PLAIN = "plain"
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str  # "plain", "ngram/4", "transformers", "transformers/prompt-lookup/4", ...
+    drafter: str = "none"
+    tau: int = 0
+    transformers: bool = False
+
+
+@dataclass
+class Run:
+    config: str
+    category: str
+    question_id: str
+    tok_s: float
+    stats: Stats | None = None
+    output_ids: list[int] = field(default_factory=list)
+
+
+def configs_for(drafters: list[str], taus: list[int], with_transformers: bool) -> list[Config]:
+    configs = [Config(PLAIN)] + [Config(f"{d}/{t}", d, t) for d in drafters for t in taus]
+    if with_transformers:
+        tau = taus[len(taus) // 2]
+        configs.append(Config("transformers", transformers=True))
+        configs += [Config(f"transformers/prompt-lookup/{tau}", "ngram", tau, True) for d in drafters if d == "ngram"]
+        configs += [Config(f"transformers/assisted/{tau}", d, tau, True) for d in drafters if d.startswith("draft:")]
+    return configs
+
+
+def run_bench(llm: LLM, prompts: list[BenchPrompt], drafters: list[str], taus: list[int], max_tokens: int,
+              with_transformers: bool = False, progress: bool = True) -> dict[str, Any]:
+    """1. calibrate T(k); 2. warm up; 3. run all configs per prompt, interleaved; 4. check; 5. aggregate."""
+    configs = configs_for(drafters, taus, with_transformers)
+    made: dict[str, Drafter | None] = {d: llm.make_drafter(d) for d in drafters}
+    verify_ms = {k: round(forward_ms(llm.target, llm.engine.cache, k, repeats=3), 4) for k in range(1, max(taus) + 2)}
+    hf = _transformers_models(llm, configs) if with_transformers else {}
+    params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens)
+    traces: dict[tuple[str, str], tuple[io.StringIO, TraceWriter]] = {}
+    encoded = [llm.encode(p.text, chat=bool(llm.tokenizer.chat_template)) for p in prompts]
+
+    def one(config: Config, prompt: BenchPrompt, ids: list[int], tokens: int, record: bool) -> Run:
+        if config.transformers:
+            model, kwargs = hf[config.name]
+            return Run(config.name, prompt.category, prompt.question_id, baselines.decode_tok_s(model, ids, tokens, **kwargs))
+        llm.engine.use(made.get(config.drafter), config.tau)
+        request = Request(ids, SamplingParams(max_tokens=tokens, min_tokens=tokens), llm.eos_ids, llm.engine.capacity)
+        trace = None
+        if record:
+            key = (config.name, prompt.category)
+            if key not in traces:
+                buffer = io.StringIO()
+                traces[key] = (buffer, TraceWriter(buffer, model=str(llm.source.folder), drafter=config.drafter,
+                                                   num_draft_tokens=config.tau, target_step_ms=verify_ms[1],
+                                                   verify_ms=verify_ms))
+            else:
+                traces[key][1].next_request()
+            trace = traces[key][1]
+        stats = llm.engine.run(request, config.tau > 0, trace)
+        return Run(config.name, prompt.category, prompt.question_id, stats.decode_tokens_per_s, stats,
+                   list(request.output_ids))
+
+    for config in configs:  # warm-up: first calls allocate and fill caches
+        one(config, prompts[0], encoded[0], 8, record=False)
+    runs: list[Run] = []
+    for i, (prompt, ids) in enumerate(tqdm(list(zip(prompts, encoded)), desc="bench", disable=not progress)):
+        order = configs if i % 2 == 0 else configs[::-1]
+        runs += [one(c, prompt, ids, params.max_tokens, record=True) for c in order]
+    divergences = _check(llm, runs, encoded, prompts)
+    return _aggregate(configs, runs, traces, divergences, verify_ms, max_tokens, taus, drafters)
+
+
+def _transformers_models(llm: LLM, configs: list[Config]) -> dict[str, tuple[Any, dict[str, Any]]]:
+    target = baselines.load_hf(llm.source)
+    out: dict[str, tuple[Any, dict[str, Any]]] = {}
+    for c in configs:
+        if not c.transformers:
+            continue
+        if c.drafter == "ngram":
+            out[c.name] = (target, {"prompt_lookup_num_tokens": c.tau})
+        elif c.drafter.startswith("draft:"):
+            from verispec import hub
+
+            assistant = baselines.load_hf(hub.resolve(c.drafter[len("draft:"):]))
+            out[c.name] = (target, {"assistant_model": assistant, "num_assistant_tokens": c.tau,
+                                    "num_assistant_tokens_schedule": "constant"})
+        else:
+            out[c.name] = (target, {})
+    return out
+
+
+def _check(llm: LLM, runs: list[Run], encoded: list[list[int]], prompts: list[BenchPrompt]) -> list[dict[str, Any]]:
+    """Every greedy speculative output must equal plain decoding's; a difference is a correctness
+    failure, reported with the first diverging position and the target's logit margin there."""
+    plain = {r.question_id + r.category: r for r in runs if r.config == PLAIN}
+    ids_of = {p.question_id + p.category: ids for p, ids in zip(prompts, encoded)}
+    found = []
+    for r in runs:
+        if r.stats is None or r.config == PLAIN:
+            continue
+        key = r.question_id + r.category
+        reference = plain[key].output_ids
+        if r.output_ids != reference:
+            pos = next(i for i, (a, b) in enumerate(zip(r.output_ids + [-1], reference + [-1])) if a != b)
+            found.append({"config": r.config, "category": r.category, "question_id": r.question_id,
+                          "position": pos, "logit_margin": _margin(llm, ids_of[key] + reference[:pos])})
+    return found
+
+
+def _margin(llm: LLM, ids: list[int]) -> float:
+    """The target's top-1 minus top-2 logit after ids: how near a tie the diverging position was."""
+    cache = llm.engine.cache
+    cache.truncate(0)
+    logits = llm.target.forward(torch.tensor(ids), torch.arange(len(ids)), cache, last_only=True)[0]
+    cache.truncate(0)
+    top = torch.topk(logits, 2).values
+    return round(float(top[0] - top[1]), 6)
+
+
+def _aggregate(configs: list[Config], runs: list[Run], traces: dict, divergences: list[dict[str, Any]],
+               verify_ms: dict[int, float], max_tokens: int, taus: list[int], drafters: list[str]) -> dict[str, Any]:
+    categories = sorted({r.category for r in runs})
+    plain_rate = {(r.category, r.question_id): r.tok_s for r in runs if r.config == PLAIN}
+    table: dict[str, dict[str, dict[str, Any]]] = {}
+    for scope in categories + ["overall"]:
+        table[scope] = {}
+        for c in configs:
+            mine = [r for r in runs if r.config == c.name and scope in (r.category, "overall")]
+            if not mine:
+                continue
+            row: dict[str, Any] = {
+                "tok_s": round(statistics.median(r.tok_s for r in mine), 3),
+                "speedup": round(statistics.median(r.tok_s / plain_rate[(r.category, r.question_id)] for r in mine), 3),
+                "prompts": len(mine),
+            }
+            if c.tau > 0 and not c.transformers:
+                row.update(_speculation(mine, [traces[k] for k in traces if k[0] == c.name and scope in (k[1], "overall")]))
+                row["identical"] = sum(1 for r in mine if not any(
+                    d["config"] == c.name and d["question_id"] == r.question_id and d["category"] == r.category
+                    for d in divergences))
+            table[scope][c.name] = row
+    return {"max_tokens": max_tokens, "drafters": drafters, "taus": taus, "verify_ms": verify_ms,
+            "categories": table, "divergences": divergences,
+            "traces": {f"{k[0]}|{k[1]}": buf.getvalue() for k, (buf, _) in traces.items()}}
+
+
+def _speculation(runs: list[Run], traces: list[tuple[io.StringIO, TraceWriter]]) -> dict[str, Any]:
+    total = Stats()
+    for r in runs:
+        s = r.stats
+        for name in ("cycles", "drafted", "accepted", "decode_s", "draft_s", "verify_s"):
+            setattr(total, name, getattr(total, name) + getattr(s, name))
+    lines = [line for buf, _ in traces for line in buf.getvalue().splitlines()]
+    run_line, cycles = lines[0], [line for line in lines if '"type": "cycle"' in line]
+    report = diagnose(parse_trace([run_line] + cycles))
+    return {
+        "acceptance": round(total.acceptance_rate, 4),
+        "mean_accepted_length": round(total.mean_accepted_length, 3),
+        "position_acceptance": report.position_acceptance,
+        "time_split": {"draft": round(total.draft_s / total.decode_s, 4), "verify": round(total.verify_s / total.decode_s, 4),
+                       "other": round(1 - (total.draft_s + total.verify_s) / total.decode_s, 4)},
+        "predicted_speedup": report.predicted_speedup,
+    }

@@ -1,0 +1,85 @@
+"""`verispec bench`: per category, speculative decoding beside plain decoding measured in the same run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from verispec import hub
+from verispec.cli.flags import add_flags, from_flags
+from verispec.config import RuntimeConfig
+from verispec.errors import InvalidInputError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="speedup, acceptance and time split per prompt category")
+    p.add_argument("--model", default=hub.DEFAULT_MODEL)
+    p.add_argument("--drafter", default="ngram", help="comma-separated: ngram,draft:MODEL")
+    p.add_argument("--prompts", default="spec-bench", help="spec-bench or a JSONL file")
+    p.add_argument("--categories", default=None, help="comma-separated categories (default: all)")
+    p.add_argument("--per-category", type=int, default=2, help="prompts per category")
+    p.add_argument("--num-draft-tokens", default="1,2,4,8", help="comma-separated taus")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--baselines", default="plain", help="plain[,transformers]")
+    p.add_argument("--output", default=None, help="a folder for result.json, traces and PNG plots")
+    add_flags(p, RuntimeConfig)
+    p.set_defaults(run=run)
+
+
+def _ints(text: str, name: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise InvalidInputError(f"{name}={text!r} is not allowed: give comma-separated integers") from None
+    if not values or any(not 1 <= v <= 15 for v in values):
+        raise InvalidInputError(f"{name}={text!r} is not allowed: each value must be in [1, 15]")
+    return values
+
+
+def run(args: argparse.Namespace) -> None:
+    from verispec.benchmark.plots import write_plots
+    from verispec.benchmark.prompts import load_prompts
+    from verispec.benchmark.runner import run_bench
+    from verispec.llm import LLM
+
+    taus = _ints(args.num_draft_tokens, "num_draft_tokens")
+    baselines = args.baselines.split(",")
+    if not set(baselines) <= {"plain", "transformers"}:
+        raise InvalidInputError(f"baselines={args.baselines!r} is not allowed: choose from plain, transformers")
+    if args.max_tokens < 2:
+        raise InvalidInputError(f"max_tokens={args.max_tokens} is not allowed: it must be >= 2")
+    prompts = load_prompts(args.prompts, args.categories.split(",") if args.categories else None, args.per_category)
+    llm = LLM(args.model, from_flags(RuntimeConfig, args))
+    result = run_bench(llm, prompts, args.drafter.split(","), taus, args.max_tokens, "transformers" in baselines)
+    traces = result.pop("traces")
+    result["model"] = args.model
+    print(table(result))
+    for d in result["divergences"]:
+        print(f"CORRECTNESS FAILURE: {d['config']} diverged from plain decoding on {d['category']}/"
+              f"{d['question_id']} at output position {d['position']} (target logit margin there "
+              f"{d['logit_margin']})", file=sys.stderr)
+    if args.output:
+        out = Path(args.output)
+        (out / "traces").mkdir(parents=True, exist_ok=True)
+        for key, text in traces.items():
+            (out / "traces" / (key.replace("/", "_").replace("|", "-").replace(":", "_") + ".jsonl")).write_text(text)
+        (out / "result.json").write_text(json.dumps(result, indent=1))
+        for path in write_plots(result, out):
+            print(f"wrote {path}")
+    print(json.dumps(result))
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = [f"{'category':15} {'config':30} {'tok/s':>7} {'speedup':>8} {'predicted':>9} {'accept':>7} "
+             f"{'len':>5} {'draft/verify/other':>19} {'same':>5}"]
+    for category, rows in result["categories"].items():
+        for name, r in rows.items():
+            spec = "acceptance" in r
+            split = "/".join(f"{r['time_split'][k]:.0%}" for k in ("draft", "verify", "other")) if spec else ""
+            lines.append(f"{category:15} {name:30} {r['tok_s']:7.1f} {r['speedup']:7.2f}x "
+                         + (f"{r['predicted_speedup']:8.2f}x {r['acceptance']:7.0%} {r['mean_accepted_length']:5.2f} "
+                            f"{split:>19} {r['identical']:>2}/{r['prompts']}" if spec else ""))
+    return "\n".join(lines)

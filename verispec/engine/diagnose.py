@@ -1,0 +1,192 @@
+"""Explain a trace: where a cycle's time goes, what it commits, what holds the speedup back, and the
+changes worth trying, each with the speedup the cost model predicts for it."""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from verispec.engine.cost import MAX_TAU, CostModel, VerifyCurve, expected_tokens
+from verispec.engine.trace import Trace
+from verispec.errors import InvalidInputError
+from verispec.types import Stats
+
+SHOWN_TAUS = range(0, 9)
+
+
+@dataclass
+class Recommendation:
+    action: str
+    predicted_speedup: float
+
+
+@dataclass
+class Report:
+    cycles: int
+    drafting_cycles: int
+    tau: int
+    accepted_histogram: dict[int, int]  # accepted drafts per drafting cycle -> number of cycles
+    position_acceptance: list[float]
+    mean_accepted_length: float
+    t1_ms: float
+    verify_growth: float  # T(τ + 1) / T(1)
+    draft_ms_per_token: float
+    c: float
+    draft_share: float  # of the cycle time
+    coverage: float  # share of the cycles that could draft in which the drafter proposed something
+    measured_speedup: float
+    predicted_speedup: float
+    predicted_by_tau: dict[int, float]
+    verdicts: list[str] = field(default_factory=list)
+    why: str = ""
+    recommendations: list[Recommendation] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def diagnose(trace: Trace) -> Report:
+    """1. acceptance; 2. costs (T(1), the verify curve, the drafter); 3. measured vs predicted speedup;
+    4. verdicts, each a bottleneck whose removal the cost model predicts to pay; 5. recommendations."""
+    cycles = trace.cycles
+    if not cycles:
+        raise InvalidInputError("the trace has no cycle lines: nothing to diagnose")
+    drafting = [c for c in cycles if c["drafted"] > 0]
+    tau = Counter(int(c["tau"]) for c in cycles).most_common(1)[0][0]
+    coverage = len(drafting) / max(1, sum(c["tau"] > 0 for c in cycles))
+    # α_i relative to τ: a drafter that proposed fewer than τ tokens failed at the first missing
+    # position, which is what the committed tokens per cycle depend on
+    stats = Stats()
+    for c in drafting:
+        stats.record_cycle(max(int(c["tau"]), int(c["drafted"])), int(c["accepted"]))
+    alphas = stats.position_acceptance
+
+    # 2. costs
+    t1 = _t1(trace)
+    curve = _curve(trace, t1)
+    drafted = sum(c["drafted"] for c in drafting)
+    draft_ms = sum(c["draft_ms"] for c in drafting) / drafted if drafted else 0.0
+    model = CostModel(curve, draft_ms)
+    total_ms = sum(c["draft_ms"] + c["verify_ms"] for c in cycles)
+    committed = sum(len(c["tokens"]) if "tokens" in c else c["accepted"] + 1 for c in cycles)
+
+    # 3. measured: committed tokens per ms against one token per T(1)
+    measured = committed / total_ms * t1
+    predicted = model.speedup(alphas, tau, coverage)
+    by_tau = {t: round(model.speedup(alphas, t, coverage), 3) for t in SHOWN_TAUS}
+    report = Report(
+        cycles=len(cycles), drafting_cycles=len(drafting), tau=tau,
+        accepted_histogram=dict(sorted(Counter(int(c["accepted"]) for c in drafting).items())),
+        position_acceptance=[round(a, 4) for a in alphas], mean_accepted_length=round(1 + sum(c["accepted"] for c in cycles) / len(cycles), 3),
+        t1_ms=round(t1, 3), verify_growth=round(curve.growth(tau + 1), 3), draft_ms_per_token=round(draft_ms, 4),
+        c=round(model.c, 4), draft_share=round(sum(c["draft_ms"] for c in cycles) / total_ms, 4),
+        coverage=round(coverage, 4),
+        measured_speedup=round(measured, 3), predicted_speedup=round(predicted, 3), predicted_by_tau=by_tau)
+    _verdicts(report, model, alphas, tau, predicted)
+    return report
+
+
+def _t1(trace: Trace) -> float:
+    if isinstance(trace.run.get("target_step_ms"), (int, float)) and trace.run["target_step_ms"] > 0:
+        return float(trace.run["target_step_ms"])
+    plain = [c["verify_ms"] for c in trace.cycles if c["drafted"] == 0]
+    if not plain:
+        raise InvalidInputError("the trace gives no target step time: add target_step_ms to its run line "
+                                "(docs/trace.md) or include cycles that drafted nothing")
+    return statistics.median(plain)
+
+
+def _curve(trace: Trace, t1: float) -> VerifyCurve:
+    """The calibrated curve when the run line has one; else T(1) and a line through the medians of
+    the verify times seen per number of rows."""
+    calibrated = trace.run.get("verify_ms")
+    if isinstance(calibrated, dict) and calibrated:
+        return VerifyCurve(tuple(float(calibrated[k]) for k in sorted(calibrated, key=int)))
+    rows: dict[int, list[float]] = {}
+    for c in trace.cycles:
+        if c["drafted"] > 0:
+            rows.setdefault(int(c["drafted"]) + 1, []).append(c["verify_ms"])
+    if not rows:
+        return VerifyCurve.flat(t1)
+    # least-squares slope through (1, T(1)) of the per-row medians
+    points = [(k - 1, statistics.median(v) - t1) for k, v in rows.items()]
+    slope = max(0.0, sum(x * y for x, y in points) / sum(x * x for x, _ in points))
+    return VerifyCurve(tuple(t1 + slope * (k - 1) for k in range(1, MAX_TAU + 2)))
+
+
+def _verdicts(r: Report, model: CostModel, alphas: list[float], tau: int, predicted: float) -> None:
+    cov = r.coverage
+    best_tau, best = model.best_tau(alphas, coverage=cov)
+    a0 = alphas[0] if alphas else 0.0
+    cycle = model.cycle_ms(tau)
+    r.why = (f"A cycle with tau={tau} costs {tau} x {model.draft_ms:.2f} ms of drafting + T({tau + 1}) = "
+             f"{model.curve(tau + 1):.1f} ms of verification = {cycle:.1f} ms, that is {cycle / model.t1:.2f} plain "
+             f"steps of {model.t1:.1f} ms, and commits {expected_tokens(alphas, tau):.2f} tokens on average "
+             f"(accepted drafts plus the target's own token): {cycle / expected_tokens(alphas, tau):.1f} ms per token "
+             f"against {model.t1:.1f} ms for plain decoding -> {model.speedup(alphas, tau):.2f}x.")
+    if cov < 0.95:
+        r.why += (f" The drafter proposed something in only {cov:.0%} of the cycles; the others were plain steps, "
+                  f"so the run as a whole gets {model.speedup(alphas, tau, cov):.2f}x.")
+    if predicted < 1:
+        r.why += (f" Verifying {tau + 1} tokens in one pass costs {r.verify_growth:.2f}x one step, not 1x, and the "
+                  f"drafts must also be made; with only {r.mean_accepted_length:.2f} tokens committed per cycle the "
+                  "parallel verification cannot pay for itself, so the run is slower than plain decoding.")
+    if r.drafting_cycles >= 10 and a0 < 0.05:
+        r.verdicts.append(f"acceptance is near 0 from the first position (alpha_0 = {a0:.3f} over "
+                          f"{r.drafting_cycles} drafting cycles): the signature of a tokenizer or chat-template "
+                          "mismatch between drafter and target, or a drafter of another model family")
+    elif a0 < 0.5:
+        r.verdicts.append(f"low consecutive acceptance: alpha_0 = {a0:.2f}, {r.mean_accepted_length:.2f} tokens "
+                          "committed per cycle; most cycles keep 0-1 drafts")
+    fast_drafter = CostModel(model.curve, 0.0).best_tau(alphas, coverage=cov)[1]
+    if r.draft_share > 0.25 and fast_drafter > 1.15 * max(predicted, 1.0):
+        r.verdicts.append(f"the drafter is too slow for its acceptance: drafting takes {r.draft_share:.0%} of the "
+                          f"time (c = {model.c:.2f}); a free drafter with the same acceptance would give {fast_drafter:.2f}x")
+    if best_tau < tau and best > 1.05 * model.speedup(alphas, tau, cov):
+        r.verdicts.append(f"tau={tau} is too large for this acceptance: the best tau is {best_tau}")
+    flat = CostModel(VerifyCurve.flat(model.t1), model.draft_ms).speedup(alphas, tau, cov)
+    if r.verify_growth > 1 + 0.1 * tau and flat > 1.15 * max(predicted, 1.0):
+        r.verdicts.append(f"verification is not parallel enough on this hardware: T({tau + 1}) = "
+                          f"{r.verify_growth:.2f} x T(1); with free verification the speedup would be {flat:.2f}x")
+    if not r.verdicts:
+        r.verdicts.append(f"no bottleneck stands out: speedup {predicted:.2f}x predicted, {r.measured_speedup:.2f}x measured")
+
+    recs: list[Recommendation] = []
+    if best_tau != tau:
+        action = ("turn speculation off for this workload (tau 0, plain decoding)" if best_tau == 0
+                  else f"tau {tau} -> {best_tau}")
+        recs.append(Recommendation(f"{action}: predicted {predicted:.2f}x -> {best:.2f}x", round(best, 3)))
+    elif predicted < 1:
+        recs.append(Recommendation("turn speculation off for this workload: predicted 1.00x", 1.0))
+    if model.c > 0.02:
+        cheaper = CostModel(model.curve, model.draft_ms / 4)
+        t, s = cheaper.best_tau(alphas, coverage=cov)
+        recs.append(Recommendation(f"a cheaper drafter (c {model.c:.2f} -> {cheaper.c:.2f}, same acceptance): "
+                                   f"predicted {s:.2f}x at tau {t}", round(s, 3)))
+    need = model.alpha_for(1.5, coverage=cov)
+    if best < 1.5:
+        recs.append(Recommendation(
+            f"a drafter must reach alpha >= {need:.2f} at every position, at c = {model.c:.2f}, for 1.5x "
+            f"(now alpha = {' '.join(f'{a:.2f}' for a in alphas[:4])})" if need is not None else
+            f"a drafter that proposes more often: at {cov:.0%} of the cycles no acceptance reaches 1.5x", 1.5))
+    r.recommendations = sorted(recs, key=lambda x: -x.predicted_speedup)
+
+
+def explain(r: Report) -> str:
+    """The report in plain words."""
+    lines = [f"{r.cycles} cycles ({r.drafting_cycles} drafting), tau {r.tau}",
+             "accepted drafts per drafting cycle: " + ", ".join(f"{k}: {v}" for k, v in r.accepted_histogram.items()),
+             "acceptance by position (given the earlier ones accepted): "
+             + " ".join(f"{a:.2f}" for a in r.position_acceptance),
+             f"mean accepted length {r.mean_accepted_length:.2f} tokens per cycle",
+             f"target step T(1) {r.t1_ms:.2f} ms; verify T(tau+1)/T(1) {r.verify_growth:.2f}; drafter "
+             f"{r.draft_ms_per_token:.3f} ms per token (c = {r.c:.3f}); drafting is {r.draft_share:.0%} of the time",
+             f"speedup over plain decoding: measured {r.measured_speedup:.2f}x, cost model {r.predicted_speedup:.2f}x",
+             "predicted by tau: " + "  ".join(f"{t}:{s:.2f}x" for t, s in r.predicted_by_tau.items()),
+             "", "Why: " + r.why, "", "Verdict:"]
+    lines += [f"  - {v}" for v in r.verdicts]
+    lines += ["", "Worth trying, by predicted effect:"]
+    lines += [f"  {i}. {rec.action}" for i, rec in enumerate(r.recommendations, 1)] or ["  nothing"]
+    return "\n".join(lines)
