@@ -123,10 +123,10 @@ def markov_pair(vocab=3, positions=3, seed=0):
     return target, draft
 
 
-def joint_counts(target, draft, n, k, length, temperature, seed=0):
+def joint_counts(target, draft, n, k, length, temperature, seed=0, controller=None):
     counts = np.zeros([target.table.shape[-1]] * length, dtype=np.int64)
     params = SamplingParams(max_tokens=length, temperature=temperature, seed=None)
-    engine = Engine(target, DraftModelDrafter(draft), k)
+    engine = Engine(target, DraftModelDrafter(draft), k, controller)
     torch.manual_seed(seed)
     for trial in range(n):
         request = Request([0, 1], SamplingParams(**{**params.__dict__, "seed": seed * 1_000_003 + trial}),
@@ -150,6 +150,14 @@ def test_joint_law_of_the_first_three_tokens_on_a_markov_toy():
     accepted drafts, then the recovered or bonus token, then the next cycle) is the target's."""
     target, draft = markov_pair()
     counts = joint_counts(target, draft, N_JOINT, 2, 3, 1.0)
+    assert fit(counts, target.law(1, 1, 3, 1.0)) > 1e-3
+
+
+def test_joint_law_holds_with_the_adaptive_controller():
+    from verispec.engine.controller import Controller
+
+    target, draft = markov_pair()
+    counts = joint_counts(target, draft, N_JOINT, 0, 3, 1.0, controller=Controller())
     assert fit(counts, target.law(1, 1, 3, 1.0)) > 1e-3
 
 

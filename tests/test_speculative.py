@@ -111,3 +111,17 @@ def test_real_smollm2_as_its_own_draft_model_is_accepted_everywhere_and_exact(sm
     stats = llm.engine.run(request)
     assert request.output_ids == plain.output_ids
     assert stats.acceptance_rate >= 0.98
+
+
+def test_greedy_with_the_adaptive_controller_equals_plain(long_llm):
+    """Lossless whatever τ the controller picks, τ = 0 steps and probes included."""
+    from verispec.engine.controller import Controller
+
+    prompt = long_llm.encode("the stop the end the stop")
+    params = SamplingParams(max_tokens=600, ignore_eos=True)
+    plain, _ = run(long_llm, prompt, params, 0)
+    engine = Engine(long_llm.target, NgramDrafter(), 0, Controller())
+    request = Request(prompt, params, long_llm.eos_ids, engine.capacity)
+    stats = engine.run(request)
+    assert request.output_ids == plain.output_ids
+    assert len(set(stats.drafted_per_position)) > 1 and stats.cycles > 0

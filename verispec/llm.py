@@ -12,7 +12,8 @@ from verispec.config import RuntimeConfig, SamplingParams
 from verispec.drafters import DraftModelDrafter, Drafter, NgramDrafter
 from verispec.drafters.select import parse_drafter
 from verispec.engine.calibrate import (Calibration, calibration_path, drafter_ms_per_token, forward_ms,
-                                       save_calibration)
+                                       load_calibration, save_calibration)
+from verispec.engine.controller import Controller
 from verispec.engine.generate import Engine
 from verispec.engine.request import Request
 from verispec.engine.trace import TraceWriter
@@ -26,6 +27,15 @@ CALIBRATION_TEXT = ("The quick brown fox jumps over the lazy dog. A journey of a
                     "single step. To be or not to be, that is the question. ")
 # a verify forward carries the pending token plus the drafts: at most 16 rows, one kernel row group
 MAX_DRAFT_TOKENS = 15
+AUTO = "auto"
+
+
+def check_num_draft_tokens(value: int | str) -> None:
+    if value == AUTO:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_DRAFT_TOKENS:
+        raise InvalidInputError(f"num_draft_tokens={value!r} is not allowed: use 'auto' or an integer in "
+                                f"[1, {MAX_DRAFT_TOKENS}]")
 
 
 class LLM:
@@ -36,12 +46,9 @@ class LLM:
     """
 
     def __init__(self, model: str = hub.DEFAULT_MODEL, runtime: RuntimeConfig | None = None, *,
-                 drafter: str | None = None, num_draft_tokens: int = 4) -> None:
+                 drafter: str | None = None, num_draft_tokens: int | str = AUTO) -> None:
         runtime = runtime or RuntimeConfig()
-        if not isinstance(num_draft_tokens, int) or not 1 <= num_draft_tokens <= MAX_DRAFT_TOKENS:
-            raise InvalidInputError(
-                f"num_draft_tokens={num_draft_tokens!r} is not allowed: it must be an integer in [1, {MAX_DRAFT_TOKENS}]"
-            )
+        check_num_draft_tokens(num_draft_tokens)
         parse_drafter(drafter)  # a bad name fails before any model loads
         if runtime.threads:
             torch.set_num_threads(runtime.threads)
@@ -50,7 +57,20 @@ class LLM:
         self.target = load_model(self.source, runtime.max_context, resolve_device(runtime.device))
         self.eos_ids = eos_ids(self.tokenizer, self.source)
         self.drafter_name = drafter or "none"
-        self.engine = Engine(self.target, self.make_drafter(drafter), num_draft_tokens)
+        self.engine = Engine(self.target, self.make_drafter(drafter))
+        self.use_tau(num_draft_tokens)
+
+    def use_tau(self, num_draft_tokens: int | str) -> None:
+        """A fixed τ, or 'auto': a controller picks τ every cycle, starting from this machine's
+        calibration when `calibrate` stored one."""
+        check_num_draft_tokens(num_draft_tokens)
+        self.num_draft_tokens = num_draft_tokens
+        if num_draft_tokens == AUTO:
+            stored = load_calibration(self.calibration_path)
+            controller = Controller(stored.cost_model() if stored is not None else None)
+            self.engine.use(self.engine.drafter, 0, controller)
+        else:
+            self.engine.use(self.engine.drafter, int(num_draft_tokens))
 
     def make_drafter(self, name: str | None) -> Drafter | None:
         """A drafter for this target from its name: 'none', 'ngram' or 'draft:MODEL'."""

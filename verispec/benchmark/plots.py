@@ -18,9 +18,11 @@ def write_plots(result: dict[str, Any], folder: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for drafter in result["drafters"]:
-        taus = [t for t in result["taus"] if f"{drafter}/{t}" in spec]
+        taus = [t for t in result["taus"] if t != "auto" and f"{drafter}/{t}" in spec]
         ax.plot(taus, [spec[f"{drafter}/{t}"]["speedup"] for t in taus], "o-", label=f"{drafter} measured")
         ax.plot(taus, [spec[f"{drafter}/{t}"]["predicted_speedup"] for t in taus], "x--", label=f"{drafter} predicted")
+        if f"{drafter}/auto" in spec:
+            ax.axhline(spec[f"{drafter}/auto"]["speedup"], ls=":", label=f"{drafter} auto (measured)")
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set(xlabel="tau (draft tokens per cycle)", ylabel="speedup over plain decoding", title="Speedup vs tau")
     ax.legend()

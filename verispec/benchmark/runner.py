@@ -16,10 +16,12 @@ from verispec.benchmark.prompts import BenchPrompt
 from verispec.config import SamplingParams
 from verispec.drafters.base import Drafter
 from verispec.engine.calibrate import forward_ms
+from verispec.engine.controller import Controller, ControllerConfig
+from verispec.engine.cost import CostModel, VerifyCurve
 from verispec.engine.diagnose import diagnose
 from verispec.engine.request import Request
 from verispec.engine.trace import TraceWriter, parse_trace
-from verispec.llm import LLM
+from verispec.llm import AUTO, LLM
 from verispec.types import Stats
 
 PLAIN = "plain"
@@ -29,7 +31,7 @@ PLAIN = "plain"
 class Config:
     name: str  # "plain", "ngram/4", "transformers", "transformers/prompt-lookup/4", ...
     drafter: str = "none"
-    tau: int = 0
+    tau: int | str = 0  # or "auto"
     transformers: bool = False
 
 
@@ -46,19 +48,24 @@ class Run:
 def configs_for(drafters: list[str], taus: list[int], with_transformers: bool) -> list[Config]:
     configs = [Config(PLAIN)] + [Config(f"{d}/{t}", d, t) for d in drafters for t in taus]
     if with_transformers:
-        tau = taus[len(taus) // 2]
+        fixed = [t for t in taus if t != AUTO] or [4]
+        tau = fixed[len(fixed) // 2]
         configs.append(Config("transformers", transformers=True))
         configs += [Config(f"transformers/prompt-lookup/{tau}", "ngram", tau, True) for d in drafters if d == "ngram"]
         configs += [Config(f"transformers/assisted/{tau}", d, tau, True) for d in drafters if d.startswith("draft:")]
     return configs
 
 
-def run_bench(llm: LLM, prompts: list[BenchPrompt], drafters: list[str], taus: list[int], max_tokens: int,
+def run_bench(llm: LLM, prompts: list[BenchPrompt], drafters: list[str], taus: list[int | str], max_tokens: int,
               with_transformers: bool = False, progress: bool = True) -> dict[str, Any]:
     """1. calibrate T(k); 2. warm up; 3. run all configs per prompt, interleaved; 4. check; 5. aggregate."""
     configs = configs_for(drafters, taus, with_transformers)
     made: dict[str, Drafter | None] = {d: llm.make_drafter(d) for d in drafters}
-    verify_ms = {k: round(forward_ms(llm.target, llm.engine.cache, k, repeats=3), 4) for k in range(1, max(taus) + 2)}
+    max_tau = max([t for t in taus if t != AUTO] + ([ControllerConfig().max_tau] if AUTO in taus else []))
+    verify_ms = {k: round(forward_ms(llm.target, llm.engine.cache, k, repeats=3), 4) for k in range(1, max_tau + 2)}
+    # one controller per drafter, learning across prompts as a server's would
+    prior = CostModel(VerifyCurve(tuple(verify_ms.values())), 0.0)
+    controllers = {d: Controller(prior) for d in drafters}
     hf = _transformers_models(llm, configs) if with_transformers else {}
     params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens)
     traces: dict[tuple[str, str], tuple[io.StringIO, TraceWriter]] = {}
@@ -68,7 +75,10 @@ def run_bench(llm: LLM, prompts: list[BenchPrompt], drafters: list[str], taus: l
         if config.transformers:
             model, kwargs = hf[config.name]
             return Run(config.name, prompt.category, prompt.question_id, baselines.decode_tok_s(model, ids, tokens, **kwargs))
-        llm.engine.use(made.get(config.drafter), config.tau)
+        if config.tau == AUTO:
+            llm.engine.use(made.get(config.drafter), 0, controllers[config.drafter])
+        else:
+            llm.engine.use(made.get(config.drafter), int(config.tau))
         request = Request(ids, SamplingParams(max_tokens=tokens, min_tokens=tokens), llm.eos_ids, llm.engine.capacity)
         trace = None
         if record:
@@ -81,7 +91,7 @@ def run_bench(llm: LLM, prompts: list[BenchPrompt], drafters: list[str], taus: l
             else:
                 traces[key][1].next_request()
             trace = traces[key][1]
-        stats = llm.engine.run(request, config.tau > 0, trace)
+        stats = llm.engine.run(request, config.tau != 0, trace)
         return Run(config.name, prompt.category, prompt.question_id, stats.decode_tokens_per_s, stats,
                    list(request.output_ids))
 
@@ -143,7 +153,8 @@ def _margin(llm: LLM, ids: list[int]) -> float:
 
 
 def _aggregate(configs: list[Config], runs: list[Run], traces: dict, divergences: list[dict[str, Any]],
-               verify_ms: dict[int, float], max_tokens: int, taus: list[int], drafters: list[str]) -> dict[str, Any]:
+               verify_ms: dict[int, float], max_tokens: int, taus: list[int | str], drafters: list[str]
+               ) -> dict[str, Any]:
     categories = sorted({r.category for r in runs})
     plain_rate = {(r.category, r.question_id): r.tok_s for r in runs if r.config == PLAIN}
     table: dict[str, dict[str, dict[str, Any]]] = {}
@@ -158,7 +169,7 @@ def _aggregate(configs: list[Config], runs: list[Run], traces: dict, divergences
                 "speedup": round(statistics.median(r.tok_s / plain_rate[(r.category, r.question_id)] for r in mine), 3),
                 "prompts": len(mine),
             }
-            if c.tau > 0 and not c.transformers:
+            if c.tau != 0 and not c.transformers:
                 row.update(_speculation(mine, [traces[k] for k in traces if k[0] == c.name and scope in (k[1], "overall")]))
                 row["identical"] = sum(1 for r in mine if not any(
                     d["config"] == c.name and d["question_id"] == r.question_id and d["category"] == r.category

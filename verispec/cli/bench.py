@@ -21,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts", default="spec-bench", help="spec-bench or a JSONL file")
     p.add_argument("--categories", default=None, help="comma-separated categories (default: all)")
     p.add_argument("--per-category", type=int, default=2, help="prompts per category")
-    p.add_argument("--num-draft-tokens", default="1,2,4,8", help="comma-separated taus")
+    p.add_argument("--num-draft-tokens", default="1,2,4,8,auto", help="comma-separated taus; auto = the controller")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--baselines", default="plain", help="plain[,transformers]")
     p.add_argument("--output", default=None, help="a folder for result.json, traces and PNG plots")
@@ -29,13 +29,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def _ints(text: str, name: str) -> list[int]:
+def _taus(text: str) -> list[int | str]:
     try:
-        values = [int(x) for x in text.split(",")]
+        values: list[int | str] = [x if x == "auto" else int(x) for x in text.split(",")]
     except ValueError:
-        raise InvalidInputError(f"{name}={text!r} is not allowed: give comma-separated integers") from None
-    if not values or any(not 1 <= v <= 15 for v in values):
-        raise InvalidInputError(f"{name}={text!r} is not allowed: each value must be in [1, 15]")
+        values = []
+    if not values or any(v != "auto" and not 1 <= int(v) <= 15 for v in values):
+        raise InvalidInputError(f"num_draft_tokens={text!r} is not allowed: give comma-separated values, "
+                                "each 'auto' or an integer in [1, 15]")
     return values
 
 
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> None:
     from verispec.benchmark.runner import run_bench
     from verispec.llm import LLM
 
-    taus = _ints(args.num_draft_tokens, "num_draft_tokens")
+    taus = _taus(args.num_draft_tokens)
     baselines = args.baselines.split(",")
     if not set(baselines) <= {"plain", "transformers"}:
         raise InvalidInputError(f"baselines={args.baselines!r} is not allowed: choose from plain, transformers")

@@ -31,7 +31,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def add_drafter_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drafter", default="none", help="none | ngram (prompt lookup) | draft:MODEL (a draft model)")
-    p.add_argument("--num-draft-tokens", type=int, default=4, help="tokens drafted per cycle (tau), 1..15")
+    p.add_argument("--num-draft-tokens", type=tau_flag, default="auto",
+                   help="tokens drafted per cycle (tau): 1..15, or auto (a controller picks tau every cycle)")
+
+
+def tau_flag(text: str) -> int | str:
+    return text if text == "auto" else int(text)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -68,7 +73,7 @@ def run(args: argparse.Namespace) -> None:
     print(f"\n[{s.completion_tokens} tokens, finish_reason={out.finish_reason}, prompt {s.prompt_tokens} tokens "
           f"in {s.prefill_s:.2f}s, decode {s.decode_tokens_per_s:.1f} tok/s]", file=sys.stderr)
     if s.drafted:
-        print(f"[drafter {args.drafter}, tau {args.num_draft_tokens}: {s.cycles} cycles, acceptance "
+        print(f"[drafter {args.drafter}, tau {args.num_draft_tokens}: {s.cycles} cycles, {s.drafted} drafted, acceptance "
               f"{s.acceptance_rate:.0%}, {s.mean_accepted_length:.2f} tokens per target forward, accepted by "
               f"position {s.accepted_per_position}/{s.drafted_per_position}]", file=sys.stderr)
     if plain is not None:

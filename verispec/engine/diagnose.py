@@ -154,24 +154,24 @@ def _verdicts(r: Report, model: CostModel, alphas: list[float], tau: int, predic
         r.verdicts.append(f"no bottleneck stands out: speedup {predicted:.2f}x predicted, {r.measured_speedup:.2f}x measured")
 
     recs: list[Recommendation] = []
-    if best_tau != tau:
-        action = ("turn speculation off for this workload (tau 0, plain decoding)" if best_tau == 0
-                  else f"tau {tau} -> {best_tau}")
-        recs.append(Recommendation(f"{action}: predicted {predicted:.2f}x -> {best:.2f}x", round(best, 3)))
-    elif predicted < 1:
-        recs.append(Recommendation("turn speculation off for this workload: predicted 1.00x", 1.0))
+    if best_tau != tau and best_tau > 0:
+        recs.append(Recommendation(f"tau {tau} -> {best_tau}: predicted {predicted:.2f}x -> {best:.2f}x", round(best, 3)))
+    if predicted < 1:
+        recs.append(Recommendation(f"turn speculation off for this workload (tau 0, or tau auto, which falls back "
+                                   f"to plain steps): predicted {predicted:.2f}x -> 1.00x", 1.0))
     if model.c > 0.02:
         cheaper = CostModel(model.curve, model.draft_ms / 4)
         t, s = cheaper.best_tau(alphas, coverage=cov)
         recs.append(Recommendation(f"a cheaper drafter (c {model.c:.2f} -> {cheaper.c:.2f}, same acceptance): "
                                    f"predicted {s:.2f}x at tau {t}", round(s, 3)))
+    recs.sort(key=lambda x: -x.predicted_speedup)
     need = model.alpha_for(1.5, coverage=cov)
-    if best < 1.5:
+    if best < 1.5:  # what it would take, after the changes one can make now
         recs.append(Recommendation(
-            f"a drafter must reach alpha >= {need:.2f} at every position, at c = {model.c:.2f}, for 1.5x "
+            f"for 1.5x, a drafter must reach alpha >= {need:.2f} at every position at c = {model.c:.2f} "
             f"(now alpha = {' '.join(f'{a:.2f}' for a in alphas[:4])})" if need is not None else
-            f"a drafter that proposes more often: at {cov:.0%} of the cycles no acceptance reaches 1.5x", 1.5))
-    r.recommendations = sorted(recs, key=lambda x: -x.predicted_speedup)
+            f"for 1.5x, a drafter that proposes more often: at {cov:.0%} of the cycles no acceptance reaches it", 1.5))
+    r.recommendations = recs
 
 
 def explain(r: Report) -> str:

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import torch
 
 from verispec.drafters.base import Drafter
+from verispec.engine.controller import Controller
 from verispec.engine.request import Request
 from verispec.engine.trace import TraceWriter
 from verispec.model.transformer import Transformer
@@ -26,15 +27,18 @@ from verispec.types import Stats
 class Engine:
     """Owns a target model, its KV cache and an optional drafter; runs one request at a time."""
 
-    def __init__(self, target: Transformer, drafter: Drafter | None = None, num_draft_tokens: int = 0) -> None:
+    def __init__(self, target: Transformer, drafter: Drafter | None = None, num_draft_tokens: int = 0,
+                 controller: Controller | None = None) -> None:
         self.target = target
         self.cache = target.new_cache()
-        self.use(drafter, num_draft_tokens)
+        self.use(drafter, num_draft_tokens, controller)
 
-    def use(self, drafter: Drafter | None, num_draft_tokens: int) -> None:
-        """Switch the drafter and τ between requests (bench compares several on one cache)."""
+    def use(self, drafter: Drafter | None, num_draft_tokens: int, controller: Controller | None = None) -> None:
+        """Switch the drafter and τ between requests (bench compares several on one cache). With a
+        controller, it chooses τ before every cycle and num_draft_tokens is ignored."""
         self.drafter = drafter
         self.num_draft_tokens = num_draft_tokens if drafter is not None else 0
+        self.controller = controller if drafter is not None else None
 
     @property
     def capacity(self) -> int:
@@ -50,7 +54,8 @@ class Engine:
               ) -> Iterator[list[int]]:
         """Run the request, yielding the tokens each cycle commits (for streaming)."""
         device, cache, stats, sampler = self.target.device, self.cache, request.stats, request.sampler
-        num_draft_tokens = self.num_draft_tokens if speculative else 0
+        controller = self.controller if speculative else None
+        fixed_tau = self.num_draft_tokens if speculative else 0
         if self.drafter is not None:
             self.drafter.reset(sampler)
         cache.truncate(0)
@@ -63,8 +68,9 @@ class Engine:
         pending = request.prompt_ids[-1]
         start = time.perf_counter()
         while not request.finished:
+            tau = controller.choose() if controller is not None else fixed_tau
             t0 = time.perf_counter()
-            drafts, draft_probs = self._draft(request, num_draft_tokens)
+            drafts, draft_probs = self._draft(request, tau)
             t1 = time.perf_counter()
             base = cache.length
             inputs = torch.tensor([pending] + drafts, device=device)
@@ -81,9 +87,12 @@ class Engine:
             stats.verify_s += t2 - t1
             stats.target_forwards += 1
             stats.record_cycle(len(drafts), accepted)
+            if controller is not None:
+                controller.observe(tau, len(drafts), accepted, (t1 - t0) * 1e3, (t2 - t1) * 1e3)
             if trace is not None:
-                trace.cycle(tau=num_draft_tokens, drafted=len(drafts), accepted=accepted,
-                            draft_ms=(t1 - t0) * 1e3, verify_ms=(t2 - t1) * 1e3, tokens=kept)
+                extra = {"controller": controller.last} if controller is not None else {}
+                trace.cycle(tau=tau, drafted=len(drafts), accepted=accepted, draft_ms=(t1 - t0) * 1e3,
+                            verify_ms=(t2 - t1) * 1e3, tokens=kept, **extra)
             pending = tokens[-1]
             stats.decode_s = time.perf_counter() - start
             stats.completion_tokens = len(request.output_ids)

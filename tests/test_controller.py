@@ -1,0 +1,70 @@
+"""The adaptive τ controller on a simulated target and drafter with a fake clock: chosen acceptance
+by position, drafter cost c and verify curve T(k); no model, no wall time."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from verispec.engine.controller import Controller, ControllerConfig
+from verispec.engine.cost import CostModel, VerifyCurve
+
+T1 = 10.0
+CURVE = VerifyCurve(tuple(T1 * (1 + 0.08 * (k - 1)) for k in range(1, 17)))
+
+
+def simulate(controller, alpha, c, cycles, rng, coverage=1.0):
+    """Run `cycles` cycles; alpha(i) is the true acceptance at position i. Returns the τ chosen each cycle."""
+    chosen = []
+    for _ in range(cycles):
+        tau = controller.choose()
+        drafted = tau if rng.random() < coverage else 0
+        accepted = 0
+        while accepted < drafted and rng.random() < alpha(accepted):
+            accepted += 1
+        controller.observe(tau, drafted, accepted, drafted * c * T1, CURVE(drafted + 1))
+        chosen.append(tau)
+    return chosen
+
+
+@pytest.mark.parametrize("alpha,c", [(0.8, 0.05), (0.6, 0.0), (0.9, 0.2), (0.7, 0.1)])
+def test_converges_to_the_cost_models_best_tau(alpha, c):
+    truth = CostModel(CURVE, c * T1)
+    best_tau, best = truth.best_tau([alpha], ControllerConfig().max_tau)
+    assert best > 1.1, "a setting where speculation pays"
+    chosen = simulate(Controller(), lambda i: alpha, c, 600, random.Random(1))
+    late = chosen[300:]
+    achieved = sum(truth.speedup([alpha], t) for t in late) / len(late)
+    assert achieved >= 0.95 * best, f"chose {sorted(set(late))} for best tau {best_tau}"
+
+
+def test_falls_back_to_plain_steps_when_acceptance_is_low_and_probes_at_a_bounded_rate():
+    config = ControllerConfig()
+    chosen = simulate(Controller(config=config), lambda i: 0.03, 0.3, 1000, random.Random(2))
+    late = chosen[100:]
+    share = sum(t > 0 for t in late) / len(late)
+    assert share <= 1 / config.probe_interval
+    assert 0 < sum(t > 0 for t in late), "it must keep probing"
+
+
+def test_returns_to_speculation_when_acceptance_recovers():
+    controller, rng = Controller(), random.Random(3)
+    simulate(controller, lambda i: 0.03, 0.05, 500, rng)
+    assert controller.choose() == 0 or controller.last["why"] == "probe"
+    after = simulate(controller, lambda i: 0.9, 0.05, 300, rng)
+    assert sum(t > 0 for t in after[-100:]) >= 95
+
+
+def test_a_drafter_that_rarely_proposes_is_priced_by_its_coverage():
+    """n-gram drafters find no match in many cycles; those cycles cost a plain step and commit one token."""
+    controller = Controller()
+    simulate(controller, lambda i: 0.9, 0.0, 400, random.Random(4), coverage=0.3)
+    assert 0.2 < controller.coverage < 0.4
+    assert controller.choose() > 0  # free drafts that are usually accepted still pay
+
+
+def test_decisions_are_deterministic_for_a_seeded_run():
+    runs = [simulate(Controller(), lambda i: 0.7 if i < 3 else 0.3, 0.1, 400, random.Random(5)) for _ in range(2)]
+    assert runs[0] == runs[1]
+    assert len(set(runs[0])) > 1
