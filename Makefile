@@ -21,8 +21,7 @@ $(VENV)/.dev: $(VENV)/.base
 
 demo: $(VENV)/.base
 	$(VERISPEC) models fetch $(MODEL)
-	$(VERISPEC) generate --model $(MODEL) --chat --max-tokens 96 --drafter ngram --num-draft-tokens 4 \
-		--compare --prompt "$(PROMPT)"
+	$(VERISPEC) generate --model $(MODEL) --chat --max-tokens 96 --drafter ngram --compare --prompt "$(PROMPT)"
 
 test: $(VENV)/.dev
 	$(VERISPEC) models fetch smollm2-135m-instruct
@@ -30,7 +29,7 @@ test: $(VENV)/.dev
 
 bench: $(VENV)/.dev
 	$(VERISPEC) models fetch $(MODEL)
-	$(PY) benchmarks/plain.py --model $(MODEL)
+	$(VERISPEC) bench --model $(MODEL) --drafter ngram --per-category 1 --num-draft-tokens 1,2,4,8,auto
 
 clean:
 	rm -rf $(VENV) build *.egg-info

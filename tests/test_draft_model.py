@@ -196,3 +196,32 @@ def test_first_token_through_a_real_draft_model_follows_plain_sampling(models):
     support = p > 0
     assert counts[~support].sum() == 0 and support.sum() == 8
     assert chisquare(counts[support], p[support] * counts.sum()).pvalue > 1e-3
+
+
+def _rss_mb() -> float:
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def test_fifty_rejected_requests_leave_memory_and_state_where_they_started(models, tmp_path):
+    """F3: a draft model that almost never agrees, 50 requests in a row: no growth in the caches,
+    the drafter's bookkeeping or the process's memory; each request's counters start from zero."""
+    llm, _ = models
+    wrong = tiny_hf_model("llama", seed=11)
+    wrong.save_pretrained(tmp_path / "wrong")
+    drafter = DraftModelDrafter(load_model(ModelSource.of(str(tmp_path / "wrong")), 2048, llm.target.device))
+    engine = Engine(llm.target, drafter, 4)
+    prompt = llm.encode("the end the stop")
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    rss = []
+    for i in range(50):
+        request = Request(prompt, params, llm.eos_ids, engine.capacity)
+        stats = engine.run(request)
+        assert stats.completion_tokens == 40 and stats.cycles <= 40
+        assert engine.cache.length <= len(prompt) + 40 and drafter.cache.length <= len(prompt) + 40
+        assert len(drafter._cached) == drafter.cache.length
+        rss.append(_rss_mb())
+    assert stats.acceptance_rate < 0.3, "the test needs mostly rejected drafts"
+    assert rss[-1] - rss[9] < 20, f"memory grew from {rss[9]:.0f} MB to {rss[-1]:.0f} MB"

@@ -12,7 +12,7 @@ from verispec.config import RuntimeConfig, SamplingParams
 from verispec.drafters import DraftModelDrafter, Drafter, NgramDrafter
 from verispec.drafters.select import parse_drafter
 from verispec.engine.calibrate import (Calibration, calibration_path, drafter_ms_per_token, forward_ms,
-                                       load_calibration, save_calibration)
+                                       load_calibration, save_calibration, warm_up)
 from verispec.engine.controller import Controller
 from verispec.engine.generate import Engine
 from verispec.engine.request import Request
@@ -99,6 +99,7 @@ class LLM:
 
     def calibrate(self, max_k: int = MAX_DRAFT_TOKENS + 1, repeats: int = 5) -> Calibration:
         """Measure T(k) for k = 1..max_k and the drafter's cost per token here; store them for later runs."""
+        warm_up(self.target, self.engine.cache)
         verify_ms = tuple(forward_ms(self.target, self.engine.cache, k, repeats=repeats) for k in range(1, max_k + 1))
         draft_ms = 0.0
         if self.engine.drafter is not None:

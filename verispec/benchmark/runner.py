@@ -4,6 +4,7 @@ check greedy outputs against plain; aggregate medians per category; price the ru
 from __future__ import annotations
 
 import io
+import json
 import statistics
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +16,7 @@ from verispec.benchmark import baselines
 from verispec.benchmark.prompts import BenchPrompt
 from verispec.config import SamplingParams
 from verispec.drafters.base import Drafter
-from verispec.engine.calibrate import forward_ms
+from verispec.engine.calibrate import forward_ms, warm_up
 from verispec.engine.controller import Controller, ControllerConfig
 from verispec.engine.cost import CostModel, VerifyCurve
 from verispec.engine.diagnose import diagnose
@@ -62,7 +63,8 @@ def run_bench(llm: LLM, prompts: list[BenchPrompt], drafters: list[str], taus: l
     configs = configs_for(drafters, taus, with_transformers)
     made: dict[str, Drafter | None] = {d: llm.make_drafter(d) for d in drafters}
     max_tau = max([t for t in taus if t != AUTO] + ([ControllerConfig().max_tau] if AUTO in taus else []))
-    verify_ms = {k: round(forward_ms(llm.target, llm.engine.cache, k, repeats=3), 4) for k in range(1, max_tau + 2)}
+    warm_up(llm.target, llm.engine.cache)
+    verify_ms = {k: round(forward_ms(llm.target, llm.engine.cache, k, repeats=5), 4) for k in range(1, max_tau + 2)}
     # one controller per drafter, learning across prompts as a server's would
     prior = CostModel(VerifyCurve(tuple(verify_ms.values())), 0.0)
     controllers = {d: Controller(prior) for d in drafters}
@@ -170,7 +172,9 @@ def _aggregate(configs: list[Config], runs: list[Run], traces: dict, divergences
                 "prompts": len(mine),
             }
             if c.tau != 0 and not c.transformers:
-                row.update(_speculation(mine, [traces[k] for k in traces if k[0] == c.name and scope in (k[1], "overall")]))
+                plain_ms = statistics.median(1e3 / plain_rate[(r.category, r.question_id)] for r in mine)
+                row.update(_speculation(mine, [traces[k] for k in traces if k[0] == c.name and scope in (k[1], "overall")],
+                                        plain_ms, verify_ms))
                 row["identical"] = sum(1 for r in mine if not any(
                     d["config"] == c.name and d["question_id"] == r.question_id and d["category"] == r.category
                     for d in divergences))
@@ -180,15 +184,21 @@ def _aggregate(configs: list[Config], runs: list[Run], traces: dict, divergences
             "traces": {f"{k[0]}|{k[1]}": buf.getvalue() for k, (buf, _) in traces.items()}}
 
 
-def _speculation(runs: list[Run], traces: list[tuple[io.StringIO, TraceWriter]]) -> dict[str, Any]:
+def _speculation(runs: list[Run], traces: list[tuple[io.StringIO, TraceWriter]], plain_ms: float,
+                 verify_ms: dict[int, float]) -> dict[str, Any]:
+    """Totals, and the cost model's prediction: T(1) is the same run's plain decoding time per token,
+    T(k) that times the calibrated growth T(k)/T(1) (made non-decreasing: timing noise is not a
+    cheaper verify)."""
     total = Stats()
     for r in runs:
         s = r.stats
         for name in ("cycles", "drafted", "accepted", "decode_s", "draft_s", "verify_s"):
             setattr(total, name, getattr(total, name) + getattr(s, name))
     lines = [line for buf, _ in traces for line in buf.getvalue().splitlines()]
-    run_line, cycles = lines[0], [line for line in lines if '"type": "cycle"' in line]
-    report = diagnose(parse_trace([run_line] + cycles))
+    growth = [verify_ms[k] / verify_ms[1] for k in sorted(verify_ms)]
+    curve = {str(k): plain_ms * max(growth[:k]) for k in range(1, len(growth) + 1)}
+    run_line = json.dumps({"type": "run", "schema": 1, "target_step_ms": plain_ms, "verify_ms": curve})
+    report = diagnose(parse_trace([run_line] + [line for line in lines if '"type": "cycle"' in line]))
     return {
         "acceptance": round(total.acceptance_rate, 4),
         "mean_accepted_length": round(total.mean_accepted_length, 3),

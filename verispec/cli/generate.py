@@ -40,7 +40,7 @@ def tau_flag(text: str) -> int | str:
 
 
 def run(args: argparse.Namespace) -> None:
-    from verispec.engine.calibrate import forward_ms
+    from verispec.engine.calibrate import forward_ms, warm_up
     from verispec.engine.trace import TraceWriter
     from verispec.llm import LLM
 
@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> None:
         trace = None
         if args.trace:
             file = stack.enter_context(open(args.trace, "w"))
+            warm_up(llm.target, llm.engine.cache, seconds=1.0)
             trace = TraceWriter(file, model=args.model, drafter=args.drafter, num_draft_tokens=args.num_draft_tokens,
                                 target_step_ms=round(forward_ms(llm.target, llm.engine.cache, 1), 4))
         if args.json:

@@ -31,6 +31,14 @@ def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def warm_up(target: Transformer, cache: KVCache, seconds: float = 2.0) -> None:
+    """Run forwards until `seconds` have passed: a fresh process's first forwards run several times
+    slower (page faults on fresh weights, thread pools starting), which would poison T(k)."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        forward_ms(target, cache, 4, context=64, repeats=1)
+
+
 def forward_ms(target: Transformer, cache: KVCache, k: int, context: int = 128, repeats: int = 5) -> float:
     """T(k) in ms: one forward over k tokens after `context` cached ones; the cache is left empty."""
     device = target.device
