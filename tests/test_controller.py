@@ -14,7 +14,7 @@ T1 = 10.0
 CURVE = VerifyCurve(tuple(T1 * (1 + 0.08 * (k - 1)) for k in range(1, 17)))
 
 
-def simulate(controller, alpha, c, cycles, rng, coverage=1.0):
+def simulate(controller, alpha, c, cycles, rng, coverage=1.0):  # coverage: the share of cycles with a proposal
     """Run `cycles` cycles; alpha(i) is the true acceptance at position i. Returns the τ chosen each cycle."""
     chosen = []
     for _ in range(cycles):
@@ -56,12 +56,30 @@ def test_returns_to_speculation_when_acceptance_recovers():
     assert sum(t > 0 for t in after[-100:]) >= 95
 
 
-def test_a_drafter_that_rarely_proposes_is_priced_by_its_coverage():
+def test_a_drafter_that_rarely_proposes_is_priced_by_how_often_it_proposes():
     """n-gram drafters find no match in many cycles; those cycles cost a plain step and commit one token."""
     controller = Controller()
     simulate(controller, lambda i: 0.9, 0.0, 400, random.Random(4), coverage=0.3)
-    assert 0.2 < controller.coverage < 0.4
+    assert 0.2 < controller.offered[0] < 0.4
     assert controller.choose() > 0  # free drafts that are usually accepted still pay
+
+
+def test_short_proposals_do_not_make_a_long_tau_look_expensive():
+    """A drafter that often proposes only 2 tokens (a short n-gram continuation): asking for more
+    costs nothing when it has no more, so tau must not shrink to the typical proposal length."""
+    def short_simulate(controller, cycles, rng):
+        for _ in range(cycles):
+            tau = controller.choose()
+            drafted = min(tau, 2 if rng.random() < 0.7 else 8)
+            accepted = 0
+            while accepted < drafted and rng.random() < 0.9:
+                accepted += 1
+            controller.observe(tau, drafted, accepted, 0.0, CURVE(drafted + 1))
+        return controller
+
+    controller = short_simulate(Controller(), 600, random.Random(6))
+    assert controller.offered[2] < 0.5
+    assert controller.choose() >= 6
 
 
 def test_decisions_are_deterministic_for_a_seeded_run():

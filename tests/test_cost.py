@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from verispec.engine.cost import CostModel, VerifyCurve, expected_tokens, position_acceptance
+from verispec.engine.cost import CostModel, VerifyCurve, expected_tokens, offered_by_position, position_acceptance
 
 
 def test_leviathan_closed_form_with_flat_verification():
@@ -45,3 +45,13 @@ def test_alpha_needed_for_a_speedup():
 def test_position_acceptance_counts_only_tried_positions():
     # cycles (drafted, accepted): position 0 tried 3x kept 2x; position 1 tried 2x kept 2x; 2 tried once
     assert position_acceptance([(4, 2), (4, 0), (2, 2), (0, 0)]) == pytest.approx([2 / 3, 1.0, 0.0])
+
+
+def test_short_proposals_verify_fewer_rows_and_commit_fewer_tokens():
+    model = CostModel(VerifyCurve((10.0, 12.0, 14.0, 16.0, 18.0)), draft_ms=0.0)
+    # proposals: none 50 %, exactly 2 tokens 30 %, 4 tokens 20 %: offered = [0.5, 0.5, 0.2, 0.2]
+    offered = [0.5, 0.5, 0.2, 0.2]
+    # rows = 1.4; E = 1 + 0.5 a + 0.5 a^2 + 0.2 a^3 + 0.2 a^4 at a = 0.5: 1.4125; T(2.4) = 12.8
+    assert model.speedup([0.5], 4, offered) == pytest.approx(1.4125 * 10 / 12.8)
+    assert model.curve(2.4) == pytest.approx(12.8)
+    assert offered_by_position([(4, 0), (4, 0), (4, 2), (4, 4), (4, 4)]) == [0.6, 0.6, 0.4, 0.4]

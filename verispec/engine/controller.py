@@ -35,7 +35,8 @@ class Controller:
         c = self.config
         self._kept = [0.0] * c.max_tau  # decayed counts per position
         self._tried = [0.0] * c.max_tau
-        self._proposed, self._asked = 1.0, 1.0  # decayed: cycles that drafted / cycles that asked
+        self._longer = [1.0] * c.max_tau  # decayed: proposals longer than i / requests for more than i
+        self._asked = [1.0] * c.max_tau
         self._verify_ms: dict[int, float] = {}  # k -> decayed mean of measured T(k)
         if prior is not None:
             self._verify_ms = {k: prior.curve(k) for k in range(1, c.max_tau + 2)}
@@ -57,8 +58,9 @@ class Controller:
         return out
 
     @property
-    def coverage(self) -> float:
-        return self._proposed / self._asked
+    def offered(self) -> list[float]:
+        """P(the drafter proposes more than i tokens | asked for more than i)."""
+        return [n / a for n, a in zip(self._longer, self._asked)]
 
     def cost_model(self) -> CostModel | None:
         if 1 not in self._verify_ms:
@@ -74,7 +76,7 @@ class Controller:
         model = self.cost_model()
         if model is None:
             return self._decide(0, "measuring T(1)")
-        tau, speedup = model.best_tau(self.alphas, self.config.max_tau, self.coverage)
+        tau, speedup = model.best_tau(self.alphas, self.config.max_tau, self.offered)
         if tau > 0:
             self._interval = self.config.probe_interval
             self._since_probe = 0
@@ -95,21 +97,21 @@ class Controller:
             return
         if self.last.get("why") == "probe" and accepted > 0:  # acceptance may be back: look again at once
             self._since_probe, self._interval = self.config.probe_interval, self.config.probe_interval
-        self._asked = c.decay * self._asked + 1
-        self._proposed = c.decay * self._proposed + (drafted > 0)
+        for i in range(min(tau, c.max_tau)):
+            self._asked[i] = c.decay * self._asked[i] + 1
+            self._longer[i] = c.decay * self._longer[i] + (drafted > i)
         if drafted == 0:
             return
         per_token = draft_ms / drafted
         self._draft_ms = per_token if not self._draft_seen else c.decay * self._draft_ms + (1 - c.decay) * per_token
         self._draft_seen = True
-        # positions relative to τ: a draft shorter than τ failed at its first missing position
-        for i in range(min(max(tau, drafted), c.max_tau, accepted + 1)):
+        for i in range(min(drafted, c.max_tau, accepted + 1)):  # drafted positions that were reached
             self._tried[i] = c.decay * self._tried[i] + 1
             self._kept[i] = c.decay * self._kept[i] + (i < accepted)
 
     def _decide(self, tau: int, why: str, speedup: float | None = None) -> int:
         self.last = {"tau": tau, "why": why, "alphas": [round(a, 3) for a in self.alphas[:4]],
-                     "coverage": round(self.coverage, 3), "draft_ms": round(self._draft_ms, 4),
+                     "offered": [round(o, 3) for o in self.offered[:4]], "draft_ms": round(self._draft_ms, 4),
                      "t1_ms": round(self._verify_ms.get(1, 0.0), 3)}
         if speedup is not None:
             self.last["predicted_speedup"] = round(speedup, 3)

@@ -7,13 +7,15 @@ drafts 0..i-1 were), τ drafted tokens, the drafter's cost per token d and the v
     cycle(τ) = τ·d + T(τ + 1)                    ms per cycle
     speedup  = E(τ)·T(1) / cycle(τ)              against plain decoding (one token per T(1))
 
-With one α and T(k) = T(1) this is Leviathan et al. 2023: E = (1 − α^(τ+1)) / (1 − α) and speedup
+offered_i, the chance that the drafter proposes more than i tokens, scales both: the drafts
+verified are Σ_{i<τ} offered_i, and E(τ) = 1 + Σ_{i<τ} offered_i Π_{j≤i} α_j.
+With one α, offered = 1 and T(k) = T(1) this is Leviathan et al. 2023: E = (1 − α^(τ+1)) / (1 − α) and speedup
 E / (τ·c + 1), with c = d / T(1). The controller, bench and diagnose all use this module.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from verispec.types import Stats
@@ -23,7 +25,8 @@ MAX_TAU = 15
 
 @dataclass(frozen=True)
 class VerifyCurve:
-    """T(k): ms of one target forward over k tokens, measured for k = 1..len(ms); linear beyond."""
+    """T(k): ms of one target forward over k tokens, measured for k = 1..len(ms); linear between
+    (an expected, fractional number of rows) and beyond."""
 
     ms: tuple[float, ...]
 
@@ -32,15 +35,24 @@ class VerifyCurve:
         """'Verification is free': T(k) = T(1), the assumption of the classic analysis."""
         return cls((t1_ms,))
 
-    def __call__(self, k: int) -> float:
+    def __call__(self, k: float) -> float:
+        if len(self.ms) == 1:
+            return self.ms[0]
         if k <= len(self.ms):
-            return self.ms[k - 1]
-        slope = (self.ms[-1] - self.ms[0]) / (len(self.ms) - 1) if len(self.ms) > 1 else 0.0
+            lo = min(int(k), len(self.ms) - 1)
+            return self.ms[lo - 1] + (k - lo) * (self.ms[lo] - self.ms[lo - 1])
+        slope = (self.ms[-1] - self.ms[0]) / (len(self.ms) - 1)
         return self.ms[-1] + slope * (k - len(self.ms))
 
-    def growth(self, k: int) -> float:
+    def growth(self, k: float) -> float:
         """T(k) / T(1)."""
         return self(k) / self(1)
+
+
+# offered[i]: the chance that the drafter proposes more than i tokens when asked for more. A draft
+# model always proposes τ (offered = [1]); n-gram lookup often proposes none or a short
+# continuation, and then the cycle verifies fewer rows.
+ALWAYS = (1.0,)
 
 
 @dataclass(frozen=True)
@@ -57,54 +69,72 @@ class CostModel:
         """The drafter's step cost relative to one target decode step."""
         return self.draft_ms / self.t1
 
-    def cycle_ms(self, tau: int) -> float:
-        return tau * self.draft_ms + self.curve(tau + 1)
+    def cycle_ms(self, tau: int, offered: Sequence[float] = ALWAYS) -> float:
+        rows = drafted_rows(offered, tau)
+        return rows * self.draft_ms + self.curve(1 + rows)
 
-    def speedup(self, alphas: Sequence[float], tau: int, coverage: float = 1.0) -> float:
-        """coverage: the share of cycles in which the drafter proposes at all (an n-gram drafter finds
-        no match in the others, and those cycles are plain steps)."""
-        tokens = coverage * expected_tokens(alphas, tau) + (1 - coverage)
-        return tokens * self.t1 / (coverage * self.cycle_ms(tau) + (1 - coverage) * self.t1)
+    def speedup(self, alphas: Sequence[float], tau: int, offered: Sequence[float] = ALWAYS) -> float:
+        return expected_tokens(alphas, tau, offered) * self.t1 / self.cycle_ms(tau, offered)
 
-    def best_tau(self, alphas: Sequence[float], max_tau: int = MAX_TAU, coverage: float = 1.0) -> tuple[int, float]:
+    def best_tau(self, alphas: Sequence[float], max_tau: int = MAX_TAU, offered: Sequence[float] = ALWAYS
+                 ) -> tuple[int, float]:
         """(τ, speedup) maximising the speedup over τ = 0..max_tau (τ = 0 is plain decoding: 1.0)."""
-        return max(((tau, self.speedup(alphas, tau, coverage)) for tau in range(max_tau + 1)), key=lambda x: x[1])
+        return max(((tau, self.speedup(alphas, tau, offered)) for tau in range(max_tau + 1)), key=lambda x: x[1])
 
-    def alpha_for(self, target_speedup: float, max_tau: int = MAX_TAU, coverage: float = 1.0) -> float | None:
+    def alpha_for(self, target_speedup: float, max_tau: int = MAX_TAU, offered: Sequence[float] = ALWAYS
+                  ) -> float | None:
         """The least constant α at which some τ reaches target_speedup (None: no α ≤ 1 does)."""
-        if self.best_tau([1.0], max_tau, coverage)[1] < target_speedup:
-            return None
-        lo, hi = 0.0, 1.0
-        for _ in range(40):
-            mid = (lo + hi) / 2
-            lo, hi = (lo, mid) if self.best_tau([mid], max_tau, coverage)[1] >= target_speedup else (mid, hi)
-        return hi
+        return _bisect(lambda a: self.best_tau([a], max_tau, offered)[1] >= target_speedup)
 
     def break_even_alpha(self, tau: int) -> float | None:
         """The constant α at which τ drafted tokens just pay for themselves (speedup 1)."""
-        if self.speedup([1.0], tau) < 1:
-            return None
-        lo, hi = 0.0, 1.0
-        for _ in range(40):
-            mid = (lo + hi) / 2
-            lo, hi = (lo, mid) if self.speedup([mid], tau) >= 1 else (mid, hi)
-        return hi
+        return _bisect(lambda a: self.speedup([a], tau) >= 1)
 
 
-def alpha_at(alphas: Sequence[float], i: int) -> float:
-    """α_i; beyond the measured positions the last one holds (0 when nothing was measured)."""
-    if not alphas:
+def _bisect(enough: Callable[[float], bool]) -> float | None:
+    """The least α in [0, 1] for which enough(α) holds (monotone), or None."""
+    if not enough(1.0):
+        return None
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if enough(mid) else (mid, hi)
+    return hi
+
+
+def at(values: Sequence[float], i: int) -> float:
+    """values[i]; beyond the measured positions the last one holds (0 when nothing was measured)."""
+    if not values:
         return 0.0
-    return alphas[min(i, len(alphas) - 1)]
+    return values[min(i, len(values) - 1)]
 
 
-def expected_tokens(alphas: Sequence[float], tau: int) -> float:
-    """E(τ) = 1 + Σ_{i<τ} Π_{j≤i} α_j; alphas may be one constant α or per position."""
+def drafted_rows(offered: Sequence[float], tau: int) -> float:
+    """Expected drafts verified when asking for τ: Σ_{i<τ} P(proposal longer than i)."""
+    return sum(at(offered, i) for i in range(tau))
+
+
+def expected_tokens(alphas: Sequence[float], tau: int, offered: Sequence[float] = ALWAYS) -> float:
+    """E(τ) = 1 + Σ_{i<τ} offered_i · Π_{j≤i} α_j; alphas may be one constant α or per position."""
     total, reach = 1.0, 1.0
     for i in range(tau):
-        reach *= alpha_at(alphas, i)
-        total += reach
+        reach *= at(alphas, i)
+        total += at(offered, i) * reach
     return total
+
+
+def offered_by_position(cycles: Iterable[tuple[int, int]]) -> list[float]:
+    """From (τ, drafted) per cycle -> P(drafted > i | τ > i)."""
+    asked: list[int] = []
+    longer: list[int] = []
+    for tau, drafted in cycles:
+        for i in range(tau):
+            if i == len(asked):
+                asked.append(0)
+                longer.append(0)
+            asked[i] += 1
+            longer[i] += drafted > i
+    return [n / a for n, a in zip(longer, asked)]
 
 
 def position_acceptance(cycles: Iterable[tuple[int, int]]) -> list[float]:

@@ -8,7 +8,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from verispec.engine.cost import MAX_TAU, CostModel, VerifyCurve, expected_tokens
+from verispec.engine.cost import (MAX_TAU, CostModel, VerifyCurve, at, drafted_rows, expected_tokens,
+                                  offered_by_position)
 from verispec.engine.trace import Trace
 from verispec.errors import InvalidInputError
 from verispec.types import Stats
@@ -35,7 +36,7 @@ class Report:
     draft_ms_per_token: float
     c: float
     draft_share: float  # of the cycle time
-    coverage: float  # share of the cycles that could draft in which the drafter proposed something
+    offered: list[float]  # P(the drafter proposed more than i tokens | asked for more than i)
     measured_speedup: float
     predicted_speedup: float
     predicted_by_tau: dict[int, float]
@@ -55,12 +56,10 @@ def diagnose(trace: Trace) -> Report:
         raise InvalidInputError("the trace has no cycle lines: nothing to diagnose")
     drafting = [c for c in cycles if c["drafted"] > 0]
     tau = Counter(int(c["tau"]) for c in cycles).most_common(1)[0][0]
-    coverage = len(drafting) / max(1, sum(c["tau"] > 0 for c in cycles))
-    # α_i relative to τ: a drafter that proposed fewer than τ tokens failed at the first missing
-    # position, which is what the committed tokens per cycle depend on
+    offered = offered_by_position((int(c["tau"]), int(c["drafted"])) for c in cycles)
     stats = Stats()
     for c in drafting:
-        stats.record_cycle(max(int(c["tau"]), int(c["drafted"])), int(c["accepted"]))
+        stats.record_cycle(int(c["drafted"]), int(c["accepted"]))
     alphas = stats.position_acceptance
 
     # 2. costs
@@ -74,15 +73,15 @@ def diagnose(trace: Trace) -> Report:
 
     # 3. measured: committed tokens per ms against one token per T(1)
     measured = committed / total_ms * t1
-    predicted = model.speedup(alphas, tau, coverage)
-    by_tau = {t: round(model.speedup(alphas, t, coverage), 3) for t in SHOWN_TAUS}
+    predicted = model.speedup(alphas, tau, offered)
+    by_tau = {t: round(model.speedup(alphas, t, offered), 3) for t in SHOWN_TAUS}
     report = Report(
         cycles=len(cycles), drafting_cycles=len(drafting), tau=tau,
         accepted_histogram=dict(sorted(Counter(int(c["accepted"]) for c in drafting).items())),
         position_acceptance=[round(a, 4) for a in alphas], mean_accepted_length=round(1 + sum(c["accepted"] for c in cycles) / len(cycles), 3),
         t1_ms=round(t1, 3), verify_growth=round(curve.growth(tau + 1), 3), draft_ms_per_token=round(draft_ms, 4),
         c=round(model.c, 4), draft_share=round(sum(c["draft_ms"] for c in cycles) / total_ms, 4),
-        coverage=round(coverage, 4),
+        offered=[round(o, 4) for o in offered],
         measured_speedup=round(measured, 3), predicted_speedup=round(predicted, 3), predicted_by_tau=by_tau)
     _verdicts(report, model, alphas, tau, predicted)
     return report
@@ -117,8 +116,8 @@ def _curve(trace: Trace, t1: float) -> VerifyCurve:
 
 
 def _verdicts(r: Report, model: CostModel, alphas: list[float], tau: int, predicted: float) -> None:
-    cov = r.coverage
-    best_tau, best = model.best_tau(alphas, coverage=cov)
+    cov = r.offered
+    best_tau, best = model.best_tau(alphas, offered=cov)
     a0 = alphas[0] if alphas else 0.0
     cycle = model.cycle_ms(tau)
     r.why = (f"A cycle with tau={tau} costs {tau} x {model.draft_ms:.2f} ms of drafting + T({tau + 1}) = "
@@ -126,9 +125,10 @@ def _verdicts(r: Report, model: CostModel, alphas: list[float], tau: int, predic
              f"steps of {model.t1:.1f} ms, and commits {expected_tokens(alphas, tau):.2f} tokens on average "
              f"(accepted drafts plus the target's own token): {cycle / expected_tokens(alphas, tau):.1f} ms per token "
              f"against {model.t1:.1f} ms for plain decoding -> {model.speedup(alphas, tau):.2f}x.")
-    if cov < 0.95:
-        r.why += (f" The drafter proposed something in only {cov:.0%} of the cycles; the others were plain steps, "
-                  f"so the run as a whole gets {model.speedup(alphas, tau, cov):.2f}x.")
+    if tau > 0 and (at(cov, 0) < 0.95 or at(cov, tau - 1) < 0.9):
+        r.why += (f" But the drafter proposed something in only {at(cov, 0):.0%} of the cycles (the others were plain "
+                  f"steps) and all {tau} tokens in {at(cov, tau - 1):.0%}, so a cycle verifies "
+                  f"{drafted_rows(cov, tau):.2f} drafts on average and the run gets {model.speedup(alphas, tau, cov):.2f}x.")
     if predicted < 1:
         r.why += (f" Verifying {tau + 1} tokens in one pass costs {r.verify_growth:.2f}x one step, not 1x, and the "
                   f"drafts must also be made; with only {r.mean_accepted_length:.2f} tokens committed per cycle the "
@@ -140,7 +140,7 @@ def _verdicts(r: Report, model: CostModel, alphas: list[float], tau: int, predic
     elif a0 < 0.5:
         r.verdicts.append(f"low consecutive acceptance: alpha_0 = {a0:.2f}, {r.mean_accepted_length:.2f} tokens "
                           "committed per cycle; most cycles keep 0-1 drafts")
-    fast_drafter = CostModel(model.curve, 0.0).best_tau(alphas, coverage=cov)[1]
+    fast_drafter = CostModel(model.curve, 0.0).best_tau(alphas, offered=cov)[1]
     if r.draft_share > 0.25 and fast_drafter > 1.15 * max(predicted, 1.0):
         r.verdicts.append(f"the drafter is too slow for its acceptance: drafting takes {r.draft_share:.0%} of the "
                           f"time (c = {model.c:.2f}); a free drafter with the same acceptance would give {fast_drafter:.2f}x")
@@ -161,16 +161,16 @@ def _verdicts(r: Report, model: CostModel, alphas: list[float], tau: int, predic
                                    f"to plain steps): predicted {predicted:.2f}x -> 1.00x", 1.0))
     if model.c > 0.02:
         cheaper = CostModel(model.curve, model.draft_ms / 4)
-        t, s = cheaper.best_tau(alphas, coverage=cov)
+        t, s = cheaper.best_tau(alphas, offered=cov)
         recs.append(Recommendation(f"a cheaper drafter (c {model.c:.2f} -> {cheaper.c:.2f}, same acceptance): "
                                    f"predicted {s:.2f}x at tau {t}", round(s, 3)))
     recs.sort(key=lambda x: -x.predicted_speedup)
-    need = model.alpha_for(1.5, coverage=cov)
+    need = model.alpha_for(1.5, offered=cov)
     if best < 1.5:  # what it would take, after the changes one can make now
         recs.append(Recommendation(
             f"for 1.5x, a drafter must reach alpha >= {need:.2f} at every position at c = {model.c:.2f} "
             f"(now alpha = {' '.join(f'{a:.2f}' for a in alphas[:4])})" if need is not None else
-            f"for 1.5x, a drafter that proposes more often: at {cov:.0%} of the cycles no acceptance reaches it", 1.5))
+            f"for 1.5x, a drafter that proposes more often: at {at(cov, 0):.0%} of the cycles no acceptance reaches it", 1.5))
     r.recommendations = recs
 
 
