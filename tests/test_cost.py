@@ -55,3 +55,8 @@ def test_short_proposals_verify_fewer_rows_and_commit_fewer_tokens():
     assert model.speedup([0.5], 4, offered) == pytest.approx(1.4125 * 10 / 12.8)
     assert model.curve(2.4) == pytest.approx(12.8)
     assert offered_by_position([(4, 0), (4, 0), (4, 2), (4, 4), (4, 4)]) == [0.6, 0.6, 0.4, 0.4]
+
+
+def test_a_measured_dip_in_the_verify_curve_is_treated_as_noise():
+    curve = VerifyCurve((60.0, 61.0, 50.0, 70.0))
+    assert curve.ms == (60.0, 61.0, 61.0, 70.0)

@@ -187,16 +187,14 @@ def _aggregate(configs: list[Config], runs: list[Run], traces: dict, divergences
 def _speculation(runs: list[Run], traces: list[tuple[io.StringIO, TraceWriter]], plain_ms: float,
                  verify_ms: dict[int, float]) -> dict[str, Any]:
     """Totals, and the cost model's prediction: T(1) is the same run's plain decoding time per token,
-    T(k) that times the calibrated growth T(k)/T(1) (made non-decreasing: timing noise is not a
-    cheaper verify)."""
+    T(k) that times the calibrated growth T(k)/T(1)."""
     total = Stats()
     for r in runs:
         s = r.stats
         for name in ("cycles", "drafted", "accepted", "decode_s", "draft_s", "verify_s"):
             setattr(total, name, getattr(total, name) + getattr(s, name))
     lines = [line for buf, _ in traces for line in buf.getvalue().splitlines()]
-    growth = [verify_ms[k] / verify_ms[1] for k in sorted(verify_ms)]
-    curve = {str(k): plain_ms * max(growth[:k]) for k in range(1, len(growth) + 1)}
+    curve = {str(k): plain_ms * verify_ms[k] / verify_ms[1] for k in sorted(verify_ms)}
     run_line = json.dumps({"type": "run", "schema": 1, "target_step_ms": plain_ms, "verify_ms": curve})
     report = diagnose(parse_trace([run_line] + [line for line in lines if '"type": "cycle"' in line]))
     return {
