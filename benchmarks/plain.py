@@ -14,7 +14,9 @@ import time
 import torch
 
 from verispec import hub
+from verispec.benchmark import baselines
 from verispec.config import RuntimeConfig, SamplingParams
+from verispec.engine.calibrate import verify_curve_ms
 from verispec.llm import LLM
 
 PROMPTS = ["Write a short story about a lighthouse keeper.", "Explain how a bicycle gear system works.",
@@ -32,24 +34,6 @@ def cold_read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     return buf.nbytes / statistics.median(times)
 
 
-def verify_curve(llm: LLM, ks: range, repeats: int = 7) -> dict[int, float]:
-    """Median seconds of one target forward over k new tokens after a 64-token context."""
-    target, cache = llm.target, llm.engine.cache
-    context = torch.arange(64) + 10
-    out = {}
-    for k in ks:
-        times = []
-        for _ in range(repeats):
-            cache.truncate(0)
-            target.forward(context, torch.arange(64), cache, last_only=True)
-            new = torch.arange(k) + 100
-            start = time.perf_counter()
-            target.forward(new, torch.arange(64, 64 + k), cache)
-            times.append(time.perf_counter() - start)
-        out[k] = statistics.median(times)
-    return out
-
-
 def ours_tok_s(llm: LLM, prompts: list[list[int]], tokens: int, runs: int) -> float:
     params = SamplingParams(max_tokens=tokens, min_tokens=tokens)
     llm.generate(prompts[0], SamplingParams(max_tokens=8))  # warm-up
@@ -58,25 +42,9 @@ def ours_tok_s(llm: LLM, prompts: list[list[int]], tokens: int, runs: int) -> fl
 
 
 def transformers_tok_s(llm: LLM, prompts: list[list[int]], tokens: int, runs: int) -> float:
-    from transformers import AutoModelForCausalLM
-
-    src = llm.source
-    kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
-    model = AutoModelForCausalLM.from_pretrained(src.folder, dtype=torch.float32, **kwargs).eval()
-    rates = []
-    with torch.inference_mode():
-        model.generate(torch.tensor([prompts[0]]), max_new_tokens=8, do_sample=False)  # warm-up
-        for _ in range(runs):
-            for p in prompts:
-                ids = torch.tensor([p])
-                start = time.perf_counter()
-                model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
-                first = time.perf_counter() - start
-                start = time.perf_counter()
-                model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-                # subtract the prefill so both sides report decode tokens per second
-                rates.append((tokens - 1) / (time.perf_counter() - start - first))
-    return statistics.median(rates)
+    model = baselines.load_hf(llm.source)
+    baselines.decode_tok_s(model, prompts[0], 8)  # warm-up
+    return statistics.median(baselines.decode_tok_s(model, p, tokens) for _ in range(runs) for p in prompts)
 
 
 def main() -> None:
@@ -94,7 +62,7 @@ def main() -> None:
     weight_bytes = llm.target.weight_bytes_per_token
     roofline = bandwidth / weight_bytes
     ours = ours_tok_s(llm, prompts, args.tokens, args.runs)
-    curve = verify_curve(llm, range(1, 17))
+    curve = dict(enumerate(verify_curve_ms(llm.target, llm.engine.cache, 16, repeats=7), 1))  # ms
     theirs = None if args.no_transformers else transformers_tok_s(llm, prompts, args.tokens, args.runs)
 
     print(f"model {args.model}: {weight_bytes / 1e6:.0f} MB of fp32 weights read per token, "
@@ -110,7 +78,7 @@ def main() -> None:
         "speedup_vs_transformers": theirs and round(ours / theirs, 3),
         "bandwidth_gb_s": round(bandwidth / 1e9, 2), "weight_mb_per_token": round(weight_bytes / 1e6, 1),
         "roofline_tok_s": round(roofline, 2), "fraction_of_roofline": round(ours / roofline, 3),
-        "t1_ms": round(curve[1] * 1e3, 2), "verify_curve": {k: round(t / curve[1], 3) for k, t in curve.items()},
+        "t1_ms": round(curve[1], 2), "verify_curve": {k: round(t / curve[1], 3) for k, t in curve.items()},
     }))
 
 

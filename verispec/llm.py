@@ -11,8 +11,8 @@ from verispec import hub
 from verispec.config import RuntimeConfig, SamplingParams
 from verispec.drafters import DraftModelDrafter, Drafter, NgramDrafter
 from verispec.drafters.select import parse_drafter
-from verispec.engine.calibrate import (Calibration, calibration_path, drafter_ms_per_token, forward_ms,
-                                       load_calibration, save_calibration, warm_up)
+from verispec.engine.calibrate import (Calibration, calibration_path, drafter_ms_per_token, load_calibration,
+                                       save_calibration, verify_curve_ms)
 from verispec.engine.controller import Controller
 from verispec.engine.generate import Engine
 from verispec.engine.request import Request
@@ -64,7 +64,6 @@ class LLM:
         """A fixed τ, or 'auto': a controller picks τ every cycle, starting from this machine's
         calibration when `calibrate` stored one."""
         check_num_draft_tokens(num_draft_tokens)
-        self.num_draft_tokens = num_draft_tokens
         if num_draft_tokens == AUTO:
             stored = load_calibration(self.calibration_path)
             controller = Controller(stored.cost_model() if stored is not None else None)
@@ -99,8 +98,7 @@ class LLM:
 
     def calibrate(self, max_k: int = MAX_DRAFT_TOKENS + 1, repeats: int = 5) -> Calibration:
         """Measure T(k) for k = 1..max_k and the drafter's cost per token here; store them for later runs."""
-        warm_up(self.target, self.engine.cache)
-        verify_ms = tuple(forward_ms(self.target, self.engine.cache, k, repeats=repeats) for k in range(1, max_k + 1))
+        verify_ms = verify_curve_ms(self.target, self.engine.cache, max_k, repeats)
         draft_ms = 0.0
         if self.engine.drafter is not None:
             context = self.encode(CALIBRATION_TEXT * 4)[:128]

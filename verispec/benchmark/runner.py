@@ -16,7 +16,7 @@ from verispec.benchmark import baselines
 from verispec.benchmark.prompts import BenchPrompt
 from verispec.config import SamplingParams
 from verispec.drafters.base import Drafter
-from verispec.engine.calibrate import forward_ms, warm_up
+from verispec.engine.calibrate import verify_curve_ms
 from verispec.engine.controller import Controller, ControllerConfig
 from verispec.engine.cost import CostModel, VerifyCurve
 from verispec.engine.diagnose import diagnose
@@ -63,10 +63,10 @@ def run_bench(llm: LLM, prompts: list[BenchPrompt], drafters: list[str], taus: l
     configs = configs_for(drafters, taus, with_transformers)
     made: dict[str, Drafter | None] = {d: llm.make_drafter(d) for d in drafters}
     max_tau = max([t for t in taus if t != AUTO] + ([ControllerConfig().max_tau] if AUTO in taus else []))
-    warm_up(llm.target, llm.engine.cache)
-    verify_ms = {k: round(forward_ms(llm.target, llm.engine.cache, k, repeats=5), 4) for k in range(1, max_tau + 2)}
+    curve = verify_curve_ms(llm.target, llm.engine.cache, max_tau + 1)
+    verify_ms = {k: round(ms, 4) for k, ms in enumerate(curve, 1)}
     # one controller per drafter, learning across prompts as a server's would
-    prior = CostModel(VerifyCurve(tuple(verify_ms.values())), 0.0)
+    prior = CostModel(VerifyCurve(curve), 0.0)
     controllers = {d: Controller(prior) for d in drafters}
     hf = _transformers_models(llm, configs) if with_transformers else {}
     params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens)
@@ -129,13 +129,13 @@ def _transformers_models(llm: LLM, configs: list[Config]) -> dict[str, tuple[Any
 def _check(llm: LLM, runs: list[Run], encoded: list[list[int]], prompts: list[BenchPrompt]) -> list[dict[str, Any]]:
     """Every greedy speculative output must equal plain decoding's; a difference is a correctness
     failure, reported with the first diverging position and the target's logit margin there."""
-    plain = {r.question_id + r.category: r for r in runs if r.config == PLAIN}
-    ids_of = {p.question_id + p.category: ids for p, ids in zip(prompts, encoded)}
+    plain = {(r.category, r.question_id): r for r in runs if r.config == PLAIN}
+    ids_of = {(p.category, p.question_id): ids for p, ids in zip(prompts, encoded)}
     found = []
     for r in runs:
         if r.stats is None or r.config == PLAIN:
             continue
-        key = r.question_id + r.category
+        key = (r.category, r.question_id)
         reference = plain[key].output_ids
         if r.output_ids != reference:
             pos = next(i for i, (a, b) in enumerate(zip(r.output_ids + [-1], reference + [-1])) if a != b)

@@ -57,6 +57,12 @@ def forward_ms(target: Transformer, cache: KVCache, k: int, context: int = 128, 
         cache.truncate(0)
 
 
+def verify_curve_ms(target: Transformer, cache: KVCache, max_k: int, repeats: int = 5) -> tuple[float, ...]:
+    """(T(1), ..., T(max_k)) in ms, after a warm-up."""
+    warm_up(target, cache)
+    return tuple(forward_ms(target, cache, k, repeats=repeats) for k in range(1, max_k + 1))
+
+
 def drafter_ms_per_token(drafter: Drafter, context_ids: Sequence[int], sampler: Sampler, k: int = 4,
                          repeats: int = 5) -> float:
     """The drafter's steady-state cost per proposed token in ms: proposing k tokens again after

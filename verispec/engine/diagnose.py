@@ -9,10 +9,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from verispec.engine.cost import (MAX_TAU, CostModel, VerifyCurve, at, drafted_rows, expected_tokens,
-                                  offered_by_position)
+                                  offered_by_position, position_acceptance)
 from verispec.engine.trace import Trace
 from verispec.errors import InvalidInputError
-from verispec.types import Stats
 
 SHOWN_TAUS = range(0, 9)
 
@@ -57,10 +56,7 @@ def diagnose(trace: Trace) -> Report:
     drafting = [c for c in cycles if c["drafted"] > 0]
     tau = Counter(int(c["tau"]) for c in cycles).most_common(1)[0][0]
     offered = offered_by_position((int(c["tau"]), int(c["drafted"])) for c in cycles)
-    stats = Stats()
-    for c in drafting:
-        stats.record_cycle(int(c["drafted"]), int(c["accepted"]))
-    alphas = stats.position_acceptance
+    alphas = position_acceptance((int(c["drafted"]), int(c["accepted"])) for c in drafting)
 
     # 2. costs
     t1 = _t1(trace)
