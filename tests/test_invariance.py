@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from verispec.model.load import ModelSource, load_model
+from verispec.model.transformer import Segment
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3", "gemma3"])
@@ -54,3 +55,29 @@ def test_truncate_then_forward_equals_fresh_prefill(model):
     fresh = model.forward(ids, torch.arange(80), model.new_cache())[60:]
     assert torch.equal(rolled, fresh)
     assert cache.length == 80
+
+
+def test_batched_forward_equals_each_sequence_alone_bitwise(model):
+    """Several sequences in one forward (ragged: 1, 3, 17 and 40 new tokens, over caches of different
+    lengths, some rows wanted, some not) give each the logits and cache of a forward alone."""
+    gen = torch.Generator().manual_seed(7)
+    histories = [torch.randint(0, 96, (n,), generator=gen) for n in (5, 70, 1, 33)]
+    news = [torch.randint(0, 96, (n,), generator=gen) for n in (1, 3, 17, 40)]
+    wants = ["all", "last", "none", "all"]
+    alone, batched = [], []
+    for history in histories:
+        for caches in (alone, batched):
+            cache = model.new_cache()
+            model.forward(history, torch.arange(len(history)), cache)
+            caches.append(cache)
+    expected = []
+    for new, cache, want in zip(news, alone, wants):
+        logits = model.forward(new, torch.arange(cache.length, cache.length + len(new)), cache)
+        expected.append(None if want == "none" else logits[-1:] if want == "last" else logits)
+    got = model.forward_many([Segment(new, cache, want) for new, cache, want in zip(news, batched, wants)])
+    for i, (e, g) in enumerate(zip(expected, got)):
+        assert (e is None and g is None) or torch.equal(e, g), f"sequence {i} differs in a batch"
+    for a, b in zip(alone, batched):
+        assert a.length == b.length
+        assert torch.equal(a.k[:, :, : a.length], b.k[:, :, : b.length])
+        assert torch.equal(a.v[:, :, : a.length], b.v[:, :, : b.length])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -27,6 +29,19 @@ class Layer:
     post_attn_norm: torch.Tensor | None
     post_mlp_norm: torch.Tensor | None
     sliding: bool
+
+
+@dataclass
+class Segment:
+    """One sequence's part of a batched forward: its new tokens continue its cache.
+
+    logits: which rows to return, "all" (verify), "last" (the end of a draft model's feed) or
+    "none" (a prefill chunk).
+    """
+
+    token_ids: torch.Tensor  # [n]
+    cache: KVCache
+    logits: Literal["all", "last", "none"] = "all"
 
 
 class Transformer:
@@ -83,39 +98,71 @@ class Transformer:
         per_layer = [t for layer in self.layers for t in (layer.qkv_t, layer.o_t, layer.gate_up_t, layer.down_t)]
         return sum(t.nbytes for t in per_layer) + self.lm_head_t.nbytes
 
-    @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, *,
-                last_only: bool = False, hidden: bool = False
-                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                last_only: bool = False) -> torch.Tensor:
         """Run n new tokens at `positions` (which must continue the cache) and extend the cache.
 
-        token_ids, positions: [n]. Returns logits [n, vocab] ([1, vocab] when last_only) and, with
-        hidden=True, the last layer's hidden states [n, hidden] before the final norm.
+        token_ids, positions: [n]. Returns logits [n, vocab] ([1, vocab] when last_only).
         """
-        c = self.config
-        n = token_ids.shape[0]
         start = cache.length
+        n = token_ids.shape[0]
         if n == 0 or int(positions[0]) != start or int(positions[-1]) != start + n - 1:
             raise ValueError(f"positions must continue the cache: expected {start}..{start + n - 1}")
-        cache.reserve(n)
-        if n == 1:
-            # A single row would take the GEMV path and round differently from a verify row;
-            # the duplicate has the same token and position, so it writes the same cache entry.
-            token_ids, positions = token_ids.repeat(2), positions.repeat(2)
-        x = self.embed[token_ids] * c.embed_scale  # [rows, hidden]
+        logits = self.forward_many([Segment(token_ids, cache, "last" if last_only else "all")])[0]
+        assert logits is not None
+        return logits
+
+    @torch.inference_mode()
+    def forward_many(self, segments: Sequence[Segment]) -> list[torch.Tensor | None]:
+        """One forward over the new tokens of several sequences, each continuing its own cache.
+
+        Every linear layer runs once over all rows; attention runs per sequence over its cache. A
+        sequence's logits are bitwise those of a forward over it alone (kernels are row-invariant),
+        so batching never changes an output. Returns per segment logits [n, vocab], [1, vocab]
+        ("last") or None ("none").
+        """
+        c = self.config
+        spans: list[tuple[int, int]] = []  # each segment's rows in the batch, its duplicate included
+        ids, positions = [], []
+        row = 0
+        for seg in segments:
+            n = seg.token_ids.shape[0]
+            seg.cache.reserve(n)
+            pos = torch.arange(seg.cache.length, seg.cache.length + n, device=self.device)
+            if n == 1:
+                # A single row would take the GEMV path and round differently from a verify row;
+                # the duplicate has the same token and position, so it writes the same cache entry.
+                ids.append(seg.token_ids.repeat(2))
+                pos = pos.repeat(2)
+            else:
+                ids.append(seg.token_ids)
+            positions.append(pos)
+            spans.append((row, row + len(pos)))
+            row += len(pos)
+        pos_all = torch.cat(positions)  # [rows]
+        x = self.embed[torch.cat(ids)] * c.embed_scale  # [rows, hidden]
         for i, layer in enumerate(self.layers):
-            x = x + self._attention(layer, i, x, positions, cache)
+            x = x + self._attention(layer, i, x, pos_all, segments, spans)
             x = x + self._mlp(layer, x)
-        x = x[:n]
-        cache.length = start + n
-        out = kernels.rms_norm(x[-1:] if last_only else x, self.final_norm, c.rms_norm_eps)
+        outputs: list[torch.Tensor] = []
+        for seg, (first, _) in zip(segments, spans):
+            n = seg.token_ids.shape[0]
+            seg.cache.length += n
+            if seg.logits == "all":
+                outputs.append(x[first: first + n])
+            elif seg.logits == "last":
+                outputs.append(x[first + n - 1: first + n])
+        if not outputs:
+            return [None] * len(segments)
+        out = kernels.rms_norm(torch.cat(outputs), self.final_norm, c.rms_norm_eps)  # [wanted rows, hidden]
         logits = kernels.linear(out if out.shape[0] > 1 else out.repeat(2, 1), self.lm_head_t)[: out.shape[0]]
         if c.final_logit_softcap:
             logits = torch.tanh(logits / c.final_logit_softcap) * c.final_logit_softcap
-        return (logits, x) if hidden else logits
+        parts = iter(logits.split([o.shape[0] for o in outputs]))
+        return [None if seg.logits == "none" else next(parts) for seg in segments]
 
     def _attention(self, layer: Layer, i: int, x: torch.Tensor, positions: torch.Tensor,
-                   cache: KVCache) -> torch.Tensor:
+                   segments: Sequence[Segment], spans: list[tuple[int, int]]) -> torch.Tensor:
         c = self.config
         rows = x.shape[0]
         h = kernels.rms_norm(x, layer.attn_norm, c.rms_norm_eps)
@@ -129,11 +176,14 @@ class Transformer:
             k = kernels.rms_norm(k, layer.k_norm, c.rms_norm_eps)
         cos, sin = (t[positions].unsqueeze(1) for t in self._rope[layer.sliding])  # [rows, 1, head_dim]
         q, k = kernels.rope(q, cos, sin), kernels.rope(k, cos, sin)
-        cache.k[i][:, positions] = k.transpose(0, 1)
-        cache.v[i][:, positions] = v.transpose(0, 1)
         window = c.sliding_window if layer.sliding else None
-        a = kernels.attention(q, cache.k[i], cache.v[i], positions, c.query_scale, window)
-        a = kernels.linear(a, layer.o_t)
+        parts = []
+        for seg, (first, last) in zip(segments, spans):
+            pos, cache = positions[first:last], seg.cache
+            cache.k[i][:, pos] = k[first:last].transpose(0, 1)
+            cache.v[i][:, pos] = v[first:last].transpose(0, 1)
+            parts.append(kernels.attention(q[first:last], cache.k[i], cache.v[i], pos, c.query_scale, window))
+        a = kernels.linear(parts[0] if len(parts) == 1 else torch.cat(parts), layer.o_t)
         return a if layer.post_attn_norm is None else kernels.rms_norm(a, layer.post_attn_norm, c.rms_norm_eps)
 
     def _mlp(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
