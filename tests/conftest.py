@@ -95,3 +95,25 @@ def tiny_llm(tiny_llm_folder):
     from verispec.llm import LLM
 
     return LLM(str(tiny_llm_folder))
+
+
+@pytest.fixture(scope="session")
+def draft_pair(tmp_path_factory):
+    """(target LLM, a draft model with the same tokenizer: the target with noise on its weights, so
+    that it agrees often but not always, as a real draft model does)."""
+    root = tmp_path_factory.mktemp("draft")
+    target = tiny_hf_model("llama", max_position_embeddings=2048, seed=3)
+    target.save_pretrained(root / "target")
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for p in target.parameters():
+            p.add_(torch.randn_like(p) * p.std() * 0.03)
+    target.save_pretrained(root / "draft")
+    for name in ("target", "draft"):
+        save_tiny_tokenizer(root / name)
+    from verispec.llm import LLM
+    from verispec.model.load import ModelSource, load_model
+
+    llm = LLM(str(root / "target"))
+    draft = load_model(ModelSource.of(str(root / "draft")), llm.target.max_context, llm.target.device)
+    return llm, draft

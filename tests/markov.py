@@ -1,13 +1,15 @@
 """A Markov toy 'model' for statistical end-to-end tests: the logits after a token at position pos
 depend on (token, pos) only, so the exact law of a whole output is a product of table rows.
 
-It speaks the model contract the engine and the draft-model drafter use (forward, new_cache,
+It speaks the model contract the engine and the draft-model drafter use (forward_many, new_cache,
 device, max_context), at a fraction of a real forward's cost.
 """
 
 from __future__ import annotations
 
 import torch
+
+from verispec.model.transformer import Segment
 
 
 class ToyCache:
@@ -32,9 +34,16 @@ class MarkovModel:
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: ToyCache, *,
                 last_only: bool = False) -> torch.Tensor:
         assert int(positions[0]) == cache.length, "the caller lost track of the cache"
-        cache.length += len(token_ids)
-        logits = self.table[positions % self.table.shape[0], token_ids]  # [n, vocab]
-        return logits[-1:] if last_only else logits
+        return self.forward_many([Segment(token_ids, cache, "last" if last_only else "all")])[0]
+
+    def forward_many(self, segments: list[Segment]) -> list[torch.Tensor | None]:
+        out = []
+        for seg in segments:
+            positions = torch.arange(seg.cache.length, seg.cache.length + len(seg.token_ids))
+            seg.cache.length += len(seg.token_ids)
+            logits = self.table[positions % self.table.shape[0], seg.token_ids]  # [n, vocab]
+            out.append(None if seg.logits == "none" else logits[-1:] if seg.logits == "last" else logits)
+        return out
 
     def law(self, prompt_last: int, start: int, length: int, temperature: float) -> torch.Tensor:
         """The exact law of the next `length` tokens after token prompt_last at position start -> [V]*length."""

@@ -21,33 +21,14 @@ from verispec.llm import LLM
 from verispec.model.load import ModelSource, load_model
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """(target LLM, a draft model with the same tokenizer: the target with noise on its weights, so
-    that it agrees often but not always, as a real draft model does)."""
-    root = tmp_path_factory.mktemp("draft")
-    target = tiny_hf_model("llama", max_position_embeddings=2048, seed=3)
-    target.save_pretrained(root / "target")
-    torch.manual_seed(4)
-    with torch.no_grad():
-        for p in target.parameters():
-            p.add_(torch.randn_like(p) * p.std() * 0.03)
-    target.save_pretrained(root / "draft")
-    for name in ("target", "draft"):
-        save_tiny_tokenizer(root / name)
-    llm = LLM(str(root / "target"))
-    draft = load_model(ModelSource.of(str(root / "draft")), llm.target.max_context, llm.target.device)
-    return llm, draft
-
-
 def run(llm, drafter, prompt, params, k):
     engine = Engine(llm.target, drafter, k)
     request = Request(prompt, params, llm.eos_ids, engine.capacity)
     return request, engine.run(request)
 
 
-def test_greedy_with_a_draft_model_equals_plain_for_every_tau(models):
-    llm, draft = models
+def test_greedy_with_a_draft_model_equals_plain_for_every_tau(draft_pair):
+    llm, draft = draft_pair
     prompt = llm.encode("the stop the end the stop")
     params = SamplingParams(max_tokens=1024, ignore_eos=True)
     plain, _ = run(llm, None, prompt, params, 0)
@@ -57,8 +38,8 @@ def test_greedy_with_a_draft_model_equals_plain_for_every_tau(models):
         assert stats.accepted < stats.drafted
 
 
-def test_drafter_equal_to_target_accepts_everything_greedy_and_sampled(models):
-    llm, _ = models
+def test_drafter_equal_to_target_accepts_everything_greedy_and_sampled(draft_pair):
+    llm, _ = draft_pair
     prompt = llm.encode("the end")
     for params in (SamplingParams(max_tokens=200, ignore_eos=True),
                    SamplingParams(max_tokens=200, ignore_eos=True, temperature=1.0, top_p=0.9, seed=1)):
@@ -74,10 +55,10 @@ class Recording(DraftModelDrafter):
 
 
 @pytest.mark.parametrize("same", [True, False], ids=["all-accepted", "mostly-rejected"])
-def test_draft_cache_stays_in_sync_after_every_cycle(models, same):
+def test_draft_cache_stays_in_sync_after_every_cycle(draft_pair, same):
     """Every proposal of the running drafter equals that of a fresh drafter given the same context:
     the bonus or recovered token entered its cache, and rejected drafts left it."""
-    llm, draft = models
+    llm, draft = draft_pair
     model = llm.target if same else draft
     drafter = Recording(model)
     drafter.seen = []
@@ -91,8 +72,8 @@ def test_draft_cache_stays_in_sync_after_every_cycle(models, same):
 
 
 @pytest.mark.parametrize("drafter", ["ngram", "draft"])
-def test_greedy_with_penalties_equals_plain_with_penalties(models, drafter):
-    llm, draft = models
+def test_greedy_with_penalties_equals_plain_with_penalties(draft_pair, drafter):
+    llm, draft = draft_pair
     prompt = llm.encode("the stop the end the stop the end")
     params = SamplingParams(max_tokens=300, ignore_eos=True, repetition_penalty=1.3, frequency_penalty=0.4,
                             presence_penalty=0.2)
@@ -103,8 +84,8 @@ def test_greedy_with_penalties_equals_plain_with_penalties(models, drafter):
     assert spec.output_ids == plain.output_ids and stats.drafted > 0
 
 
-def test_a_draft_model_with_another_tokenizer_is_refused_naming_the_difference(tmp_path, models):
-    llm, _ = models
+def test_a_draft_model_with_another_tokenizer_is_refused_naming_the_difference(tmp_path, draft_pair):
+    llm, _ = draft_pair
     folder = tmp_path / "other"
     tiny_hf_model("llama").save_pretrained(folder)
     save_tiny_tokenizer(folder)
@@ -179,10 +160,10 @@ def test_joint_law_negative_controls_fail(monkeypatch, bug):
     assert fit(counts, target.law(1, 1, 3, 1.0)) < 1e-10
 
 
-def test_first_token_through_a_real_draft_model_follows_plain_sampling(models):
+def test_first_token_through_a_real_draft_model_follows_plain_sampling(draft_pair):
     """B6: tiny transformer target and draft, top-k 8: the first emitted token's law is the target's
     processed p at the prompt, and nothing outside its top 8 appears."""
-    llm, draft = models
+    llm, draft = draft_pair
     prompt = llm.encode("the end")
     params = SamplingParams(max_tokens=2, temperature=1.0, top_k=8, ignore_eos=True)
     logits = llm.target.forward(torch.tensor(prompt), torch.arange(len(prompt)), llm.target.new_cache())[-1:]
@@ -205,10 +186,10 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def test_fifty_rejected_requests_leave_memory_and_state_where_they_started(models, tmp_path):
+def test_fifty_rejected_requests_leave_memory_and_state_where_they_started(draft_pair, tmp_path):
     """F3: a draft model that almost never agrees, 50 requests in a row: no growth in the caches,
     the drafter's bookkeeping or the process's memory; each request's counters start from zero."""
-    llm, _ = models
+    llm, _ = draft_pair
     wrong = tiny_hf_model("llama", seed=11)
     wrong.save_pretrained(tmp_path / "wrong")
     drafter = DraftModelDrafter(load_model(ModelSource.of(str(tmp_path / "wrong")), 2048, llm.target.device))

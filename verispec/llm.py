@@ -16,11 +16,12 @@ from verispec.engine.calibrate import (Calibration, calibration_path, drafter_ms
 from verispec.engine.controller import Controller
 from verispec.engine.generate import Engine
 from verispec.engine.request import Request
+from verispec.engine.scheduler import Scheduler
 from verispec.engine.trace import TraceWriter
 from verispec.errors import InvalidInputError, TokenizerMismatchError
 from verispec.model.load import load_model, resolve_device
 from verispec.model.transformer import Transformer
-from verispec.text import Prompt, StopStrings, check_same_tokenizer, encode, eos_ids, load_tokenizer
+from verispec.text import Detokenizer, Prompt, StopStrings, check_same_tokenizer, encode, eos_ids, load_tokenizer
 from verispec.types import Output
 
 CALIBRATION_TEXT = ("The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a "
@@ -64,12 +65,27 @@ class LLM:
         """A fixed τ, or 'auto': a controller picks τ every cycle, starting from this machine's
         calibration when `calibrate` stored one."""
         check_num_draft_tokens(num_draft_tokens)
-        if num_draft_tokens == AUTO:
-            stored = load_calibration(self.calibration_path)
-            controller = Controller(stored.cost_model() if stored is not None else None)
-            self.engine.use(self.engine.drafter, 0, controller)
+        self.auto = num_draft_tokens == AUTO
+        if self.auto:
+            self.engine.use(self.engine.drafter, 0, self.new_controller())
         else:
             self.engine.use(self.engine.drafter, int(num_draft_tokens))
+
+    def new_controller(self) -> Controller | None:
+        """A controller for one more sequence with τ 'auto' (None with a fixed τ)."""
+        if not self.auto:
+            return None
+        stored = load_calibration(self.calibration_path)
+        return Controller(stored.cost_model() if stored is not None else None)
+
+    def scheduler(self, max_batch: int = 8, max_queue: int = 64) -> Scheduler:
+        """Serve many requests at once, batched, on an engine thread (started here) with this target,
+        drafter kind and τ."""
+        drafter = self.engine.drafter
+        scheduler = Scheduler(self.target, (lambda: drafter.fork()) if drafter is not None else (lambda: None),
+                              self.engine.num_draft_tokens, self.new_controller, max_batch, max_queue)
+        scheduler.start()
+        return scheduler
 
     def make_drafter(self, name: str | None) -> Drafter | None:
         """A drafter for this target from its name: 'none', 'ngram' or 'draft:MODEL'."""
@@ -117,41 +133,33 @@ class LLM:
 
         speculative=False runs plain decoding with the same target (for comparisons); `trace` gets
         one line per cycle."""
-        request, stops = self._request(prompt, params, chat)
+        request, text = self.prepare(prompt, params, chat)
         self.engine.run(request, speculative, trace)
-        return self._output(request, self._text(request, stops))
+        return self.output(request, text)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None, *, chat: bool = False,
                speculative: bool = True, trace: TraceWriter | None = None) -> Iterator[str | Output]:
         """Like generate, but yields text as cycles commit it, then the Output (whose text is the
         concatenation of the pieces). Text that may still become a stop string or an unfinished
         UTF-8 character is held back until it is certain."""
-        request, stops = self._request(prompt, params, chat)
-        hold = max((len(s) for s in stops.stops), default=1) - 1 if stops else 0
-        sent = 0
+        request, text = self.prepare(prompt, params, chat)
         for _ in self.engine.steps(request, speculative, trace):
-            text = self._text(request, stops)
-            end = len(text) if request.finished else len(text.rstrip("\ufffd")) - hold
-            if end > sent:
-                yield text[sent:end]
-                sent = end
-        yield self._output(request, text)
+            piece = text.new(request.output_ids, request.finish_reason)
+            if piece:
+                yield piece
+        yield self.output(request, text)
 
-    def _request(self, prompt: Prompt, params: SamplingParams | None, chat: bool) -> tuple[Request, StopStrings | None]:
+    def prepare(self, prompt: Prompt, params: SamplingParams | None = None, chat: bool = False
+                ) -> tuple[Request, Detokenizer]:
+        """The engine's request for a prompt (stop strings included) and the text side of its output."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidInputError(f"params must be a SamplingParams, got {type(params).__name__}")
         prompt_ids = self.encode(prompt, chat)
         stops = StopStrings(self.tokenizer, params.stop) if params.stop else None
-        return Request(prompt_ids, params, self.eos_ids, self.engine.capacity, stops), stops
-
-    def _text(self, request: Request, stops: StopStrings | None) -> str:
-        text = self.tokenizer.decode(request.output_ids, skip_special_tokens=True)
-        if stops is not None and request.finish_reason == "stop":
-            text = stops.cut(text)
-        return text
+        return Request(prompt_ids, params, self.eos_ids, self.engine.capacity, stops), Detokenizer(self.tokenizer, stops)
 
     @staticmethod
-    def _output(request: Request, text: str) -> Output:
-        return Output(text, list(request.output_ids), request.finish_reason or "length", request.stats,
-                      list(request.prompt_ids))
+    def output(request: Request, text: Detokenizer) -> Output:
+        return Output(text.text(request.output_ids, request.finish_reason), list(request.output_ids),
+                      request.finish_reason or "length", request.stats, list(request.prompt_ids))

@@ -120,3 +120,30 @@ def check_same_tokenizer(target: Any, draft: Any) -> None:
                         (None, None))
         raise TokenizerMismatchError(f"token {i} is {token!r} for the target but {by_id.get(i)!r} for the draft "
                                      "model: a draft model must use the target's tokenizer")
+
+
+class Detokenizer:
+    """A request's output as text: whole (`text`), or as the pieces that are certain so far (`new`).
+
+    A piece holds back text that may still become a stop string, and an unfinished UTF-8 character;
+    the pieces concatenate to `text`.
+    """
+
+    def __init__(self, tokenizer: Any, stops: StopStrings | None) -> None:
+        self.tokenizer = tokenizer
+        self.stops = stops
+        self._hold = max(len(s) for s in stops.stops) - 1 if stops else 0
+        self._sent = 0
+
+    def text(self, output_ids: Sequence[int], finish_reason: str | None) -> str:
+        text = self.tokenizer.decode(list(output_ids), skip_special_tokens=True)
+        return self.stops.cut(text) if self.stops is not None and finish_reason == "stop" else text
+
+    def new(self, output_ids: Sequence[int], finish_reason: str | None) -> str:
+        """The text that became certain since the last call (all the rest once finished)."""
+        text = self.text(output_ids, finish_reason)
+        end = len(text) if finish_reason is not None else len(text.rstrip("\ufffd")) - self._hold
+        if end <= self._sent:
+            return ""
+        piece, self._sent = text[self._sent: end], end
+        return piece

@@ -27,6 +27,28 @@ class Drafter(Protocol):
     def observe(self, num_accepted: int) -> None:
         """How many of the last proposal's tokens the target kept (a drafter rolls back its own state)."""
 
+    def fork(self) -> Drafter:
+        """A fresh drafter of the same kind and settings for another sequence (weights shared)."""
+
     def reset(self, sampler: Sampler) -> None:
         """Forget everything: a new request starts; a drafter that samples uses its sampler (params,
         random stream), so that q is shaped like the target's p."""
+
+
+def propose_all(jobs: Sequence[tuple[Drafter, Sequence[int], int]]) -> list[DraftProposal]:
+    """Proposals for several sequences: (drafter, context, k) each. Drafters with the same
+    `batch_key` (draft models sharing weights) draft together through their class's propose_many."""
+    groups: dict[object, list[int]] = {}
+    for idx, (drafter, _, _) in enumerate(jobs):
+        key = getattr(drafter, "batch_key", None)
+        groups.setdefault(("alone", idx) if key is None else key, []).append(idx)
+    proposals: list[DraftProposal | None] = [None] * len(jobs)
+    for members in groups.values():
+        first = jobs[members[0]][0]
+        if len(members) == 1:
+            found = [first.propose(*jobs[members[0]][1:])]
+        else:
+            found = type(first).propose_many([jobs[idx] for idx in members])
+        for idx, proposal in zip(members, found):
+            proposals[idx] = proposal
+    return proposals  # type: ignore[return-value]

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from verispec.drafters.base import DraftProposal
-from verispec.model.transformer import Transformer
+from verispec.model.transformer import Segment, Transformer
 from verispec.sampling import Sampler
 
 
@@ -16,6 +16,8 @@ class DraftModelDrafter:
     the context (rolling back rejected drafts is a truncate), feeds the rest in one forward (the
     recovered or bonus token, and after a full acceptance the last draft: both enter the cache
     here, RELIABILITY.md F2), then draws k tokens one step each from the request's sampler.
+
+    Drafters over the same model draft together (`propose_many`): each step is one forward for all.
     """
 
     def __init__(self, model: Transformer) -> None:
@@ -23,6 +25,13 @@ class DraftModelDrafter:
         self.cache = model.new_cache()
         self._cached: list[int] = []  # the tokens whose keys and values the cache holds
         self._sampler: Sampler | None = None
+
+    @property
+    def batch_key(self) -> int:
+        return id(self.model)
+
+    def fork(self) -> DraftModelDrafter:
+        return DraftModelDrafter(self.model)
 
     def reset(self, sampler: Sampler) -> None:
         self._sampler = sampler
@@ -33,32 +42,45 @@ class DraftModelDrafter:
         pass  # the next proposal finds the shared prefix itself
 
     def propose(self, context: Sequence[int], k: int) -> DraftProposal:
-        sampler = self._sampler
-        if sampler is None:
-            raise RuntimeError("DraftModelDrafter.propose before reset(sampler)")
-        k = min(k, self.cache.capacity - len(context))  # never past its own context (RELIABILITY.md D9)
-        if k <= 0:
-            return DraftProposal([])
+        return self.propose_many([(self, context, k)])[0]
+
+    @staticmethod
+    def propose_many(jobs: Sequence[tuple[DraftModelDrafter, Sequence[int], int]]) -> list[DraftProposal]:
+        """Proposals for drafters that share one model: every drafting step is one batched forward."""
+        drafts: list[list[int]] = [[] for _ in jobs]
+        rows: list[list[torch.Tensor]] = [[] for _ in jobs]
+        feeds: dict[int, Segment] = {}  # job index -> what its cache takes next
+        for idx, (drafter, context, k) in enumerate(jobs):
+            if drafter._sampler is None:
+                raise RuntimeError("DraftModelDrafter.propose before reset(sampler)")
+            if min(k, drafter.cache.capacity - len(context)) > 0:  # never past its context (RELIABILITY.md D9)
+                feeds[idx] = drafter._catch_up(context)
+        while feeds:
+            model = jobs[0][0].model
+            logits = model.forward_many(list(feeds.values()))
+            for idx, row in zip(list(feeds), logits):
+                drafter, context, k = jobs[idx]
+                sampler = drafter._sampler
+                k = min(k, drafter.cache.capacity - len(context))
+                history = list(context[len(sampler.prompt_ids):]) + drafts[idx]
+                probs = sampler.probs(row, history)  # [1, V]
+                drafts[idx].append(int(sampler.sample(probs)[0]))
+                rows[idx].append(probs[0])
+                del feeds[idx]
+                if len(drafts[idx]) < k and drafts[idx][-1] not in sampler.stop_ids:  # a drafted stop id
+                    feeds[idx] = Segment(torch.tensor(drafts[idx][-1:], device=model.device),  # ends the draft
+                                         drafter.cache, "last")
+        for (drafter, context, _), tokens in zip(jobs, drafts):
+            if tokens:
+                drafter._cached = list(context) + tokens[:-1]
+        return [DraftProposal(tokens, torch.stack(r) if r else None) for tokens, r in zip(drafts, rows)]
+
+    def _catch_up(self, context: Sequence[int]) -> Segment:
+        """Keep the cached prefix shared with context; the rest (at least one token: its logits are
+        needed) is what the cache takes next."""
         shared = 0
-        limit = min(len(self._cached), len(context) - 1)  # feed at least one token: its logits are needed
+        limit = min(len(self._cached), len(context) - 1)
         while shared < limit and self._cached[shared] == context[shared]:
             shared += 1
         self.cache.truncate(shared)
-        logits = self._forward(context[shared:], shared)
-        history = list(context[len(sampler.prompt_ids):])
-        drafts: list[int] = []
-        rows: list[torch.Tensor] = []
-        while True:
-            probs = sampler.probs(logits, history + drafts)  # [1, V]
-            drafts.append(int(sampler.sample(probs)[0]))
-            rows.append(probs[0])
-            if len(drafts) == k or drafts[-1] in sampler.stop_ids:
-                break  # a drafted stop id ends the draft: nothing after it could be kept
-            logits = self._forward(drafts[-1:], len(context) + len(drafts) - 1)
-        self._cached = list(context) + drafts[:-1]
-        return DraftProposal(drafts, torch.stack(rows))  # probs [k, V]
-
-    def _forward(self, token_ids: Sequence[int], start: int) -> torch.Tensor:
-        device = self.model.device
-        positions = torch.arange(start, start + len(token_ids), device=device)
-        return self.model.forward(torch.tensor(list(token_ids), device=device), positions, self.cache, last_only=True)
+        return Segment(torch.tensor(list(context[shared:]), device=self.model.device), self.cache, "last")

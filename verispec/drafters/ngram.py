@@ -22,6 +22,9 @@ class NgramDrafter:
         self.min_n, self.max_n = min_n, max_n
         self.reset()
 
+    def fork(self) -> NgramDrafter:
+        return NgramDrafter(self.min_n, self.max_n)
+
     def reset(self, sampler: Sampler | None = None) -> None:
         self._index: dict[tuple[int, ...], int] = {}
         self._context: list[int] = []

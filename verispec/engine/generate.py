@@ -1,27 +1,156 @@
 """The generation loop. Every step is a speculative cycle; plain decoding is the cycle with τ = 0.
 
-The cache holds every committed token but the last one (`pending`). A cycle:
-1. the drafter proposes up to τ tokens after the committed sequence;
-2. the target runs [pending] + drafts in ONE forward: row i is its distribution after draft i;
-3. the verifier keeps the longest accepted prefix and adds the recovered or bonus token;
-4. the request commits them (stop rules apply inside the chunk) and the cache rolls back to
+A sequence's cache holds every committed token but the last one (`pending`). A step, for all the
+sequences of a batch at once:
+1. prompts not yet in their cache take a chunk of it (prefill joins the batch, within a budget);
+2. each decoding sequence's drafter proposes up to τ tokens after its committed sequence;
+3. the target runs each sequence's [pending] + drafts in ONE forward (`forward_many`): row i is the
+   sequence's distribution after draft i;
+4. per sequence, the verifier keeps the longest accepted prefix and adds the recovered or bonus
+   token; the request commits them (stop rules apply inside the chunk); the cache rolls back to
    pending + accepted drafts; the emitted token becomes the new pending.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence as Seq
+from dataclasses import dataclass, field
 
 import torch
 
-from verispec.drafters.base import Drafter
+from verispec.drafters.base import Drafter, propose_all
 from verispec.engine.controller import Controller
 from verispec.engine.request import Request
 from verispec.engine.trace import TraceWriter
-from verispec.model.transformer import Transformer
+from verispec.model.cache import KVCache
+from verispec.model.transformer import Segment, Transformer
 from verispec.sampling.rejection import verify
 from verispec.types import Stats
+
+
+@dataclass
+class Sequence:
+    """A request being generated, with its own cache, drafter and τ (fixed, or a controller's)."""
+
+    request: Request
+    cache: KVCache
+    drafter: Drafter | None = None
+    num_draft_tokens: int = 0
+    controller: Controller | None = None
+    trace: TraceWriter | None = None
+    _decode_start: float | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        if self.drafter is None:
+            self.num_draft_tokens, self.controller = 0, None
+        else:
+            self.drafter.reset(self.request.sampler)
+        self.cache.truncate(0)
+
+    @property
+    def to_prefill(self) -> int:
+        """Prompt tokens still to enter the cache (all but the last, which is the first pending)."""
+        return len(self.request.prompt_ids) - 1 - self.cache.length if self._decode_start is None else 0
+
+    def choose_tau(self) -> int:
+        return self.controller.choose() if self.controller is not None else self.num_draft_tokens
+
+
+@dataclass
+class Cycle:
+    """What one step did for one decoding sequence; `tokens` are those the request kept."""
+
+    sequence: Sequence
+    tau: int
+    drafted: int
+    accepted: int
+    tokens: list[int]
+
+
+def step(target: Transformer, sequences: Seq[Sequence], prefill_budget: int | None = None) -> list[Cycle]:
+    """One target forward for every unfinished sequence; prefill chunks share at most
+    `prefill_budget` rows (None: whole prompts at once). Returns the decoding sequences' cycles."""
+    device = target.device
+    t0 = time.perf_counter()
+    # 1. prefill chunks
+    prefill: list[Segment] = []
+    filling: list[Sequence] = []
+    budget = prefill_budget
+    for seq in sequences:
+        n = seq.to_prefill if budget is None else min(seq.to_prefill, budget)
+        if n > 0:
+            start = seq.cache.length
+            prefill.append(Segment(torch.tensor(seq.request.prompt_ids[start: start + n], device=device),
+                                   seq.cache, "none"))
+            filling.append(seq)
+            budget = None if budget is None else budget - n
+    decoding = [s for s in sequences if not s.request.finished and s.to_prefill == 0 and s not in filling]
+    # 2. drafts
+    taus = [seq.choose_tau() for seq in decoding]
+    drafts, draft_probs = _draft(decoding, taus)
+    t1 = time.perf_counter()
+    # 3. one forward: prefill chunks and [pending] + drafts of every decoding sequence
+    verifying = [Segment(torch.tensor(seq.request.all_ids[-1:] + d, device=device), seq.cache)
+                 for seq, d in zip(decoding, drafts)]
+    bases = [seq.cache.length for seq in decoding]
+    logits = target.forward_many(prefill + verifying)[len(prefill):]
+    # 4. accept, roll back, commit
+    results = []
+    for seq, d, q, rows, base in zip(decoding, drafts, draft_probs, logits, bases):
+        sampler = seq.request.sampler
+        target_probs = sampler.probs(rows, seq.request.output_ids, d)  # [k + 1, V]
+        accepted, tokens = verify(torch.tensor(d, dtype=torch.long), q, target_probs, sampler.generator)
+        seq.cache.truncate(base + 1 + accepted)
+        results.append((accepted, tokens))
+    t2 = time.perf_counter()
+    for seq in filling:
+        seq.request.stats.prefill_s += t2 - t0
+        seq.request.stats.target_forwards += 1
+    return [_commit(seq, tau, d, accepted, tokens, t0, t1, t2)
+            for seq, tau, d, (accepted, tokens) in zip(decoding, taus, drafts, results)]
+
+
+def _draft(sequences: list[Sequence], taus: list[int]) -> tuple[list[list[int]], list[torch.Tensor | None]]:
+    """Never draft past max_tokens or the context: a cycle commits at most k + 1 tokens and the
+    forward writes k + 1 cache positions."""
+    jobs, owners = [], []
+    for idx, (seq, tau) in enumerate(zip(sequences, taus)):
+        request = seq.request
+        room = min(request.params.max_tokens - len(request.output_ids), seq.cache.capacity - request.length) - 1
+        k = min(tau, room)
+        if k > 0 and seq.drafter is not None:
+            jobs.append((seq.drafter, request.all_ids, k))
+            owners.append(idx)
+    drafts: list[list[int]] = [[] for _ in sequences]
+    probs: list[torch.Tensor | None] = [None] * len(sequences)
+    for idx, (_, _, k), proposal in zip(owners, jobs, propose_all(jobs)):
+        drafts[idx] = proposal.token_ids[:k]
+        probs[idx] = None if proposal.probs is None else proposal.probs[: len(drafts[idx])]
+    return drafts, probs
+
+
+def _commit(seq: Sequence, tau: int, drafts: list[int], accepted: int, tokens: list[int],
+            t0: float, t1: float, t2: float) -> Cycle:
+    request, stats = seq.request, seq.request.stats
+    if seq._decode_start is None:
+        seq._decode_start = t0
+    if drafts:
+        seq.drafter.observe(accepted)
+    kept = tokens[: request.commit(tokens)]
+    stats.draft_s += t1 - t0
+    stats.verify_s += t2 - t1
+    stats.target_forwards += 1
+    stats.record_cycle(len(drafts), accepted)
+    if seq.controller is not None:
+        seq.controller.observe(tau, len(drafts), accepted, (t1 - t0) * 1e3, (t2 - t1) * 1e3)
+    if seq.trace is not None:
+        extra = {"controller": seq.controller.last} if seq.controller is not None else {}
+        seq.trace.cycle(tau=tau, drafted=len(drafts), accepted=accepted, draft_ms=(t1 - t0) * 1e3,
+                        verify_ms=(t2 - t1) * 1e3, tokens=kept, **extra)
+    stats.decode_s = time.perf_counter() - seq._decode_start
+    stats.completion_tokens = len(request.output_ids)
+    return Cycle(seq, tau, len(drafts), accepted, kept)
 
 
 class Engine:
@@ -53,58 +182,8 @@ class Engine:
     def steps(self, request: Request, speculative: bool = True, trace: TraceWriter | None = None
               ) -> Iterator[list[int]]:
         """Run the request, yielding the tokens each cycle commits (for streaming)."""
-        device, cache, stats, sampler = self.target.device, self.cache, request.stats, request.sampler
-        controller = self.controller if speculative else None
-        fixed_tau = self.num_draft_tokens if speculative else 0
-        if self.drafter is not None:
-            self.drafter.reset(sampler)
-        cache.truncate(0)
-        start = time.perf_counter()
-        if len(request.prompt_ids) > 1:
-            prefix = torch.tensor(request.prompt_ids[:-1], device=device)
-            self.target.forward(prefix, torch.arange(len(prefix), device=device), cache, last_only=True)
-            stats.target_forwards += 1
-        stats.prefill_s = time.perf_counter() - start
-        pending = request.prompt_ids[-1]
-        start = time.perf_counter()
+        seq = Sequence(request, self.cache, self.drafter if speculative else None, self.num_draft_tokens,
+                       self.controller, trace)
         while not request.finished:
-            tau = controller.choose() if controller is not None else fixed_tau
-            t0 = time.perf_counter()
-            drafts, draft_probs = self._draft(request, tau)
-            t1 = time.perf_counter()
-            base = cache.length
-            inputs = torch.tensor([pending] + drafts, device=device)
-            logits = self.target.forward(inputs, torch.arange(base, base + len(inputs), device=device), cache)
-            target_probs = sampler.probs(logits, request.output_ids, drafts)  # [k + 1, V]
-            accepted, tokens = verify(torch.tensor(drafts, dtype=torch.long), draft_probs, target_probs,
-                                      sampler.generator)
-            cache.truncate(base + 1 + accepted)
-            t2 = time.perf_counter()
-            if drafts:
-                self.drafter.observe(accepted)
-            kept = tokens[: request.commit(tokens)]
-            stats.draft_s += t1 - t0
-            stats.verify_s += t2 - t1
-            stats.target_forwards += 1
-            stats.record_cycle(len(drafts), accepted)
-            if controller is not None:
-                controller.observe(tau, len(drafts), accepted, (t1 - t0) * 1e3, (t2 - t1) * 1e3)
-            if trace is not None:
-                extra = {"controller": controller.last} if controller is not None else {}
-                trace.cycle(tau=tau, drafted=len(drafts), accepted=accepted, draft_ms=(t1 - t0) * 1e3,
-                            verify_ms=(t2 - t1) * 1e3, tokens=kept, **extra)
-            pending = tokens[-1]
-            stats.decode_s = time.perf_counter() - start
-            stats.completion_tokens = len(request.output_ids)
-            yield kept
-
-    def _draft(self, request: Request, num_draft_tokens: int) -> tuple[list[int], torch.Tensor | None]:
-        # Never draft past max_tokens or the context: a cycle commits at most k + 1 tokens and the
-        # forward writes k + 1 cache positions.
-        room = min(request.params.max_tokens - len(request.output_ids), self.capacity - request.length) - 1
-        k = min(num_draft_tokens, room)
-        if k <= 0:
-            return [], None
-        proposal = self.drafter.propose(request.prompt_ids + request.output_ids, k)
-        drafts = proposal.token_ids[:k]
-        return drafts, None if proposal.probs is None else proposal.probs[: len(drafts)]
+            for cycle in step(self.target, [seq]):
+                yield cycle.tokens

@@ -38,6 +38,10 @@ class Request:
         self.sampler = Sampler(self.params, self.prompt_ids, self.stop_ids)
 
     @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
     def length(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 

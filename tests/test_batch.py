@@ -1,0 +1,172 @@
+"""Batching: many sequences in one forward give each exactly what it gets alone (greedy and seeded
+sampling, every drafter, chunked prefill, sequences joining mid-flight); draft models sharing
+weights draft in one forward per step; the scheduler's queue, cancellation, death and drain."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from verispec.config import SamplingParams
+from verispec.drafters import DraftModelDrafter, NgramDrafter
+from verispec.engine import generate as engine_module
+from verispec.engine.controller import Controller
+from verispec.engine.generate import Engine, Sequence, step
+from verispec.engine.request import Request
+from verispec.engine.scheduler import EngineUnavailableError, QueueFullError, Scheduler
+
+
+def cases(llm, draft):
+    """(prompt, params, drafter factory, τ, controller factory): every drafter, greedy and sampled,
+    penalties, a stop id, a one-token prompt, a controller."""
+    greedy = SamplingParams(max_tokens=60, ignore_eos=True)
+    sampled = SamplingParams(max_tokens=60, temperature=0.8, top_k=20, seed=5, ignore_eos=True)
+    penalized = SamplingParams(max_tokens=60, repetition_penalty=1.3, frequency_penalty=0.4, ignore_eos=True,
+                               stop_token_ids=(40,))
+    no_controller = lambda: None  # noqa: E731
+    return [
+        (llm.encode("the end the end the"), greedy, lambda: None, 0, no_controller),
+        (llm.encode("stop the stop the stop the stop"), greedy, NgramDrafter, 3, no_controller),
+        (llm.encode("a b c a b c a b"), greedy, lambda: DraftModelDrafter(draft), 4, no_controller),
+        (llm.encode("the quick brown fox"), sampled, lambda: DraftModelDrafter(draft), 2, no_controller),
+        (llm.encode("x"), sampled, NgramDrafter, 2, no_controller),
+        (llm.encode("the end the end the end the end " * 5), penalized, lambda: DraftModelDrafter(draft), 5,
+         no_controller),
+        (llm.encode("the stop the end the stop"), greedy, NgramDrafter, 0, Controller),
+    ]
+
+
+def alone(llm, prompt, params, new_drafter, tau, new_controller):
+    request = Request(prompt, params, llm.eos_ids, llm.engine.capacity)
+    Engine(llm.target, new_drafter(), tau, new_controller()).run(request)
+    return request.output_ids
+
+
+def test_a_batch_gives_every_sequence_what_it_gets_alone(draft_pair):
+    llm, draft = draft_pair
+    expected = [alone(llm, *case) for case in cases(llm, draft)]
+    sequences = [Sequence(Request(prompt, params, llm.eos_ids, llm.engine.capacity), llm.target.new_cache(),
+                          new_drafter(), tau, new_controller())
+                 for prompt, params, new_drafter, tau, new_controller in cases(llm, draft)]
+    running, steps = sequences[:3], 0
+    while any(not s.request.finished for s in sequences):
+        if steps == 2:
+            running += sequences[3:5]  # join while the first ones decode
+        if steps == 9:
+            running += sequences[5:]
+        step(llm.target, [s for s in running if not s.request.finished], prefill_budget=7)  # chunked prefill
+        steps += 1
+    for i, (seq, want) in enumerate(zip(sequences, expected)):
+        assert seq.request.output_ids == want, f"sequence {i} changed in a batch"
+    assert sum(s.request.stats.drafted for s in sequences) > 0
+
+
+def test_draft_models_sharing_weights_draft_together_in_one_forward_per_step(draft_pair, monkeypatch):
+    llm, draft = draft_pair
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    sequences = [Sequence(Request(llm.encode(p), params, llm.eos_ids, llm.engine.capacity), llm.target.new_cache(),
+                          DraftModelDrafter(draft), 4) for p in ("the end", "stop the", "a b c d")]
+    step(llm.target, sequences)  # prefill
+    calls = []
+    original = draft.forward_many
+    monkeypatch.setattr(draft, "forward_many", lambda segments: calls.append(len(segments)) or original(segments))
+    target_calls = []
+    target_original = llm.target.forward_many
+    monkeypatch.setattr(llm.target, "forward_many",
+                        lambda segments: target_calls.append(len(segments)) or target_original(segments))
+    cycles = step(llm.target, sequences)
+    assert [c.drafted for c in cycles] == [4, 4, 4]
+    assert calls == [3, 3, 3, 3], "one draft-model forward per drafting step, for all three sequences"
+    assert target_calls == [3], "one target forward verifies all three"
+
+
+# --- the scheduler: threads, queue, cancellation, death, drain --------------------------------------
+
+class Collector:
+    def __init__(self) -> None:
+        self.cycles, self.error, self.done = [], None, threading.Event()
+
+    def __call__(self, event) -> None:
+        if isinstance(event, BaseException):
+            self.error = event
+            self.done.set()
+            return
+        self.cycles.append(event)
+        if event.sequence.request.finished:
+            self.done.set()
+
+
+def scheduler_for(llm, draft, **kwargs):
+    s = Scheduler(llm.target, lambda: DraftModelDrafter(draft), 3, lambda: None, **kwargs)
+    s.start()
+    return s
+
+
+def test_the_scheduler_serves_concurrent_requests_each_as_alone(draft_pair):
+    llm, draft = draft_pair
+    prompts = [llm.encode(p) for p in ("the end the", "stop stop", "a b c a b c", "the quick", "x y z")]
+    jobs = [(p, SamplingParams(max_tokens=50, ignore_eos=True) if i % 2 else
+             SamplingParams(max_tokens=50, temperature=0.9, seed=i, ignore_eos=True)) for i, p in enumerate(prompts)]
+    expected = [alone(llm, p, q, lambda: DraftModelDrafter(draft), 3, lambda: None) for p, q in jobs]
+    scheduler = scheduler_for(llm, draft, max_batch=3)
+    try:
+        requests = [Request(p, q, llm.eos_ids, llm.engine.capacity) for p, q in jobs]
+        collectors = [Collector() for _ in jobs]
+        for r, c in zip(requests, collectors):
+            scheduler.submit(r, c)
+        for c in collectors:
+            assert c.done.wait(60) and c.error is None
+        for r, c, want in zip(requests, collectors, expected):
+            assert r.output_ids == want
+            assert [t for cycle in c.cycles for t in cycle.tokens] == want, "the listener heard every token once"
+    finally:
+        scheduler.stop(10)
+    assert not scheduler.alive
+
+
+def test_a_full_queue_refuses_and_a_cancelled_request_frees_its_slot(draft_pair):
+    llm, draft = draft_pair
+    scheduler = scheduler_for(llm, draft, max_batch=1, max_queue=1)
+    try:
+        long = SamplingParams(max_tokens=1500, ignore_eos=True)
+        first, second = Collector(), Collector()
+        t1 = scheduler.submit(Request(llm.encode("the"), long, llm.eos_ids, llm.engine.capacity), first)
+        while not first.cycles:
+            threading.Event().wait(0.01)
+        scheduler.submit(Request(llm.encode("end"), SamplingParams(max_tokens=5, ignore_eos=True), llm.eos_ids,
+                                 llm.engine.capacity), second)
+        with pytest.raises(QueueFullError, match="max_queue=1"):
+            scheduler.submit(Request(llm.encode("x"), long, llm.eos_ids, llm.engine.capacity), Collector())
+        scheduler.cancel(t1)
+        assert second.done.wait(10), "the cancelled request's slot went to the waiting one"
+        assert not first.cycles[-1].sequence.request.finished and len(first.cycles) < 1500
+    finally:
+        scheduler.stop(10)
+
+
+def test_a_dead_engine_fails_its_requests_and_refuses_new_ones(draft_pair, monkeypatch):
+    llm, draft = draft_pair
+    monkeypatch.setattr("verispec.engine.scheduler.step", lambda *a, **k: 1 / 0)
+    scheduler = scheduler_for(llm, draft)
+    c = Collector()
+    scheduler.submit(Request(llm.encode("the"), SamplingParams(), llm.eos_ids, llm.engine.capacity), c)
+    assert c.done.wait(10) and isinstance(c.error, ZeroDivisionError)
+    scheduler._thread.join(10)
+    assert not scheduler.alive
+    with pytest.raises(EngineUnavailableError, match="ZeroDivisionError"):
+        scheduler.submit(Request(llm.encode("the"), SamplingParams(), llm.eos_ids, llm.engine.capacity), Collector())
+
+
+def test_stop_finishes_admitted_and_queued_requests_then_refuses(draft_pair):
+    llm, draft = draft_pair
+    scheduler = scheduler_for(llm, draft, max_batch=1)
+    collectors = [Collector() for _ in range(3)]
+    for c in collectors:
+        scheduler.submit(Request(llm.encode("the end"), SamplingParams(max_tokens=20, ignore_eos=True), llm.eos_ids,
+                                 llm.engine.capacity), c)
+    scheduler.stop(60)
+    assert all(c.done.is_set() and c.error is None for c in collectors)
+    assert all(len(c.cycles[-1].sequence.request.output_ids) == 20 for c in collectors)
+    with pytest.raises(EngineUnavailableError):
+        scheduler.submit(Request(llm.encode("the"), SamplingParams(), llm.eos_ids, llm.engine.capacity), Collector())

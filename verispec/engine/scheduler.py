@@ -1,0 +1,164 @@
+"""Many requests at once: one engine thread owns the models and steps every running sequence in one
+batched forward; other threads submit requests and hear about each cycle through a listener.
+
+Admission is first come, first served into a fixed number of slots (a cache, a drafter and a
+controller each, made once); waiting requests queue up to a bound, beyond which `submit` refuses.
+A prompt is prefilled in chunks that share the step's forward with the running sequences, so a long
+prompt delays them by at most `prefill_budget` rows a step.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from verispec.drafters.base import Drafter
+from verispec.engine.controller import Controller
+from verispec.engine.generate import Cycle, Sequence, step
+from verispec.engine.request import Request
+from verispec.errors import VerispecError
+from verispec.model.cache import KVCache
+from verispec.model.transformer import Transformer
+
+PREFILL_BUDGET = 256  # prompt rows a step may add to the running sequences' verify rows
+
+# Called on the engine thread after each cycle of the request, or once with the error that ended it.
+Listener = Callable[[Cycle | BaseException], None]
+
+
+class QueueFullError(VerispecError):
+    """Every slot is busy and the queue is at its bound: try again later (HTTP 429)."""
+
+
+class EngineUnavailableError(VerispecError):
+    """The engine thread has stopped (shutting down, or it died): no new requests (HTTP 503)."""
+
+
+@dataclass
+class Ticket:
+    request: Request
+    listener: Listener
+    cancelled: bool = False
+
+
+@dataclass
+class Slot:
+    cache: KVCache
+    drafter: Drafter | None
+    controller: Controller | None
+    ticket: Ticket | None = None
+    sequence: Sequence | None = None
+
+
+@dataclass
+class Scheduler:
+    target: Transformer
+    new_drafter: Callable[[], Drafter | None]
+    num_draft_tokens: int  # used when new_controller gives None
+    new_controller: Callable[[], Controller | None]
+    max_batch: int = 8
+    max_queue: int = 64
+    prefill_budget: int = PREFILL_BUDGET
+    error: BaseException | None = field(default=None, init=False)
+    _slots: list[Slot] = field(default_factory=list, init=False)
+    _waiting: deque[Ticket] = field(default_factory=deque, init=False)
+    _wake: threading.Condition = field(default_factory=threading.Condition, init=False)
+    _stopping: bool = field(default=False, init=False)
+    _thread: threading.Thread | None = field(default=None, init=False)
+
+    # --- any thread -------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="verispec-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    def submit(self, request: Request, listener: Listener) -> Ticket:
+        with self._wake:
+            if not self.alive or self._stopping:
+                raise EngineUnavailableError("the engine is not running" + (f": {self.error!r}" if self.error else ""))
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFullError(f"{self.max_batch} requests are running and {len(self._waiting)} waiting, "
+                                     f"the most this server queues (max_queue={self.max_queue}); retry later")
+            ticket = Ticket(request, listener)
+            self._waiting.append(ticket)
+            self._wake.notify()
+        return ticket
+
+    def cancel(self, ticket: Ticket) -> None:
+        """The client is gone: its slot is freed before the next step."""
+        with self._wake:
+            ticket.cancelled = True
+            self._wake.notify()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Refuse new requests, finish every admitted and queued one, then end the engine thread."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def running(self) -> int:
+        return sum(slot.ticket is not None for slot in self._slots)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    # --- the engine thread ------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while self._admit():
+                sequences = [slot.sequence for slot in self._slots if slot.sequence is not None]
+                for cycle in step(self.target, sequences, self.prefill_budget):
+                    self._ticket_of(cycle.sequence).listener(cycle)
+                for slot in self._slots:
+                    if slot.sequence is not None and slot.sequence.request.finished:
+                        slot.ticket = slot.sequence = None
+        except BaseException as e:  # noqa: BLE001: every waiting client must hear why, then /health says so
+            self.error = e
+            with self._wake:
+                tickets = [s.ticket for s in self._slots if s.ticket is not None] + list(self._waiting)
+                self._waiting.clear()
+            for ticket in tickets:
+                ticket.listener(e)
+            logging.getLogger("verispec").exception("the engine thread died; every request in it failed")
+
+    def _admit(self) -> bool:
+        """Drop cancelled requests, fill free slots from the queue; block while there is nothing to
+        do. False when stopping with nothing left."""
+        with self._wake:
+            while True:
+                self._waiting = deque(t for t in self._waiting if not t.cancelled)
+                for slot in self._slots:
+                    if slot.ticket is not None and slot.ticket.cancelled:
+                        slot.ticket = slot.sequence = None
+                while self._waiting and self._free_slot() is not None:
+                    slot = self._free_slot()
+                    slot.ticket = self._waiting.popleft()
+                    slot.sequence = Sequence(slot.ticket.request, slot.cache, slot.drafter, self.num_draft_tokens,
+                                             slot.controller)
+                if self.running:
+                    return True
+                if self._stopping:
+                    return False
+                self._wake.wait()
+
+    def _free_slot(self) -> Slot | None:
+        for slot in self._slots:
+            if slot.ticket is None:
+                return slot
+        if len(self._slots) < self.max_batch:  # caches are allocated on first need, then kept
+            self._slots.append(Slot(self.target.new_cache(), self.new_drafter(), self.new_controller()))
+            return self._slots[-1]
+        return None
+
+    def _ticket_of(self, sequence: Sequence) -> Ticket:
+        return next(s.ticket for s in self._slots if s.sequence is sequence)
