@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from verispec.errors import InvalidInputError
 
 
-def _require(ok: bool, message: str) -> None:
+def _require(ok: bool, param: str, message: str) -> None:
     if not ok:
-        raise InvalidInputError(message)
+        raise InvalidInputError(message, param=param)
 
 
 def _is_real(value: float) -> bool:
@@ -48,47 +48,47 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         _require(
             isinstance(self.max_tokens, int) and not isinstance(self.max_tokens, bool) and self.max_tokens >= 1,
-            f"max_tokens={self.max_tokens!r} is not allowed: it must be an integer >= 1",
+            "max_tokens", f"max_tokens={self.max_tokens!r} is not allowed: it must be an integer >= 1",
         )
         _require(
             _is_real(self.temperature) and self.temperature >= 0,
-            f"temperature={self.temperature!r} is not allowed: it must be a finite number >= 0 (0 means greedy)",
+            "temperature", f"temperature={self.temperature!r} is not allowed: it must be a finite number >= 0 (0 means greedy)",
         )
         _require(
             isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k >= 0,
-            f"top_k={self.top_k!r} is not allowed: it must be an integer >= 0 (0 means off)",
+            "top_k", f"top_k={self.top_k!r} is not allowed: it must be an integer >= 0 (0 means off)",
         )
         _require(
             _is_real(self.top_p) and 0 < self.top_p <= 1,
-            f"top_p={self.top_p!r} is not allowed: it must be in (0, 1] (1 means off)",
+            "top_p", f"top_p={self.top_p!r} is not allowed: it must be in (0, 1] (1 means off)",
         )
         _require(
             _is_real(self.min_p) and 0 <= self.min_p < 1,
-            f"min_p={self.min_p!r} is not allowed: it must be in [0, 1) (0 means off)",
+            "min_p", f"min_p={self.min_p!r} is not allowed: it must be in [0, 1) (0 means off)",
         )
         _require(
             self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0),
-            f"seed={self.seed!r} is not allowed: it must be an integer >= 0 or None",
+            "seed", f"seed={self.seed!r} is not allowed: it must be an integer >= 0 or None",
         )
         _require(
             all(isinstance(s, str) and s for s in self.stop),
-            f"stop={self.stop!r} is not allowed: stop strings must be non-empty strings",
+            "stop", f"stop={self.stop!r} is not allowed: stop strings must be non-empty strings",
         )
         _require(
             all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
-            f"stop_token_ids={self.stop_token_ids!r} is not allowed: they must be token ids >= 0",
+            "stop_token_ids", f"stop_token_ids={self.stop_token_ids!r} is not allowed: they must be token ids >= 0",
         )
         _require(
             isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
-            f"min_tokens={self.min_tokens!r} is not allowed: it must be an integer in [0, max_tokens={self.max_tokens}]",
+            "min_tokens", f"min_tokens={self.min_tokens!r} is not allowed: it must be an integer in [0, max_tokens={self.max_tokens}]",
         )
         _require(
             _is_real(self.repetition_penalty) and self.repetition_penalty > 0,
-            f"repetition_penalty={self.repetition_penalty!r} is not allowed: it must be a finite number > 0 (1 means off)",
+            "repetition_penalty", f"repetition_penalty={self.repetition_penalty!r} is not allowed: it must be a finite number > 0 (1 means off)",
         )
         for name in ("frequency_penalty", "presence_penalty"):
             value = getattr(self, name)
-            _require(_is_real(value) and -2 <= value <= 2,
+            _require(_is_real(value) and -2 <= value <= 2, name,
                      f"{name}={value!r} is not allowed: it must be in [-2, 2] (0 means off)")
 
     @property
@@ -111,13 +111,37 @@ class RuntimeConfig:
     def __post_init__(self) -> None:
         _require(
             self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
-            f"device={self.device!r} is not allowed: use 'auto', 'cpu', 'cuda' or 'cuda:N'",
+            "device", f"device={self.device!r} is not allowed: use 'auto', 'cpu', 'cuda' or 'cuda:N'",
         )
         _require(
             self.threads is None or (isinstance(self.threads, int) and self.threads >= 1),
-            f"threads={self.threads!r} is not allowed: it must be an integer >= 1 or None",
+            "threads", f"threads={self.threads!r} is not allowed: it must be an integer >= 1 or None",
         )
         _require(
             self.max_context is None or (isinstance(self.max_context, int) and self.max_context >= 16),
-            f"max_context={self.max_context!r} is not allowed: it must be an integer >= 16 or None (the model's own)",
+            "max_context", f"max_context={self.max_context!r} is not allowed: it must be an integer >= 16 or None (the model's own)",
         )
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """The OpenAI-compatible server: where it listens, how many requests it runs at once (batched)
+    and queues, the API key it demands (None: none), and the largest request body it reads."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_concurrency: int = 8
+    max_queue: int = 64
+    api_key: str | None = None
+    max_body_bytes: int = 1 << 20
+    served_model_name: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.port, int) and 0 <= self.port <= 65535, "port",
+                 f"port={self.port!r} is not allowed: it must be an integer in [0, 65535] (0: any free port)")
+        for name in ("max_concurrency", "max_queue", "max_body_bytes"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
+                     f"{name}={value!r} is not allowed: it must be an integer >= 1")
+        _require(self.api_key is None or (isinstance(self.api_key, str) and self.api_key != ""), "api_key",
+                 "api_key='' is not allowed: give a non-empty key, or none for an open server")

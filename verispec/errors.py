@@ -6,7 +6,12 @@ class VerispecError(Exception):
 
 
 class InvalidInputError(VerispecError, ValueError):
-    """A value from the user (a sampling parameter, a prompt, a flag) is outside what is allowed."""
+    """A value from the user (a sampling parameter, a prompt, a flag) is outside what is allowed;
+    `param` names the field when there is one (the server's error JSON carries it)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class ModelLoadError(VerispecError):

@@ -14,6 +14,7 @@ _KINDS: dict[str, dict[str, Any]] = {
     "float": {"type": float},
     "str": {"type": str},
     "int | None": {"type": int},
+    "str | None": {"type": str},
     "bool": {"action": "store_true"},
     "tuple[str, ...]": {"action": "append", "type": str},
     "tuple[int, ...]": {"action": "append", "type": int},

@@ -1,0 +1,345 @@
+"""The OpenAI-compatible server, as a real process on 127.0.0.1, spoken to with the official openai
+client and raw HTTP: both endpoints whole and streamed, 16 concurrent clients, every bad input
+(RELIABILITY.md H), disconnects, the queue bound, the API key, metrics invariants (G), a bounded
+schemathesis run, SIGTERM draining, and /health when the engine has died."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import OpenAI
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import save_tiny_tokenizer, tiny_hf_model
+from verispec.config import SamplingParams
+
+KEY = "test-key"
+MODEL = "tiny"
+CONTEXT = 2048
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, folder: Path, *flags: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        # the log goes to a file: a pipe nobody reads fills up and blocks the server's event loop
+        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "verispec.cli.main", "serve", "--model", str(folder), "--served-model-name", MODEL,
+             "--port", str(self.port), *flags],
+            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        self.http = httpx.Client(base_url=self.url, timeout=60, headers={"Authorization": f"Bearer {KEY}"})
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited: {Path(self.log.name).read_text()[-3000:]}")
+            try:
+                if self.http.get("/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        else:
+            raise RuntimeError("the server did not come up in 90 s")
+        self.client = OpenAI(base_url=self.url + "/v1", api_key=KEY, max_retries=0)
+
+    def metrics(self) -> dict[str, float]:
+        """Every sample as 'name{label=value,...}' -> value."""
+        out = {}
+        for family in text_string_to_metric_families(httpx.get(self.url + "/metrics").text):
+            for s in family.samples:
+                labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+                out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+        return out
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(30)
+        finally:
+            self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("served")
+    tiny_hf_model("llama", max_position_embeddings=CONTEXT).save_pretrained(folder)
+    save_tiny_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llm(folder):
+    from verispec.llm import LLM
+
+    return LLM(str(folder))
+
+
+@pytest.fixture(scope="module")
+def server(folder):
+    s = Server(folder, "--drafter", "ngram", "--max-concurrency", "16", "--max-queue", "16", "--api-key", KEY,
+               "--max-body-bytes", "200000")
+    yield s
+    s.stop()
+
+
+def greedy(llm, prompt, max_tokens, chat=False) -> list[int]:
+    return llm.generate(prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True), chat=chat).token_ids
+
+
+EXTRA = {"return_token_ids": True, "ignore_eos": True}
+
+
+# --- answers ------------------------------------------------------------------------------------------
+
+def test_completions_whole_and_streamed_agree_with_each_other_decode_and_plain_generation(server, llm):
+    whole = server.client.completions.create(model=MODEL, prompt="the end the", max_tokens=40, temperature=0,
+                                             extra_body=EXTRA)
+    ids = whole.choices[0].model_extra["token_ids"]
+    assert ids == greedy(llm, "the end the", 40), "served greedy tokens equal LLM.generate's"
+    assert whole.choices[0].text == llm.tokenizer.decode(ids, skip_special_tokens=True)
+    assert whole.usage.completion_tokens == len(ids) == 40 and whole.choices[0].finish_reason == "length"
+    assert whole.usage.prompt_tokens == len(llm.encode("the end the"))
+    chunks = list(server.client.completions.create(model=MODEL, prompt="the end the", max_tokens=40, temperature=0,
+                                                   stream=True, stream_options={"include_usage": True},
+                                                   extra_body=EXTRA))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert [t for c in chunks if c.choices for t in c.choices[0].model_extra["token_ids"]] == ids
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 40
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    speculation = whole.usage.model_extra["speculation"]
+    assert speculation["cycles"] >= 1 and 0 <= speculation["accepted"] <= speculation["drafted"]
+
+
+def test_chat_whole_and_streamed_agree_with_each_other_decode_and_plain_generation(server, llm):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the stop the"}]
+    whole = server.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=30, temperature=0,
+                                                  extra_body=EXTRA)
+    ids = whole.choices[0].model_extra["token_ids"]
+    assert ids == greedy(llm, messages, 30)
+    assert whole.choices[0].message.content == llm.tokenizer.decode(ids, skip_special_tokens=True)
+    assert whole.choices[0].message.role == "assistant" and whole.usage.completion_tokens == 30
+    chunks = list(server.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=30, temperature=0,
+                                                        stream=True, extra_body=EXTRA))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_stop_strings_and_seeded_sampling_are_honoured(server, llm):
+    out = server.client.completions.create(model=MODEL, prompt="the end the", max_tokens=60, temperature=0,
+                                           stop=[" "], extra_body=EXTRA)
+    assert " " not in out.choices[0].text and out.choices[0].finish_reason in ("stop", "length")
+    a, b = (server.client.completions.create(model=MODEL, prompt="the", max_tokens=30, temperature=1.0, seed=7,
+                                             extra_body=EXTRA).choices[0].model_extra["token_ids"] for _ in range(2))
+    assert a == b, "the same seed gives the same sample"
+    expected = llm.generate("the", SamplingParams(max_tokens=30, temperature=1.0, seed=7, ignore_eos=True)).token_ids
+    assert a == expected, "sampled output equals LLM.generate's for the same seed (here ngram drafts, so τ > 0)"
+
+
+def test_sixteen_concurrent_clients_get_complete_identical_answers_and_metrics_stay_consistent(server, llm):
+    prompts = ["the end", "stop the stop", "a b c a b c", "the quick brown", "x y", "end end end", "hello", "the"]
+    jobs = [(p, i % 2 == 1) for p in prompts for i in range(2)]  # each prompt twice: once whole, once streamed
+    before = server.metrics()
+
+    def ask(job):
+        prompt, stream = job
+        if not stream:
+            r = server.client.completions.create(model=MODEL, prompt=prompt, max_tokens=48, temperature=0, extra_body=EXTRA)
+            return r.choices[0].model_extra["token_ids"], r.usage.completion_tokens
+        chunks = list(server.client.completions.create(model=MODEL, prompt=prompt, max_tokens=48, temperature=0,
+                                                       stream=True, stream_options={"include_usage": True},
+                                                       extra_body=EXTRA))
+        return [t for c in chunks if c.choices for t in c.choices[0].model_extra["token_ids"]], chunks[-1].usage.completion_tokens
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(ask, jobs))
+    for (prompt, _), (ids, used) in zip(jobs, answers):
+        assert len(ids) == used == 48, "complete answers, usage equal to the tokens returned"
+        assert ids == greedy(llm, prompt, 48), f"{prompt!r}: a batched answer differs from generation alone"
+    after = server.metrics()
+    assert after["verispec_generation_tokens_total"] - before["verispec_generation_tokens_total"] == 16 * 48
+    # RELIABILITY.md G
+    drafted, accepted, cycles = (after[f"verispec_spec_{n}_total"] for n in ("drafted_tokens", "accepted_tokens", "cycles"))
+    positions = sorted(int(k.split("position=")[1].rstrip("}")) for k in after
+                       if k.startswith("verispec_spec_drafted_tokens_per_position_total"))
+    assert drafted > 0 and positions == list(range(len(positions)))
+    assert drafted == sum(after[f"verispec_spec_drafted_tokens_per_position_total{{position={i}}}"] for i in positions)
+    assert accepted <= drafted
+    assert accepted == sum(after.get(f"verispec_spec_accepted_tokens_per_position_total{{position={i}}}", 0)
+                           for i in positions)
+    rates = [after.get(f"verispec_spec_position_acceptance{{position={i}}}", 0.0) for i in positions]
+    assert all(a >= b for a, b in zip(rates, rates[1:])), f"per-position acceptance rises: {rates}"
+    assert after["verispec_spec_mean_accepted_length"] == pytest.approx(1 + accepted / cycles)
+    assert after["verispec_spec_acceptance_rate"] == pytest.approx(accepted / drafted)
+    assert after["verispec_running_requests"] == 0 and after["verispec_queue_depth"] == 0
+
+
+def test_models_health_and_the_api_key(server):
+    assert server.client.models.list().data[0].id == MODEL
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "x"}, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(server.url + "/v1/models").status_code == 401
+
+
+# --- bad input: a 4xx naming the field, never a 5xx, and the server stays up --------------------------
+
+BAD = [
+    ("completions", {"prompt": list(range(3, 93)) * 25}, 400, "prompt", "2048"),  # longer than the context
+    ("completions", {"prompt": [5] * 2000, "max_tokens": 100}, 400, "max_tokens", "at most 48"),
+    ("completions", {"prompt": ""}, 400, "prompt", "empty"),
+    ("completions", {"prompt": [500]}, 400, "prompt", "outside the vocabulary"),
+    ("completions", {}, 400, "prompt", "required"),
+    ("chat", {"messages": "hi"}, 400, "messages", "list"),
+    ("chat", {"messages": []}, 400, "messages", "at least 1"),
+    ("chat", {"messages": [{"content": "x"}]}, 400, "messages.0.role", "required"),
+    ("chat", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role", "wizard"),
+    ("chat", {"messages": [{"role": "user", "content": 5}]}, 400, "messages.0.content", ""),
+    ("completions", {"prompt": "x", "max_tokens": "10"}, 400, "max_tokens", "integer"),
+    ("completions", {"prompt": "x", "temperature": "hot"}, 400, "temperature", "number"),
+    ("completions", {"prompt": "x", "temperature": -1}, 400, "temperature", ">= 0"),
+    ("completions", {"prompt": "x", "top_p": 0}, 400, "top_p", "(0, 1]"),
+    ("completions", {"prompt": "x", "top_p": 1.5}, 400, "top_p", "(0, 1]"),
+    ("completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens", ">= 1"),
+    ("completions", {"prompt": "x", "max_tokens": -5}, 400, "max_tokens", ">= 1"),
+    ("completions", {"prompt": "x", "n": 2}, 400, "n", "1"),
+    ("completions", {"prompt": "x", "frobnicate": 1}, 400, "frobnicate", "not permitted"),
+    ("completions", {"prompt": "x", "model": "gpt-9"}, 404, "model", "gpt-9"),
+    ("chat", {"messages": [{"role": "user", "content": "x"}], "model": "gpt-9", "stream": True}, 404, "model", ""),
+    ("completions", {"prompt": "x", "temperature": 0.5, "stream": True, "top_p": 2}, 400, "top_p", ""),
+]
+
+
+@pytest.mark.parametrize("endpoint, fields, status, param, says", BAD,
+                         ids=[f"{e}-{'-'.join(f)}-{p}" for e, f, _, p, _ in BAD])
+def test_bad_input_gets_a_4xx_json_error_naming_the_field(server, endpoint, fields, status, param, says):
+    path = "/v1/completions" if endpoint == "completions" else "/v1/chat/completions"
+    r = server.http.post(path, json={"model": MODEL, **fields})
+    assert r.status_code == status and r.headers["content-type"].startswith("application/json"), r.text
+    err = r.json()["error"]
+    assert err["param"] == param and says in err["message"], err
+
+
+@pytest.mark.parametrize("raw, param", [("NaN", "temperature"), ("Infinity", "temperature"), ("-Infinity", "temperature")])
+def test_non_finite_numbers_are_refused(server, raw, param):
+    r = server.http.post("/v1/completions", content=f'{{"model": "{MODEL}", "prompt": "x", "temperature": {raw}}}',
+                         headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param
+
+
+def test_malformed_json_and_an_oversized_body_are_refused(server):
+    r = server.http.post("/v1/completions", content=b'{"model": "tiny", "prompt": ', headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = server.http.post("/v1/completions", json={"model": MODEL, "prompt": "x" * 300_000})
+    assert r.status_code == 413 and "200000" in r.json()["error"]["message"]
+    assert server.http.get("/health").status_code == 200
+
+
+def test_a_bounded_schemathesis_run_finds_no_server_error(server):
+    result = subprocess.run(
+        [sys.executable, "-m", "schemathesis.cli", "run", server.url + "/openapi.json", "--checks", "not_a_server_error",
+         "--max-examples", "20", "--header", f"Authorization: Bearer {KEY}", "--phases", "examples,coverage,fuzzing",
+         "--workers", "2", "--suppress-health-check", "all"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert server.http.get("/health").status_code == 200
+
+
+# --- slots: disconnects, the queue bound, draining --------------------------------------------------------
+
+@pytest.fixture
+def narrow(folder):
+    """One slot, one queue place, no drafter: a 2000-token request takes seconds."""
+    s = Server(folder, "--max-concurrency", "1", "--max-queue", "1", "--api-key", KEY)
+    yield s
+    s.stop()
+
+
+def long_stream(server):
+    """A 2000-token stream. Keep its line iterator alive while reading: a dropped httpx iterator
+    closes the connection, which the server rightly takes for a client that left."""
+    body = {"model": MODEL, "prompt": "the", "max_tokens": 2000, "ignore_eos": True, "stream": True}
+    client = httpx.Client(base_url=server.url, timeout=60, headers={"Authorization": f"Bearer {KEY}"})
+    return client.stream("POST", "/v1/completions", json=body)
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot_at_once(narrow):
+    with long_stream(narrow) as r:
+        lines = r.iter_lines()
+        next(lines)
+    deadline = time.time() + 5
+    while narrow.metrics()["verispec_running_requests"] and time.time() < deadline:
+        time.sleep(0.05)
+    m = narrow.metrics()
+    assert m["verispec_running_requests"] == 0
+    assert m["verispec_generation_tokens_total"] < 1000, "the engine stopped generating for the gone client"
+    r = narrow.http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 5}, timeout=10)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+
+
+def test_a_full_queue_answers_429_at_once(narrow):
+    with ThreadPoolExecutor(1) as pool, long_stream(narrow) as running:
+        lines = running.iter_lines()
+        next(lines)
+        queued = pool.submit(httpx.post, narrow.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                             json={"model": MODEL, "prompt": "x", "max_tokens": 5, "ignore_eos": True}, timeout=60)
+        while narrow.metrics()["verispec_queue_depth"] < 1:
+            time.sleep(0.02)
+        start = time.time()
+        r = narrow.http.post("/v1/completions", json={"model": MODEL, "prompt": "y", "max_tokens": 5})
+        assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
+        assert time.time() - start < 2
+    assert queued.result(timeout=30).status_code == 200, "the queued request ran once the slot was free"
+
+
+def test_sigterm_finishes_in_flight_requests_then_exits(folder):
+    s = Server(folder, "--api-key", KEY)
+    body = {"model": MODEL, "prompt": "the", "max_tokens": 1000, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with s.http.stream("POST", "/v1/completions", json=body) as r:
+        lines = r.iter_lines()
+        next(lines)
+        s.proc.send_signal(signal.SIGTERM)
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]"
+    assert json.loads(rest[-2][len("data: "):])["usage"]["completion_tokens"] == 1000
+    assert s.proc.wait(30) in (0, -signal.SIGTERM), "a clean exit (uvicorn re-raises the signal it handled)"
+    assert "Application shutdown complete" in Path(s.log.name).read_text()
+    with pytest.raises(httpx.TransportError):
+        httpx.get(s.url + "/health", timeout=2)
+
+
+# --- in process: the engine thread dies ---------------------------------------------------------------
+
+def test_health_says_503_and_requests_fail_cleanly_when_the_engine_has_died(llm, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from verispec.config import ServeConfig
+    from verispec.server.app import create_app
+
+    monkeypatch.setattr("verispec.engine.scheduler.step", lambda *a, **k: 1 / 0)
+    scheduler = llm.scheduler(2, 2)
+    client = TestClient(create_app(llm, scheduler, ServeConfig(), MODEL))
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 3})
+    assert r.status_code == 500 and "ZeroDivisionError" in r.json()["error"]["message"]
+    assert client.get("/health").status_code == 503
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 3})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"

@@ -1,0 +1,47 @@
+"""`verispec serve`: the OpenAI-compatible server (FastAPI + uvicorn) over a batched engine thread.
+
+SIGTERM (or Ctrl-C) stops accepting connections, lets in-flight requests finish, stops the engine
+thread, then exits the way uvicorn does: by the same signal, re-raised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from verispec import hub
+from verispec.cli.flags import add_flags, from_flags
+from verispec.cli.generate import add_drafter_flags
+from verispec.config import RuntimeConfig, ServeConfig
+
+HELP = {
+    "max_concurrency": "requests run at once, batched in one forward per step (default 8)",
+    "max_queue": "requests waiting beyond those; more are answered 429 (default 64)",
+    "api_key": "demand 'Authorization: Bearer KEY' on /v1 (default: open)",
+    "max_body_bytes": "larger request bodies are answered 413 (default 1 MiB)",
+    "served_model_name": "the model id clients send (default: --model as given)",
+}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
+    p.add_argument("--model", default=hub.DEFAULT_MODEL, help="a built-in name, a .gguf file or a Hugging Face folder")
+    add_drafter_flags(p)
+    add_flags(p, ServeConfig, HELP)
+    add_flags(p, RuntimeConfig)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from verispec.llm import LLM
+    from verispec.server.app import create_app
+
+    config = from_flags(ServeConfig, args)
+    llm = LLM(args.model, from_flags(RuntimeConfig, args), drafter=args.drafter,
+              num_draft_tokens=args.num_draft_tokens)
+    scheduler = llm.scheduler(config.max_concurrency, config.max_queue)
+    app = create_app(llm, scheduler, config, config.served_model_name or args.model)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    uvicorn.run(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=None)

@@ -1,0 +1,305 @@
+"""The FastAPI app: validate, tokenize, enqueue on the scheduler, await its cycles, answer in the
+OpenAI format. The engine thread owns the models; handlers never touch them (DESIGN.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Depends, FastAPI, HTTPException, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from verispec import __version__
+from verispec.config import ServeConfig
+from verispec.engine.generate import Cycle
+from verispec.engine.request import Request
+from verispec.engine.scheduler import EngineUnavailableError, QueueFullError, Scheduler, Ticket
+from verispec.errors import InvalidInputError
+from verispec.llm import LLM
+from verispec.server import protocol
+from verispec.server.metrics import Metrics
+from verispec.server.protocol import ChatRequest, Common, CompletionRequest, error
+from verispec.text import Detokenizer
+
+
+UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+class APIError(HTTPException):
+    """An error answered as OpenAI's JSON: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(status, message)
+        self.body = error(message, kind, param, code)
+
+
+@dataclass
+class Progress:
+    """One cycle as the handler sees it: copied on the engine thread, so nothing shared is read later."""
+
+    tokens: list[int]
+    finish_reason: str | None
+    tau: int
+    drafted: int
+    accepted: int
+
+
+def create_app(llm: LLM, scheduler: Scheduler, config: ServeConfig, model_name: str) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        # uvicorn has let every open request finish; the engine thread ends with nothing left to do
+        await asyncio.to_thread(scheduler.stop)
+
+    app = FastAPI(title="verispec", version=__version__, description="Lossless speculative decoding, OpenAI-style",
+                  lifespan=lifespan)
+    metrics = Metrics(lambda: scheduler.waiting, lambda: scheduler.running)
+    app.add_middleware(Guard, max_body_bytes=config.max_body_bytes, count=metrics.requests)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: HTTPRequest, e: HTTPException) -> JSONResponse:
+        body = e.body if isinstance(e, APIError) else error(str(e.detail), "invalid_request_error")
+        return JSONResponse(body, status_code=e.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: HTTPRequest, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0]
+        # pydantic adds union branches ('str', 'list[int]') to the location: not fields, left out
+        loc = [str(part) for part in first.get("loc", ())
+               if part != "body" and str(part) not in UNION_TAGS and "[" not in str(part)]
+        param = ".".join(loc) or None
+        got = f" (got {first['input']!r})" if "input" in first and not isinstance(first["input"], dict) else ""
+        message = f"{param or 'body'}: {first.get('msg', 'invalid')}{got}"
+        return JSONResponse(error(message[:500], "invalid_request_error", param), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def internal(_: HTTPRequest, e: Exception) -> JSONResponse:
+        return JSONResponse(error(f"internal error: {e!r}", "server_error"), status_code=500)
+
+    def authorized(request: HTTPRequest) -> None:
+        if config.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
+            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", "authentication_error",
+                           code="invalid_api_key")
+
+    @app.get("/health")
+    def health() -> JSONResponse:
+        if scheduler.alive:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse(error(f"the engine thread is not running: {scheduler.error!r}", "server_error"), 503)
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", dependencies=[Depends(authorized)])
+    def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": protocol.now(),
+                                            "owned_by": "verispec"}]}
+
+    @app.post("/v1/completions", dependencies=[Depends(authorized)])
+    async def completions(body: CompletionRequest, http: HTTPRequest) -> Response:
+        return await generate(body, http, body.prompt, "prompt")
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    async def chat_completions(body: ChatRequest, http: HTTPRequest) -> Response:
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        return await generate(body, http, messages, "messages")
+
+    async def generate(body: Common, http: HTTPRequest, prompt: Any, field: str) -> Response:
+        """Everything that can be refused is refused here, before a stream starts."""
+        arrived = time.perf_counter()
+        if body.model != model_name:
+            raise APIError(404, f"model {body.model!r} does not exist; this server serves {model_name!r}",
+                           param="model", code="model_not_found")
+        try:
+            ids = llm.encode(prompt)
+            params = protocol.sampling_params(body, len(ids), llm.engine.capacity)
+            request, text = llm.prepare(ids, params)
+        except InvalidInputError as e:
+            raise APIError(400, str(e), param=e.param or field) from None
+        progress: asyncio.Queue[Progress | BaseException] = asyncio.Queue()
+        try:
+            ticket = scheduler.submit(request, _listener(asyncio.get_running_loop(), progress))
+        except QueueFullError as e:
+            raise APIError(429, str(e), "rate_limit_error", code="queue_full") from None
+        except EngineUnavailableError as e:
+            raise APIError(503, str(e), "server_error", code="engine_unavailable") from None
+        metrics.prompt_tokens.inc(len(ids))
+        run = Run(body, request, text, ticket, progress, metrics, arrived, model_name, isinstance(body, ChatRequest))
+        if body.stream:
+            return StreamingResponse(run.chunks(scheduler), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return JSONResponse(await run.whole(scheduler, http))
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's schema, with the served model as the example for every `model` field."""
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            for component in schema.get("components", {}).get("schemas", {}).values():
+                if "model" in component.get("properties", {}):
+                    component["properties"]["model"]["examples"] = [model_name]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+def _listener(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> Any:
+    def hear(event: Cycle | BaseException) -> None:  # on the engine thread
+        item = event if isinstance(event, BaseException) else Progress(
+            event.tokens, event.sequence.request.finish_reason, event.tau, event.drafted, event.accepted)
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:
+            pass  # the event loop is closed: nobody is listening any more
+    return hear
+
+
+class Run:
+    """One request's answer, whole or streamed, from the cycles the engine reports."""
+
+    def __init__(self, body: Common, request: Request, text: Detokenizer, ticket: Ticket,
+                 progress: asyncio.Queue, metrics: Metrics, arrived: float, model: str, chat: bool) -> None:
+        self.body, self.request, self.text, self.ticket = body, request, text, ticket
+        self.progress, self.metrics, self.arrived, self.model, self.chat = progress, metrics, arrived, model, chat
+        self.id = protocol.new_id("chatcmpl" if chat else "cmpl")
+        self.created = protocol.now()
+        self.ids: list[int] = []
+        self.taus: list[int] = []
+        self.finish_reason: str | None = None
+        self._first: float | None = None
+
+    async def cycles(self) -> AsyncIterator[Progress]:
+        while self.finish_reason is None:
+            item = await self.progress.get()
+            if isinstance(item, BaseException):
+                raise APIError(500, f"the engine failed: {item!r}", "server_error")
+            self.ids += item.tokens
+            self.taus.append(item.tau)
+            self.finish_reason = item.finish_reason
+            self._record(item)
+            yield item
+
+    def _record(self, item: Progress) -> None:
+        now, m = time.perf_counter(), self.metrics
+        m.cycle(item.tau, item.drafted, item.accepted)
+        m.generation_tokens.inc(len(item.tokens))
+        if self._first is None and item.tokens:
+            self._first = now
+            m.ttft.observe(now - self.arrived)
+        if self.finish_reason is not None:
+            m.latency.observe(now - self.arrived)
+            if self._first is not None and len(self.ids) > 1:
+                m.per_token.observe((now - self._first) / (len(self.ids) - 1))
+
+    def usage(self) -> dict[str, Any]:
+        return protocol.usage(len(self.request.prompt_ids), len(self.ids), self.request.stats, self.taus)
+
+    async def whole(self, scheduler: Scheduler, http: HTTPRequest) -> dict[str, Any]:
+        """The complete answer; a client that hangs up meanwhile frees its slot at once."""
+        async def collect() -> None:
+            async for _ in self.cycles():
+                pass
+
+        task = asyncio.ensure_future(collect())
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=0.25)
+                if not task.done() and await http.is_disconnected():
+                    task.cancel()
+                    raise APIError(499, "the client closed the connection", code="client_closed")
+            task.result()
+        finally:
+            scheduler.cancel(self.ticket)
+        text = self.text.text(self.ids, self.finish_reason)
+        ids = self.ids if self.body.return_token_ids else None
+        choice = protocol.choice(self.chat, text, self.finish_reason, False, ids)
+        return protocol.envelope(self.chat, self.id, self.model, self.created, [choice], False, self.usage())
+
+    async def chunks(self, scheduler: Scheduler) -> AsyncIterator[str]:
+        """Server-sent events; a client that hangs up cancels this generator, which frees the slot."""
+        options = self.body.stream_options
+        with_usage = options is not None and options.include_usage
+
+        def event(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
+            payload = protocol.envelope(self.chat, self.id, self.model, self.created, choices, True, usage, with_usage)
+            return f"data: {json.dumps(payload)}\n\n"
+
+        try:
+            if self.chat:
+                yield event([protocol.choice(True, "", None, True, None, first=True)])
+            try:
+                async for item in self.cycles():
+                    piece = self.text.new(self.ids, self.finish_reason)
+                    ids = item.tokens if self.body.return_token_ids else None
+                    if piece or self.finish_reason is not None or ids:
+                        yield event([protocol.choice(self.chat, piece, self.finish_reason, True, ids)])
+            except APIError as e:
+                yield f"data: {json.dumps(e.body)}\n\n"
+                return
+            if with_usage:
+                yield event([], self.usage())
+            yield "data: [DONE]\n\n"
+        finally:
+            scheduler.cancel(self.ticket)
+
+
+class BodyTooLarge(APIError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body is larger than {limit} bytes (max_body_bytes)", param=None,
+                         code="body_too_large")
+
+
+class Guard:
+    """ASGI middleware: refuses bodies over the limit (by Content-Length, or while reading) and
+    counts every response by endpoint and status. Plain ASGI, so streams and disconnects pass through."""
+
+    ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+    def __init__(self, app: Any, max_body_bytes: int, count: Any) -> None:
+        self.app, self.limit, self.count = app, max_body_bytes, count
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500
+        received = 0
+
+        async def sending(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        async def receiving() -> dict:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise BodyTooLarge(self.limit)
+            return message
+
+        try:
+            length = dict(scope.get("headers", [])).get(b"content-length")
+            if length is not None and length.isdigit() and int(length) > self.limit:
+                e = BodyTooLarge(self.limit)
+                await JSONResponse(e.body, status_code=413)(scope, receive, sending)
+                return
+            await self.app(scope, receiving, sending)
+        finally:
+            path = scope.get("path", "")
+            self.count.labels(endpoint=path if path in self.ENDPOINTS else "other", status=str(status)).inc()

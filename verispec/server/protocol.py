@@ -1,0 +1,152 @@
+"""The OpenAI wire format: request bodies (validated by pydantic), responses, stream chunks, errors.
+
+The sampling fields are derived from SamplingParams, so every engine parameter is a request field
+(OpenAI's own plus top_k, min_p, repetition_penalty, min_tokens, ignore_eos, stop_token_ids).
+Defaults follow OpenAI where it has one: temperature 1, and max_tokens 16 for completions; chat
+completions run to the end of the context unless max_tokens (or max_completion_tokens) is given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from verispec.config import SamplingParams
+from verispec.errors import InvalidInputError
+from verispec.text import ROLES
+from verispec.types import Stats
+
+OPENAI_DEFAULTS = {"temperature": 1.0}
+COMPLETION_MAX_TOKENS = 16
+
+# SamplingParams annotations (as written in config.py) -> what a request may send
+_WIRE_TYPES: dict[str, Any] = {
+    "int": int, "float": float, "bool": bool, "int | None": int,
+    "tuple[str, ...]": str | list[str], "tuple[int, ...]": list[int],
+}
+
+
+class Body(BaseModel):
+    # strict: a string is not a number; unknown fields are refused, so a typo is not silently ignored
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+Sampling = create_model(  # every SamplingParams field, None when the client leaves it out
+    "Sampling", __base__=Body,
+    **{f.name: (_WIRE_TYPES[str(f.type)] | None, None) for f in dataclasses.fields(SamplingParams)},
+)
+
+
+class StreamOptions(Body):
+    include_usage: bool = False
+
+
+class Common(Sampling):  # type: ignore[misc, valid-type]
+    model: str
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: Literal[1] = 1
+    user: str | None = None
+    return_token_ids: bool = Field(False, description="add each choice's (or chunk's) token ids (an extension)")
+
+
+class CompletionRequest(Common):
+    prompt: str | list[int] = Field(description="one prompt: text or token ids")
+    echo: Literal[False] = False
+    logprobs: None = None
+    suffix: None = None
+
+
+class TextPart(Body):
+    type: Literal["text"]
+    text: str
+
+
+class Message(Body):
+    role: Literal[ROLES]  # type: ignore[valid-type]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatRequest(Common):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: Literal[False] = False
+
+
+def sampling_params(body: Common, prompt_tokens: int, capacity: int) -> SamplingParams:
+    """The request's SamplingParams. An explicit max_tokens that does not fit beside the prompt is an
+    error naming both; the default is clamped to the room left."""
+    given = {f.name: getattr(body, f.name) for f in dataclasses.fields(SamplingParams)
+             if getattr(body, f.name) is not None}
+    if isinstance(body, ChatRequest) and body.max_completion_tokens is not None:
+        given["max_tokens"] = body.max_completion_tokens
+    room = capacity - prompt_tokens
+    if "max_tokens" in given and isinstance(given["max_tokens"], int) and given["max_tokens"] > room >= 1:
+        raise InvalidInputError(
+            f"max_tokens={given['max_tokens']} is not allowed: the prompt has {prompt_tokens} tokens and the context "
+            f"holds {capacity}, so at most {room} can be generated", param="max_tokens")
+    default = COMPLETION_MAX_TOKENS if isinstance(body, CompletionRequest) else room
+    return SamplingParams(**{**OPENAI_DEFAULTS, "max_tokens": max(1, min(default, room)), **given})
+
+
+# --- responses ----------------------------------------------------------------------------------------
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int, stats: Stats, taus: list[int]) -> dict[str, Any]:
+    """OpenAI's usage, plus this request's speculation (usage.speculation)."""
+    return {
+        "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "speculation": {
+            "cycles": stats.cycles, "drafted": stats.drafted, "accepted": stats.accepted,
+            "acceptance_rate": round(stats.acceptance_rate, 4),
+            "mean_accepted_length": round(stats.mean_accepted_length, 4),
+            "position_acceptance": [round(a, 4) for a in stats.position_acceptance],
+            "mean_tau": round(sum(taus) / len(taus), 3) if taus else 0.0,
+        },
+    }
+
+
+def choice(chat: bool, text: str, finish_reason: str | None, delta: bool, token_ids: list[int] | None,
+           first: bool = False) -> dict[str, Any]:
+    """One choice of a response (delta=False) or of a stream chunk (delta=True)."""
+    out: dict[str, Any] = {"index": 0}
+    if not chat:
+        out["text"] = text
+    elif delta:
+        out["delta"] = ({"role": "assistant", "content": text} if first else {"content": text} if text else {})
+    else:
+        out["message"] = {"role": "assistant", "content": text}
+    out["logprobs"] = None
+    out["finish_reason"] = finish_reason
+    if token_ids is not None:
+        out["token_ids"] = token_ids
+    return out
+
+
+def envelope(chat: bool, rid: str, model: str, created: int, choices: list[dict[str, Any]], chunk: bool,
+             usage: dict[str, Any] | None = None, with_usage: bool = True) -> dict[str, Any]:
+    kind = ("chat.completion.chunk" if chunk else "chat.completion") if chat else "text_completion"
+    out: dict[str, Any] = {"id": rid, "object": kind, "created": created, "model": model, "choices": choices}
+    if with_usage:
+        out["usage"] = usage
+    return out
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def error(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
