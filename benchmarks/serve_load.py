@@ -1,0 +1,124 @@
+"""Serving under load: throughput and latency with 1, 4 and 16 concurrent clients against a real
+`verispec serve` process, for each drafter, beside serving the same requests one at a time.
+
+    python benchmarks/serve_load.py [--model smollm2-135m-instruct] [--drafter ngram,none]
+                                    [--requests 16] [--max-tokens 64] [--concurrency 1,4,16]
+
+Every client streams (so time to first token is measured) a greedy chat request over Spec-Bench
+prompts (2 a category, in turn). Concurrency 1 is the one-at-a-time baseline; the speedup column is
+throughput over it, same server, same requests. Each server gets one warm-up round first. The
+last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+from openai import OpenAI
+
+from verispec import hub
+from verispec.benchmark.prompts import load_prompts
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(model: str, drafter: str, max_concurrency: int, flags: list[str]) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    log = tempfile.NamedTemporaryFile("w", suffix=".log", delete=False)
+    proc = subprocess.Popen([sys.executable, "-m", "verispec.cli.main", "serve", "--model", model, "--drafter", drafter,
+                             "--port", str(port), "--max-concurrency", str(max_concurrency), *flags],
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited; its log is {log.name}")
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.3)
+    raise SystemExit("the server did not come up in 180 s")
+
+
+def one(client: OpenAI, model: str, prompt: str, max_tokens: int) -> dict[str, float]:
+    start = time.perf_counter()
+    first, tokens = None, 0
+    stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                            max_tokens=max_tokens, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    for chunk in stream:
+        if first is None and chunk.choices and chunk.choices[0].delta.content:
+            first = time.perf_counter() - start
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    return {"latency": time.perf_counter() - start, "ttft": first or 0.0, "tokens": tokens}
+
+
+def load(client: OpenAI, model: str, prompts: list[str], max_tokens: int, concurrency: int) -> dict[str, float]:
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(lambda p: one(client, model, p, max_tokens), prompts))
+    wall = time.perf_counter() - start
+    tokens = sum(r["tokens"] for r in results)
+    return {"concurrency": concurrency, "requests": len(prompts), "tokens": tokens, "wall_s": round(wall, 3),
+            "tok_s": round(tokens / wall, 2),
+            "latency_p50_s": round(statistics.median(r["latency"] for r in results), 3),
+            "latency_p90_s": round(sorted(r["latency"] for r in results)[math.ceil(0.9 * len(results)) - 1], 3),
+            "ttft_p50_s": round(statistics.median(r["ttft"] for r in results), 3)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=hub.DEFAULT_MODEL)
+    ap.add_argument("--drafter", default="ngram,none", help="comma-separated drafters, one server each")
+    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--concurrency", default="1,4,16")
+    ap.add_argument("--threads", type=int, help="the server's torch threads (default: torch's)")
+    args = ap.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    pool = [p.text for p in load_prompts("spec-bench", per_category=2)]
+    prompts = [pool[(i * 7) % len(pool)] for i in range(args.requests)]  # spread over the categories
+    rows = []
+    for drafter in args.drafter.split(","):
+        proc, url = start(args.model, drafter, max(levels), ["--threads", str(args.threads)] if args.threads else [])
+        try:
+            client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
+            load(client, args.model, prompts[: max(levels)], 16, max(levels))  # warm-up
+            for level in levels:
+                row = {"drafter": drafter, **load(client, args.model, prompts, args.max_tokens, level)}
+                rows.append(row)
+                print(f"{drafter:>8} c={level:<3} {row['tok_s']:>7.1f} tok/s  p50 {row['latency_p50_s']:>6.2f}s  "
+                      f"p90 {row['latency_p90_s']:>6.2f}s  ttft p50 {row['ttft_p50_s']:>5.2f}s", flush=True)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+    print()
+    print(f"{'drafter':>8} {'clients':>7} {'tok/s':>7} {'vs 1 at a time':>14} {'p50 s':>6} {'p90 s':>6} {'ttft s':>6}")
+    for row in rows:
+        base = next(r for r in rows if r["drafter"] == row["drafter"] and r["concurrency"] == levels[0])
+        row["speedup_vs_one_at_a_time"] = round(row["tok_s"] / base["tok_s"], 3)
+        print(f"{row['drafter']:>8} {row['concurrency']:>7} {row['tok_s']:>7.1f} {row['speedup_vs_one_at_a_time']:>13.2f}x "
+              f"{row['latency_p50_s']:>6.2f} {row['latency_p90_s']:>6.2f} {row['ttft_p50_s']:>6.2f}")
+    print(json.dumps({"benchmark": "serve_load", "model": args.model, "max_tokens": args.max_tokens, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
