@@ -81,13 +81,16 @@ def save_tiny_tokenizer(folder: Path, vocab_size: int = 96) -> None:
     fast.save_pretrained(folder)
 
 
-@pytest.fixture(scope="session")
-def tiny_llm_folder(tmp_path_factory) -> Path:
-    """A tiny random llama with a tokenizer: a complete model folder for LLM and CLI tests."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tiny_hf_model("llama").save_pretrained(folder)
+def save_tiny_llm(folder: Path, **overrides) -> Path:
+    """A tiny random llama with a tokenizer: a complete model folder for LLM, CLI and server tests."""
+    tiny_hf_model("llama", **overrides).save_pretrained(folder)
     save_tiny_tokenizer(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_folder(tmp_path_factory) -> Path:
+    return save_tiny_llm(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="session")

@@ -10,13 +10,18 @@ from verispec.model.load import ModelSource, load_model
 ARCHS = ["llama", "qwen2", "qwen3", "gemma3"]
 
 
-@pytest.mark.parametrize("architecture", ARCHS)
-def test_logits_match_transformers(hf_folder, architecture):
+def ours_and_expected(hf_folder, architecture, n, seed):
+    """Our model of a tiny random checkpoint, n random ids, and transformers' logits for them."""
     folder, hf = hf_folder(architecture)
     ours = load_model(ModelSource.of(folder), 256, torch.device("cpu"))
-    ids = torch.randint(0, 96, (40,), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 96, (n,), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        expected = hf(ids[None]).logits[0]
+        return ours, ids, hf(ids[None]).logits[0]
+
+
+@pytest.mark.parametrize("architecture", ARCHS)
+def test_logits_match_transformers(hf_folder, architecture):
+    ours, ids, expected = ours_and_expected(hf_folder, architecture, 40, 1)
     got = ours.forward(ids, torch.arange(40), ours.new_cache())
     assert (got - expected).abs().max().item() < 1e-4
 
@@ -24,11 +29,7 @@ def test_logits_match_transformers(hf_folder, architecture):
 @pytest.mark.parametrize("architecture", ARCHS)
 def test_incremental_decode_matches_transformers(hf_folder, architecture):
     """Prefill then one token at a time (sliding windows included) equals one full pass of transformers."""
-    folder, hf = hf_folder(architecture)
-    ours = load_model(ModelSource.of(folder), 256, torch.device("cpu"))
-    ids = torch.randint(0, 96, (30,), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        expected = hf(ids[None]).logits[0]
+    ours, ids, expected = ours_and_expected(hf_folder, architecture, 30, 2)
     cache = ours.new_cache()
     rows = [ours.forward(ids[:10], torch.arange(10), cache)]
     rows += [ours.forward(ids[p:p + 1], torch.tensor([p]), cache) for p in range(10, 30)]

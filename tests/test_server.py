@@ -21,7 +21,7 @@ import pytest
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import save_tiny_tokenizer, tiny_hf_model
+from conftest import save_tiny_llm
 from verispec.config import SamplingParams
 
 KEY = "test-key"
@@ -78,10 +78,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("served")
-    tiny_hf_model("llama", max_position_embeddings=CONTEXT).save_pretrained(folder)
-    save_tiny_tokenizer(folder)
-    return folder
+    return save_tiny_llm(tmp_path_factory.mktemp("served"), max_position_embeddings=CONTEXT)
 
 
 @pytest.fixture(scope="module")
