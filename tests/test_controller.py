@@ -14,7 +14,7 @@ T1 = 10.0
 CURVE = VerifyCurve(tuple(T1 * (1 + 0.08 * (k - 1)) for k in range(1, 17)))
 
 
-def simulate(controller, alpha, c, cycles, rng, coverage=1.0):  # coverage: the share of cycles with a proposal
+def simulate(controller, alpha, c, cycles, rng, coverage=1.0, curve=CURVE):  # coverage: cycles with a proposal
     """Run `cycles` cycles; alpha(i) is the true acceptance at position i. Returns the τ chosen each cycle."""
     chosen = []
     for _ in range(cycles):
@@ -23,7 +23,7 @@ def simulate(controller, alpha, c, cycles, rng, coverage=1.0):  # coverage: the 
         accepted = 0
         while accepted < drafted and rng.random() < alpha(accepted):
             accepted += 1
-        controller.observe(tau, drafted, accepted, drafted * c * T1, CURVE(drafted + 1))
+        controller.observe(tau, drafted, accepted, drafted * c * T1, curve(drafted + 1))
         chosen.append(tau)
     return chosen
 
@@ -46,6 +46,18 @@ def test_falls_back_to_plain_steps_when_acceptance_is_low_and_probes_at_a_bounde
     share = sum(t > 0 for t in late) / len(late)
     assert share <= 1 / config.probe_interval
     assert 0 < sum(t > 0 for t in late), "it must keep probing"
+
+
+def test_a_free_drafter_that_is_never_accepted_is_switched_off_too():
+    """Nearly free drafting and verification (c = 0.01, T(2) = 1.02 T(1), a CPU's flat curve): the
+    break-even acceptance is ~3 %, so an estimate held up by its prior (it once floored at 4.5 %)
+    would keep drafting at a loss forever."""
+    flat = VerifyCurve(tuple(T1 * (1 + 0.02 * (k - 1)) for k in range(1, 17)))
+    config = ControllerConfig()
+    calibrated = CostModel(flat, 0.01 * T1)  # as `verispec calibrate` stores it
+    chosen = simulate(Controller(calibrated, config), lambda i: 0.0, 0.01, 1000, random.Random(4), curve=flat)
+    late = chosen[100:]
+    assert sum(t > 0 for t in late) / len(late) <= 1 / config.probe_interval
 
 
 def test_returns_to_speculation_when_acceptance_recovers():

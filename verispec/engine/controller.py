@@ -35,6 +35,7 @@ class Controller:
         c = self.config
         self._kept = [0.0] * c.max_tau  # decayed counts per position
         self._tried = [0.0] * c.max_tau
+        self._prior_weight = [c.prior_weight] * c.max_tau  # the prior decays like an observation
         self._longer = [1.0] * c.max_tau  # decayed: proposals longer than i / requests for more than i
         self._asked = [1.0] * c.max_tau
         self._verify_ms: dict[int, float] = {}  # k -> decayed mean of measured T(k)
@@ -50,9 +51,11 @@ class Controller:
     @property
     def alphas(self) -> list[float]:
         """α_i, each position's prior being the estimate of the one before: positions beyond the τ
-        chosen so far are believed to accept like the deepest one seen, so a longer τ gets tried."""
-        w, prior, out = self.config.prior_weight, self.config.prior_alpha, []
-        for kept, tried in zip(self._kept, self._tried):
+        chosen so far are believed to accept like the deepest one seen, so a longer τ gets tried.
+        The prior counts as one early observation and fades like the others, so a drafter that is
+        never accepted is estimated at 0, not at a floor the prior would hold up."""
+        prior, out = self.config.prior_alpha, []
+        for kept, tried, w in zip(self._kept, self._tried, self._prior_weight):
             prior = (kept + w * prior) / (tried + w)
             out.append(prior)
         return out
@@ -108,6 +111,7 @@ class Controller:
         for i in range(min(drafted, c.max_tau, accepted + 1)):  # drafted positions that were reached
             self._tried[i] = c.decay * self._tried[i] + 1
             self._kept[i] = c.decay * self._kept[i] + (i < accepted)
+            self._prior_weight[i] *= c.decay
 
     def _decide(self, tau: int, why: str, speedup: float | None = None) -> int:
         self.last = {"tau": tau, "why": why, "alphas": [round(a, 3) for a in self.alphas[:4]],
