@@ -292,6 +292,18 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot_at_once(narrow):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
 
 
+def test_a_client_that_gives_up_on_a_whole_answer_frees_its_slot_too(narrow):
+    with pytest.raises(httpx.ReadTimeout):  # the client hangs up after 0.5 s
+        httpx.post(narrow.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=0.5,
+                   json={"model": MODEL, "prompt": "the", "max_tokens": 2000, "ignore_eos": True})
+    deadline = time.time() + 5
+    while narrow.metrics()["verispec_running_requests"] and time.time() < deadline:
+        time.sleep(0.05)
+    m = narrow.metrics()
+    assert m["verispec_running_requests"] == 0
+    assert m["verispec_generation_tokens_total"] < 1500, "the engine stopped generating for the gone client"
+
+
 def test_a_full_queue_answers_429_at_once(narrow):
     with ThreadPoolExecutor(1) as pool, long_stream(narrow) as running:
         lines = running.iter_lines()
