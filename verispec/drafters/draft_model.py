@@ -47,27 +47,28 @@ class DraftModelDrafter:
     @staticmethod
     def propose_many(jobs: Sequence[tuple[DraftModelDrafter, Sequence[int], int]]) -> list[DraftProposal]:
         """Proposals for drafters that share one model: every drafting step is one batched forward."""
+        model = jobs[0][0].model
+        # never past a drafter's own context (RELIABILITY.md D9)
+        limits = [min(k, drafter.cache.capacity - len(context)) for drafter, context, k in jobs]
         drafts: list[list[int]] = [[] for _ in jobs]
         rows: list[list[torch.Tensor]] = [[] for _ in jobs]
         feeds: dict[int, Segment] = {}  # job index -> what its cache takes next
-        for idx, (drafter, context, k) in enumerate(jobs):
+        for idx, (drafter, context, _) in enumerate(jobs):
             if drafter._sampler is None:
                 raise RuntimeError("DraftModelDrafter.propose before reset(sampler)")
-            if min(k, drafter.cache.capacity - len(context)) > 0:  # never past its context (RELIABILITY.md D9)
+            if limits[idx] > 0:
                 feeds[idx] = drafter._catch_up(context)
         while feeds:
-            model = jobs[0][0].model
             logits = model.forward_many(list(feeds.values()))
             for idx, row in zip(list(feeds), logits):
-                drafter, context, k = jobs[idx]
+                drafter, context, _ = jobs[idx]
                 sampler = drafter._sampler
-                k = min(k, drafter.cache.capacity - len(context))
                 history = list(context[len(sampler.prompt_ids):]) + drafts[idx]
                 probs = sampler.probs(row, history)  # [1, V]
                 drafts[idx].append(int(sampler.sample(probs)[0]))
                 rows[idx].append(probs[0])
                 del feeds[idx]
-                if len(drafts[idx]) < k and drafts[idx][-1] not in sampler.stop_ids:  # a drafted stop id
+                if len(drafts[idx]) < limits[idx] and drafts[idx][-1] not in sampler.stop_ids:  # a drafted stop id
                     feeds[idx] = Segment(torch.tensor(drafts[idx][-1:], device=model.device),  # ends the draft
                                          drafter.cache, "last")
         for (drafter, context, _), tokens in zip(jobs, drafts):

@@ -91,7 +91,7 @@ def step(target: Transformer, sequences: Seq[Sequence], prefill_budget: int | No
     drafts, draft_probs = _draft(decoding, taus)
     t1 = time.perf_counter()
     # 3. one forward: prefill chunks and [pending] + drafts of every decoding sequence
-    verifying = [Segment(torch.tensor(seq.request.all_ids[-1:] + d, device=device), seq.cache)
+    verifying = [Segment(torch.tensor([seq.request.last_id] + d, device=device), seq.cache)
                  for seq, d in zip(decoding, drafts)]
     bases = [seq.cache.length for seq in decoding]
     logits = target.forward_many(prefill + verifying)[len(prefill):]

@@ -42,6 +42,11 @@ class Request:
         return self.prompt_ids + self.output_ids
 
     @property
+    def last_id(self) -> int:
+        """The last token of prompt + output: the cycle's pending token, not yet in the cache."""
+        return (self.output_ids or self.prompt_ids)[-1]
+
+    @property
     def length(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 

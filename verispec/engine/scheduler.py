@@ -116,9 +116,10 @@ class Scheduler:
     def _run(self) -> None:
         try:
             while self._admit():
-                sequences = [slot.sequence for slot in self._slots if slot.sequence is not None]
-                for cycle in step(self.target, sequences, self.prefill_budget):
-                    self._ticket_of(cycle.sequence).listener(cycle)
+                busy = [slot for slot in self._slots if slot.sequence is not None]
+                owners = {id(slot.sequence): slot.ticket for slot in busy}
+                for cycle in step(self.target, [slot.sequence for slot in busy], self.prefill_budget):
+                    owners[id(cycle.sequence)].listener(cycle)
                 for slot in self._slots:
                     if slot.sequence is not None and slot.sequence.request.finished:
                         slot.ticket = slot.sequence = None
@@ -140,8 +141,7 @@ class Scheduler:
                 for slot in self._slots:
                     if slot.ticket is not None and slot.ticket.cancelled:
                         slot.ticket = slot.sequence = None
-                while self._waiting and self._free_slot() is not None:
-                    slot = self._free_slot()
+                while self._waiting and (slot := self._free_slot()) is not None:
                     slot.ticket = self._waiting.popleft()
                     slot.sequence = Sequence(slot.ticket.request, slot.cache, slot.drafter, self.num_draft_tokens,
                                              slot.controller)
@@ -159,6 +159,3 @@ class Scheduler:
             self._slots.append(Slot(self.target.new_cache(), self.new_drafter(), self.new_controller()))
             return self._slots[-1]
         return None
-
-    def _ticket_of(self, sequence: Sequence) -> Ticket:
-        return next(s.ticket for s in self._slots if s.sequence is sequence)
