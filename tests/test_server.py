@@ -278,14 +278,19 @@ def long_stream(server):
     return client.stream("POST", "/v1/completions", json=body)
 
 
+def idle_metrics(server, within=5.0):
+    """The metrics once no request is running, or after `within` seconds."""
+    deadline = time.time() + within
+    while (m := server.metrics())["verispec_running_requests"] and time.time() < deadline:
+        time.sleep(0.05)
+    return m
+
+
 def test_a_client_that_disconnects_mid_stream_frees_its_slot_at_once(narrow):
     with long_stream(narrow) as r:
         lines = r.iter_lines()
         next(lines)
-    deadline = time.time() + 5
-    while narrow.metrics()["verispec_running_requests"] and time.time() < deadline:
-        time.sleep(0.05)
-    m = narrow.metrics()
+    m = idle_metrics(narrow)
     assert m["verispec_running_requests"] == 0
     assert m["verispec_generation_tokens_total"] < 1000, "the engine stopped generating for the gone client"
     r = narrow.http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 5}, timeout=10)
@@ -296,10 +301,7 @@ def test_a_client_that_gives_up_on_a_whole_answer_frees_its_slot_too(narrow):
     with pytest.raises(httpx.ReadTimeout):  # the client hangs up after 0.5 s
         httpx.post(narrow.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=0.5,
                    json={"model": MODEL, "prompt": "the", "max_tokens": 2000, "ignore_eos": True})
-    deadline = time.time() + 5
-    while narrow.metrics()["verispec_running_requests"] and time.time() < deadline:
-        time.sleep(0.05)
-    m = narrow.metrics()
+    m = idle_metrics(narrow)
     assert m["verispec_running_requests"] == 0
     assert m["verispec_generation_tokens_total"] < 1500, "the engine stopped generating for the gone client"
 
