@@ -250,12 +250,12 @@ def test_malformed_json_and_an_oversized_body_are_refused(server):
     assert server.http.get("/health").status_code == 200
 
 
-def test_a_bounded_schemathesis_run_finds_no_server_error(server):
-    result = subprocess.run(
+def test_a_bounded_schemathesis_run_finds_no_server_error(server, tmp_path):
+    result = subprocess.run(  # in tmp_path: schemathesis keeps a cache folder where it runs
         [sys.executable, "-m", "schemathesis.cli", "run", server.url + "/openapi.json", "--checks", "not_a_server_error",
          "--max-examples", "20", "--header", f"Authorization: Bearer {KEY}", "--phases", "examples,coverage,fuzzing",
          "--workers", "2", "--suppress-health-check", "all"],
-        capture_output=True, text=True, timeout=300)
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert server.http.get("/health").status_code == 200
 
