@@ -57,6 +57,16 @@ def test_short_proposals_verify_fewer_rows_and_commit_fewer_tokens():
     assert offered_by_position([(4, 0), (4, 0), (4, 2), (4, 4), (4, 4)]) == [0.6, 0.6, 0.4, 0.4]
 
 
+def test_a_cycle_is_priced_over_the_law_of_the_drafts_proposed_not_at_their_mean():
+    """A CPU's verify curve steps up at some row counts. A drafter that proposes all 8 tokens or none,
+    half the time each, pays T(1) or T(9), never T(5): at the mean the step would be missed and a
+    long τ would look cheap."""
+    stepped = VerifyCurve((10.0,) * 7 + (20.0, 20.0))  # T(8) and T(9) cost twice T(1)
+    model = CostModel(stepped, draft_ms=0.5)
+    assert model.cycle_ms(8, [0.5]) == pytest.approx(0.5 * 10.0 + 0.5 * (8 * 0.5 + 20.0))
+    assert model.cycle_ms(8, [0.5]) > 1.3 * stepped(5)
+
+
 def test_a_measured_dip_in_the_verify_curve_is_treated_as_noise():
     curve = VerifyCurve((60.0, 61.0, 50.0, 70.0))
     assert curve.ms == (60.0, 61.0, 61.0, 70.0)

@@ -7,8 +7,11 @@ drafts 0..i-1 were), τ drafted tokens, the drafter's cost per token d and the v
     cycle(τ) = τ·d + T(τ + 1)                    ms per cycle
     speedup  = E(τ)·T(1) / cycle(τ)              against plain decoding (one token per T(1))
 
-offered_i, the chance that the drafter proposes more than i tokens, scales both: the drafts
-verified are Σ_{i<τ} offered_i, and E(τ) = 1 + Σ_{i<τ} offered_i Π_{j≤i} α_j.
+offered_i, the chance that the drafter proposes more than i tokens, scales both: E(τ) = 1 +
+Σ_{i<τ} offered_i Π_{j≤i} α_j, and a cycle costs D·d + T(1 + D) with D the number of drafts
+proposed, priced over D's law (P(D = j) = offered_{j−1} − offered_j): T is not linear (a CPU's
+curve steps up at some row counts), so T at the mean D would underprice a drafter that proposes
+τ tokens or none.
 With one α, offered = 1 and T(k) = T(1) this is Leviathan et al. 2023: E = (1 − α^(τ+1)) / (1 − α) and speedup
 E / (τ·c + 1), with c = d / T(1). The controller, bench and diagnose all use this module.
 """
@@ -76,8 +79,8 @@ class CostModel:
         return self.draft_ms / self.t1
 
     def cycle_ms(self, tau: int, offered: Sequence[float] = ALWAYS) -> float:
-        rows = drafted_rows(offered, tau)
-        return rows * self.draft_ms + self.curve(1 + rows)
+        law = drafts_law(offered, tau)
+        return sum(p * (d * self.draft_ms + self.curve(1 + d)) for d, p in enumerate(law))
 
     def speedup(self, alphas: Sequence[float], tau: int, offered: Sequence[float] = ALWAYS) -> float:
         return expected_tokens(alphas, tau, offered) * self.t1 / self.cycle_ms(tau, offered)
@@ -118,6 +121,13 @@ def at(values: Sequence[float], i: int) -> float:
 def drafted_rows(offered: Sequence[float], tau: int) -> float:
     """Expected drafts verified when asking for τ: Σ_{i<τ} P(proposal longer than i)."""
     return sum(at(offered, i) for i in range(tau))
+
+
+def drafts_law(offered: Sequence[float], tau: int) -> list[float]:
+    """P(D = d) for d = 0..τ, D the drafts proposed when asking for τ; P(D > i) = offered_i, held
+    non-increasing (positions are estimated from different numbers of cycles)."""
+    longer = [1.0] + list(accumulate((at(offered, i) for i in range(tau)), min))  # P(D > i - 1), i = 0..τ
+    return [a - b for a, b in zip(longer, longer[1:])] + [longer[-1]]
 
 
 def expected_tokens(alphas: Sequence[float], tau: int, offered: Sequence[float] = ALWAYS) -> float:
