@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from verispec.engine.controller import Controller, ControllerConfig
+from verispec.engine.controller import Controller, ControllerConfig, VerifyTimes
 from verispec.engine.cost import CostModel, VerifyCurve
 
 T1 = 10.0
@@ -98,3 +98,45 @@ def test_decisions_are_deterministic_for_a_seeded_run():
     runs = [simulate(Controller(), lambda i: 0.7 if i < 3 else 0.3, 0.1, 400, random.Random(5)) for _ in range(2)]
     assert runs[0] == runs[1]
     assert len(set(runs[0])) > 1
+
+
+def test_a_calibration_off_by_a_factor_is_corrected_at_every_k_by_timings_at_two():
+    """Calibrated in a busier hour (every T(k) 1.5× today's): timings at k = 3 and 6 alone correct the
+    whole curve, so the k the controller does not visit are not left at their stale values."""
+    stale = VerifyCurve(tuple(1.5 * CURVE(k) for k in range(1, 10)))
+    times = VerifyTimes(stale, 9, ControllerConfig().time_decay)
+    for _ in range(60):
+        times.observe(3, CURVE(3))
+        times.observe(6, CURVE(6))
+    learned = times.curve()
+    for k in (1, 3, 5, 9):
+        assert learned(k) == pytest.approx(CURVE(k), rel=0.03), k
+
+
+def test_a_k_timed_long_ago_falls_back_to_the_line_through_recent_timings():
+    times = VerifyTimes(CURVE, 9, ControllerConfig().time_decay)
+    for _ in range(30):
+        times.observe(5, 3 * CURVE(5))  # a slow spell, timed at k = 5 only
+    assert times.curve()(5) > 2 * CURVE(5)
+    for _ in range(200):
+        times.observe(2, CURVE(2))
+        times.observe(8, CURVE(8))
+    assert times.curve()(5) == pytest.approx(CURVE(5), rel=0.03)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.6])
+def test_a_calibration_that_overprices_short_drafts_does_not_keep_tau_long(alpha):
+    """The calibration timed T(1) while the machine was busy: 18 ms instead of 10, and T(2..5) are
+    held at least as high (a curve never falls). A draft model always proposes τ, so only the τ
+    run gets timed: T(τ + 1) is learned, shorter drafts keep looking dear unless the controller
+    times them too."""
+    steep = VerifyCurve(tuple(T1 * (1 + 0.2 * (k - 1)) for k in range(1, 17)))
+    stale = VerifyCurve(tuple(max(18.0, steep(k)) for k in range(1, 17)))
+    truth = CostModel(steep, 0.0)
+    best_tau, best = truth.best_tau([alpha], ControllerConfig().max_tau)
+    stale_tau, _ = CostModel(stale, 0.0).best_tau([alpha], ControllerConfig().max_tau)
+    assert truth.speedup([alpha], stale_tau) < 0.93 * best, "a setting where the stale curve would mislead"
+    chosen = simulate(Controller(CostModel(stale, 0.0)), lambda i: alpha, 0.0, 800, random.Random(7), curve=steep)
+    late = chosen[300:]
+    achieved = sum(truth.speedup([alpha], t) for t in late) / len(late)
+    assert achieved >= 0.95 * best, f"chose {sorted(set(late))} for best tau {best_tau}"

@@ -4,7 +4,8 @@ cycles in which the drafter proposes, its cost per token and the verify curve T(
 
 Speculation can only lose when the estimates are wrong, so they track the recent past (exponential
 decay) and, while speculation is off, a probe every so often (a bounded share of cycles) measures
-whether acceptance has come back.
+whether acceptance has come back. The verify curve is learned the same way on top of the
+calibrated one (`VerifyTimes`), so a calibration taken in a busier or quieter hour does not steer τ.
 """
 
 from __future__ import annotations
@@ -14,19 +15,93 @@ from typing import Any
 
 from verispec.engine.cost import CostModel, VerifyCurve
 
-# Until a verify over k tokens has been timed: T(k) = T(1) * (1 + GROWTH_GUESS * (k - 1))
+# Without a calibration, the shape of the verify curve: T(k) = T(1) * (1 + GROWTH_GUESS * (k - 1))
 GROWTH_GUESS = 0.1
+
+
+class VerifyTimes:
+    """T(k), k = 1..max_k, from the verify times seen, starting from a prior curve.
+
+    Two estimates, both exponentially decayed:
+    - the prior moved by a line: a line T(k) ≈ a + b·k is fitted (weighted least squares) to the
+      timings seen and to the prior's points, which count as one observation in all and fade like
+      the others (down to a floor that only anchors the slope while a single k is being timed);
+      the prior shifted by (this line − the prior's own line) keeps the prior's steps (a CPU's curve
+      jumps at some row counts) and takes the level and slope of today's timings, so a calibration
+      off by a factor or too flat is corrected at k the controller never visits. 0 ≤ b ≤ mean T /
+      mean k: more rows never cost less, nor more than proportionally;
+    - per k, the mean of its own timings, against the moved prior counted as one observation: a k
+      timed often is its own measurement; a k not timed for a while falls back to the moved prior.
+    Without a prior, the first timing sets one: T(k) ∝ 1 + GROWTH_GUESS·(k − 1).
+    """
+
+    PRIOR_FLOOR = 0.01  # in observations
+
+    def __init__(self, prior: VerifyCurve | None, max_k: int, decay: float) -> None:
+        self._max_k = max_k
+        self._decay = decay
+        self._prior: list[float] = []
+        self._prior_weight = 1.0
+        self._data = [0.0] * 5  # decayed Σw, Σw·k, Σw·k², Σw·ms, Σw·k·ms of the timings seen
+        self._sums = [0.0] * max_k  # decayed Σ ms seen at k
+        self._weights = [0.0] * max_k
+        if prior is not None:
+            self._set_prior([prior(k) for k in range(1, max_k + 1)])
+
+    def _set_prior(self, ms: list[float]) -> None:
+        self._prior = ms
+        self._prior_moments = _moments([(1.0 / self._max_k, k, m) for k, m in enumerate(ms, 1)])
+        self._prior_line = _line(self._prior_moments)
+
+    def observe(self, k: int, ms: float) -> None:
+        if not 1 <= k <= self._max_k:
+            return
+        if not self._prior:
+            self._set_prior([ms * (1 + GROWTH_GUESS * (j - k)) for j in range(1, self._max_k + 1)])
+        d = self._decay
+        self._prior_weight = max(d * self._prior_weight, self.PRIOR_FLOOR)
+        self._data = [d * x + y for x, y in zip(self._data, _moments([(1.0, k, ms)]))]
+        self._sums = [d * x for x in self._sums]
+        self._weights = [d * x for x in self._weights]
+        self._sums[k - 1] += ms
+        self._weights[k - 1] += 1
+
+    def curve(self) -> VerifyCurve | None:
+        """None until something was timed (without a prior)."""
+        if not self._prior:
+            return None
+        a, b = _line([self._prior_weight * p + x for p, x in zip(self._prior_moments, self._data)])
+        a0, b0 = self._prior_line
+        moved = [max(m + (a - a0) + (b - b0) * k, 1e-3) for k, m in enumerate(self._prior, 1)]
+        return VerifyCurve(tuple((s + m) / (w + 1) for s, w, m in zip(self._sums, self._weights, moved)))
+
+
+def _moments(points: list[tuple[float, float, float]]) -> list[float]:
+    """Σw, Σw·k, Σw·k², Σw·y, Σw·k·y of weighted points (w, k, y)."""
+    return [sum(w * f for w, f in zip((p[0] for p in points), column)) for column in
+            zip(*((1.0, k, k * k, y, k * y) for _, k, y in points))]
+
+
+def _line(moments: list[float]) -> tuple[float, float]:
+    """(a, b) of the weighted least-squares line y ≈ a + b·k, with 0 ≤ b ≤ mean y / mean k."""
+    sw, sk, skk, sy, sky = moments
+    spread = sw * skk - sk * sk
+    b = (sw * sky - sk * sy) / spread if spread > 0 else 0.0
+    b = min(max(b, 0.0), sy / sk)
+    return (sy - b * sk) / sw, b
 
 
 @dataclass(frozen=True)
 class ControllerConfig:
     max_tau: int = 8
-    decay: float = 0.9  # weight of the past per observation (a window of ~10 observations)
+    decay: float = 0.95  # weight of the past per observation (a window of ~20 observations)
+    time_decay: float = 0.95  # the same for verify times, noisier per cycle and slower to change
     prior_alpha: float = 0.5  # what position 0 is believed to accept before anything was seen
     prior_weight: float = 1.0  # in observations
     probe_interval: int = 16  # while off: one probe cycle in this many, at most
     probe_interval_max: int = 64  # probes that find nothing space out up to this
     probe_tau: int = 2
+    explore_interval: int = 32  # while on: one cycle in this many times a τ half or twice the best
 
 
 class Controller:
@@ -38,13 +113,13 @@ class Controller:
         self._prior_weight = [c.prior_weight] * c.max_tau  # the prior decays like an observation
         self._longer = [1.0] * c.max_tau  # decayed: proposals longer than i / requests for more than i
         self._asked = [1.0] * c.max_tau
-        self._verify_ms: dict[int, float] = {}  # k -> decayed mean of measured T(k)
-        if prior is not None:
-            self._verify_ms = {k: prior.curve(k) for k in range(1, c.max_tau + 2)}
+        self._times = VerifyTimes(prior.curve if prior is not None else None, c.max_tau + 1, c.time_decay)
         self._draft_ms = prior.draft_ms if prior is not None else 0.0
         self._draft_seen = prior is not None
         self._since_probe = 0
         self._interval = c.probe_interval
+        self._since_explore = 0
+        self._explored = 0  # explorations so far: even ones go down, odd ones up
         self.last: dict[str, Any] = {}
 
     # --- estimates --------------------------------------------------------------------------------
@@ -66,36 +141,38 @@ class Controller:
         return [n / a for n, a in zip(self._longer, self._asked)]
 
     def cost_model(self) -> CostModel | None:
-        if 1 not in self._verify_ms:
-            return None
-        t1 = self._verify_ms[1]
-        guess = [t1 * (1 + GROWTH_GUESS * (k - 1)) for k in range(1, self.config.max_tau + 2)]
-        curve = tuple(self._verify_ms.get(k, g) for k, g in enumerate(guess, 1))
-        return CostModel(VerifyCurve(curve), self._draft_ms)
+        curve = self._times.curve()
+        return None if curve is None else CostModel(curve, self._draft_ms)
 
     # --- decisions --------------------------------------------------------------------------------
     def choose(self) -> int:
-        """1. no T(1) yet: a plain step measures it; 2. the cost model's best τ; 3. off: probe now and then."""
+        """1. no T(1) yet: a plain step measures it; 2. the cost model's best τ, now and then another one
+        to time its verify (an estimate never tested is never corrected); 3. off: probe now and then."""
+        c = self.config
         model = self.cost_model()
         if model is None:
             return self._decide(0, "measuring T(1)")
-        tau, speedup = model.best_tau(self.alphas, self.config.max_tau, self.offered)
+        tau, speedup = model.best_tau(self.alphas, c.max_tau, self.offered)
         if tau > 0:
-            self._interval = self.config.probe_interval
+            self._interval = c.probe_interval
             self._since_probe = 0
-            return self._decide(tau, "best", speedup)
+            self._since_explore += 1
+            if self._since_explore >= c.explore_interval:
+                self._since_explore = 0
+                self._explored += 1
+                return self._decide(tau // 2 if self._explored % 2 else min(2 * tau, c.max_tau), "explore", model,
+                                    speedup)
+            return self._decide(tau, "best", model, speedup)
         self._since_probe += 1
         if self._since_probe >= self._interval:
             self._since_probe = 0
-            self._interval = min(2 * self._interval, self.config.probe_interval_max)
-            return self._decide(self.config.probe_tau, "probe", speedup)
-        return self._decide(0, "off", speedup)
+            self._interval = min(2 * self._interval, c.probe_interval_max)
+            return self._decide(c.probe_tau, "probe", model, speedup)
+        return self._decide(0, "off", model, speedup)
 
     def observe(self, tau: int, drafted: int, accepted: int, draft_ms: float, verify_ms: float) -> None:
         c = self.config
-        rows = drafted + 1
-        old = self._verify_ms.get(rows)
-        self._verify_ms[rows] = verify_ms if old is None else c.decay * old + (1 - c.decay) * verify_ms
+        self._times.observe(drafted + 1, verify_ms)
         if tau == 0:
             return
         if self.last.get("why") == "probe" and accepted > 0:  # acceptance may be back: look again at once
@@ -113,10 +190,10 @@ class Controller:
             self._kept[i] = c.decay * self._kept[i] + (i < accepted)
             self._prior_weight[i] *= c.decay
 
-    def _decide(self, tau: int, why: str, speedup: float | None = None) -> int:
+    def _decide(self, tau: int, why: str, model: CostModel | None = None, speedup: float | None = None) -> int:
         self.last = {"tau": tau, "why": why, "alphas": [round(a, 3) for a in self.alphas[:4]],
                      "offered": [round(o, 3) for o in self.offered[:4]], "draft_ms": round(self._draft_ms, 4),
-                     "t1_ms": round(self._verify_ms.get(1, 0.0), 3)}
+                     "t1_ms": round(model.t1, 3) if model is not None else 0.0}
         if speedup is not None:
             self.last["predicted_speedup"] = round(speedup, 3)
         return tau
