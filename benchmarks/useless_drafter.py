@@ -1,7 +1,7 @@
 """The controller's guarantee where drafting cannot pay: a draft model that always disagrees (random
 weights, the target's tokenizer) at a fixed tau and at tau auto, beside plain decoding, same run.
 
-    python benchmarks/useless_drafter.py [--model smollm2-135m-instruct] [--per-category 1]
+    python benchmarks/useless_drafter.py [--model smollm2-135m-instruct] [--per-category 1] [--rounds 1]
 
 Prints the bench table; the last line is one JSON object.
 """
@@ -41,12 +41,13 @@ def main() -> None:
     ap.add_argument("--model", default=hub.DEFAULT_MODEL)
     ap.add_argument("--per-category", type=int, default=1)
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=1)
     args = ap.parse_args()
     llm = LLM(args.model, RuntimeConfig(threads=2, max_context=4096))
     prompts = load_prompts("spec-bench", ["writing", "roleplay", "qa", "translation"], args.per_category)
     with tempfile.TemporaryDirectory() as tmp:
         drafter = random_draft_model(llm, Path(tmp))
-        result = run_bench(llm, prompts, [drafter], [4, "auto"], args.max_tokens)
+        result = run_bench(llm, prompts, [drafter], [4, "auto"], args.max_tokens, rounds=args.rounds)
     result.pop("traces")
     print(table(result).replace(drafter, "random-draft"))
     print(json.dumps(result).replace(drafter, "random-draft"))

@@ -89,11 +89,18 @@ def test_bench_end_to_end_on_a_tiny_model(tiny_llm_folder, tmp_path, capsys):
                                   ("free", "hello there")]))
     out = tmp_path / "out"
     assert main(["bench", "--model", str(tiny_llm_folder), "--prompts", str(prompts), "--num-draft-tokens", "2,auto",
-                 "--max-tokens", "16", "--output", str(out)]) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+                 "--max-tokens", "16", "--rounds", "2", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(printed[-1])
     rows = result["categories"]["overall"]
     assert set(rows) == {"plain", "ngram/2", "ngram/auto"}
-    assert rows["ngram/2"]["identical"] == rows["ngram/2"]["prompts"] == 3 and not result["divergences"]
+    assert rows["ngram/2"]["prompts"] == 3 and rows["ngram/2"]["runs"] == 6
+    assert rows["ngram/2"]["identical"] == 6 and not result["divergences"]
+    for measure, rating in result["controller"]["overall"]["ngram"].items():
+        best = max(1.0, rows["ngram/2"][measure])  # plain decoding is the fixed tau 0
+        assert rating["best_fixed"] == best and rating["ratio"] == round(rows["ngram/auto"][measure] / best, 3)
+    assert rows["plain"]["workload_speedup"] == 1.0
+    assert any(line.startswith("overall         ngram/auto speedup") for line in printed)
     assert rows["ngram/2"]["predicted_speedup"] > 0 and 0 <= rows["ngram/2"]["acceptance"] <= 1
     for name in ("speedup_vs_tau.png", "position_acceptance.png", "time_split.png", "result.json"):
         assert (out / name).stat().st_size > 1000
@@ -110,7 +117,8 @@ def diagnose_file(path):
 @pytest.mark.parametrize("args,message", [(["--num-draft-tokens", "0"], "num_draft_tokens='0' is not allowed"),
                                           (["--prompts", "/no/file"], "prompts='/no/file' is not allowed"),
                                           (["--categories", "poetry"], "categories ['poetry'] are not in"),
-                                          (["--baselines", "vllm"], "baselines='vllm' is not allowed")])
+                                          (["--baselines", "vllm"], "baselines='vllm' is not allowed"),
+                                          (["--rounds", "0"], "rounds=0 is not allowed")])
 def test_bench_bad_input_exits_2(tiny_llm_folder, capsys, args, message):
     assert main(["bench", "--model", str(tiny_llm_folder), *args]) == 2
     assert message in capsys.readouterr().err

@@ -1,5 +1,6 @@
-"""Run every prompt through plain decoding and each (drafter, τ), interleaved so drift hits all alike;
-check greedy outputs against plain; aggregate medians per category; price the runs with the cost model."""
+"""Run every prompt through plain decoding and each (drafter, τ), interleaved so drift hits all alike,
+in as many rounds as asked; check greedy outputs against plain; aggregate medians per category; price
+the runs with the cost model; rate the controller (`auto`) against the best fixed τ in hindsight."""
 
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ class Run:
     category: str
     question_id: str
     tok_s: float
+    round: int = 0
     stats: Stats | None = None
     output_ids: list[int] = field(default_factory=list)
 
@@ -58,8 +60,9 @@ def configs_for(drafters: list[str], taus: list[int], with_transformers: bool) -
 
 
 def run_bench(llm: LLM, prompts: list[BenchPrompt], drafters: list[str], taus: list[int | str], max_tokens: int,
-              with_transformers: bool = False, progress: bool = True) -> dict[str, Any]:
-    """1. calibrate T(k); 2. warm up; 3. run all configs per prompt, interleaved; 4. check; 5. aggregate."""
+              with_transformers: bool = False, progress: bool = True, rounds: int = 1) -> dict[str, Any]:
+    """1. calibrate T(k); 2. warm up; 3. run all configs per prompt, interleaved, `rounds` times;
+    4. check; 5. aggregate."""
     configs = configs_for(drafters, taus, with_transformers)
     made: dict[str, Drafter | None] = {d: llm.make_drafter(d) for d in drafters}
     max_tau = max([t for t in taus if t != AUTO] + ([ControllerConfig().max_tau] if AUTO in taus else []))
@@ -73,10 +76,11 @@ def run_bench(llm: LLM, prompts: list[BenchPrompt], drafters: list[str], taus: l
     traces: dict[tuple[str, str], tuple[io.StringIO, TraceWriter]] = {}
     encoded = [llm.encode(p.text, chat=bool(llm.tokenizer.chat_template)) for p in prompts]
 
-    def one(config: Config, prompt: BenchPrompt, ids: list[int], tokens: int, record: bool) -> Run:
+    def one(config: Config, prompt: BenchPrompt, ids: list[int], tokens: int, record: bool, round_: int = 0) -> Run:
         if config.transformers:
             model, kwargs = hf[config.name]
-            return Run(config.name, prompt.category, prompt.question_id, baselines.decode_tok_s(model, ids, tokens, **kwargs))
+            return Run(config.name, prompt.category, prompt.question_id, baselines.decode_tok_s(model, ids, tokens, **kwargs),
+                       round_)
         if config.tau == AUTO:
             llm.engine.use(made.get(config.drafter), 0, controllers[config.drafter])
         else:
@@ -94,15 +98,17 @@ def run_bench(llm: LLM, prompts: list[BenchPrompt], drafters: list[str], taus: l
                 traces[key][1].next_request()
             trace = traces[key][1]
         stats = llm.engine.run(request, config.tau != 0, trace)
-        return Run(config.name, prompt.category, prompt.question_id, stats.decode_tokens_per_s, stats,
+        return Run(config.name, prompt.category, prompt.question_id, stats.decode_tokens_per_s, round_, stats,
                    list(request.output_ids))
 
     for config in configs:  # warm-up: first calls allocate and fill caches
         one(config, prompts[0], encoded[0], 8, record=False)
     runs: list[Run] = []
-    for i, (prompt, ids) in enumerate(tqdm(list(zip(prompts, encoded)), desc="bench", disable=not progress)):
-        order = configs if i % 2 == 0 else configs[::-1]
-        runs += [one(c, prompt, ids, params.max_tokens, record=True) for c in order]
+    jobs = [(r, prompt, ids) for r in range(rounds) for prompt, ids in zip(prompts, encoded)]
+    for n, (r, prompt, ids) in enumerate(tqdm(jobs, desc="bench", disable=not progress)):
+        # every config takes every place in the order in turn, so a slow spell hits all alike
+        order = configs[n % len(configs):] + configs[: n % len(configs)]
+        runs += [one(c, prompt, ids, params.max_tokens, True, r) for c in (order if n % 2 == 0 else order[::-1])]
     divergences = _check(llm, runs, encoded, prompts)
     return _aggregate(configs, runs, traces, divergences, verify_ms, max_tokens, taus, drafters)
 
@@ -129,18 +135,17 @@ def _transformers_models(llm: LLM, configs: list[Config]) -> dict[str, tuple[Any
 def _check(llm: LLM, runs: list[Run], encoded: list[list[int]], prompts: list[BenchPrompt]) -> list[dict[str, Any]]:
     """Every greedy speculative output must equal plain decoding's; a difference is a correctness
     failure, reported with the first diverging position and the target's logit margin there."""
-    plain = {(r.category, r.question_id): r for r in runs if r.config == PLAIN}
+    plain = {_key(r): r for r in runs if r.config == PLAIN}
     ids_of = {(p.category, p.question_id): ids for p, ids in zip(prompts, encoded)}
     found = []
     for r in runs:
         if r.stats is None or r.config == PLAIN:
             continue
-        key = (r.category, r.question_id)
-        reference = plain[key].output_ids
+        reference = plain[_key(r)].output_ids
         if r.output_ids != reference:
             pos = next(i for i, (a, b) in enumerate(zip(r.output_ids + [-1], reference + [-1])) if a != b)
             found.append({"config": r.config, "category": r.category, "question_id": r.question_id,
-                          "position": pos, "logit_margin": _margin(llm, ids_of[key] + reference[:pos])})
+                          "round": r.round, "position": pos, "logit_margin": _margin(llm, ids_of[(r.category, r.question_id)] + reference[:pos])})
     return found
 
 
@@ -157,8 +162,12 @@ def _margin(llm: LLM, ids: list[int]) -> float:
 def _aggregate(configs: list[Config], runs: list[Run], traces: dict, divergences: list[dict[str, Any]],
                verify_ms: dict[int, float], max_tokens: int, taus: list[int | str], drafters: list[str]
                ) -> dict[str, Any]:
+    """Per scope and config: median tok/s, and two speedups over plain decoding: `speedup`, per prompt
+    the median over rounds of the ratio to plain decoding in the same round, then the median over
+    prompts; `workload_speedup`, all tokens over all time against plain decoding's on the same runs
+    (every run decodes max_tokens, so this is the ratio of harmonic means of tok/s)."""
     categories = sorted({r.category for r in runs})
-    plain_rate = {(r.category, r.question_id): r.tok_s for r in runs if r.config == PLAIN}
+    plain_rate = {(r.category, r.question_id, r.round): r.tok_s for r in runs if r.config == PLAIN}
     table: dict[str, dict[str, dict[str, Any]]] = {}
     for scope in categories + ["overall"]:
         table[scope] = {}
@@ -166,22 +175,51 @@ def _aggregate(configs: list[Config], runs: list[Run], traces: dict, divergences
             mine = [r for r in runs if r.config == c.name and scope in (r.category, "overall")]
             if not mine:
                 continue
+            by_prompt: dict[tuple[str, str], list[float]] = {}
+            for r in mine:
+                by_prompt.setdefault((r.category, r.question_id), []).append(r.tok_s / plain_rate[_key(r)])
             row: dict[str, Any] = {
                 "tok_s": round(statistics.median(r.tok_s for r in mine), 3),
-                "speedup": round(statistics.median(r.tok_s / plain_rate[(r.category, r.question_id)] for r in mine), 3),
-                "prompts": len(mine),
+                "speedup": round(statistics.median(statistics.median(x) for x in by_prompt.values()), 3),
+                "workload_speedup": round(statistics.harmonic_mean([r.tok_s for r in mine])
+                                          / statistics.harmonic_mean([plain_rate[_key(r)] for r in mine]), 3),
+                "prompts": len(by_prompt),
+                "runs": len(mine),
             }
             if c.tau != 0 and not c.transformers:
-                plain_ms = statistics.median(1e3 / plain_rate[(r.category, r.question_id)] for r in mine)
+                plain_ms = statistics.median(1e3 / plain_rate[_key(r)] for r in mine)
                 row.update(_speculation(mine, [traces[k] for k in traces if k[0] == c.name and scope in (k[1], "overall")],
                                         plain_ms, verify_ms))
-                row["identical"] = sum(1 for r in mine if not any(
-                    d["config"] == c.name and d["question_id"] == r.question_id and d["category"] == r.category
-                    for d in divergences))
+                wrong = {(d["category"], d["question_id"], d["round"]) for d in divergences if d["config"] == c.name}
+                row["identical"] = sum(1 for r in mine if _key(r) not in wrong)
             table[scope][c.name] = row
     return {"max_tokens": max_tokens, "drafters": drafters, "taus": taus, "verify_ms": verify_ms,
-            "categories": table, "divergences": divergences,
+            "categories": table, "controller": _rate_controller(table, drafters, taus), "divergences": divergences,
             "traces": {f"{k[0]}|{k[1]}": buf.getvalue() for k, (buf, _) in traces.items()}}
+
+
+def _key(run: Run) -> tuple[str, str, int]:
+    return run.category, run.question_id, run.round
+
+
+def _rate_controller(table: dict[str, dict[str, dict[str, Any]]], drafters: list[str], taus: list[int | str]
+                     ) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per scope and drafter, by both speedups: auto against the best fixed τ in hindsight, τ = 0
+    (plain decoding, speedup 1) included, since that is what a useless drafter should fall back to."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for scope, rows in table.items():
+        for d in drafters:
+            auto = rows.get(f"{d}/{AUTO}")
+            fixed = [t for t in taus if t != AUTO and f"{d}/{t}" in rows]
+            if auto is None or not fixed:
+                continue
+            rating = {}
+            for measure in ("speedup", "workload_speedup"):
+                best, tau = max([(1.0, 0)] + [(rows[f"{d}/{t}"][measure], t) for t in fixed])
+                rating[measure] = {"auto": auto[measure], "best_fixed_tau": tau, "best_fixed": best,
+                                   "ratio": round(auto[measure] / best, 3)}
+            out.setdefault(scope, {})[d] = rating
+    return out
 
 
 def _speculation(runs: list[Run], traces: list[tuple[io.StringIO, TraceWriter]], plain_ms: float,

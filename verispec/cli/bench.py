@@ -23,6 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--per-category", type=int, default=2, help="prompts per category")
     p.add_argument("--num-draft-tokens", default="1,2,4,8,auto", help="comma-separated taus; auto = the controller")
     p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every prompt this many times (interleaved); speedups are medians over rounds")
     p.add_argument("--baselines", default="plain", help="plain[,transformers]")
     p.add_argument("--output", default=None, help="a folder for result.json, traces and PNG plots")
     add_flags(p, RuntimeConfig)
@@ -52,9 +54,12 @@ def run(args: argparse.Namespace) -> None:
         raise InvalidInputError(f"baselines={args.baselines!r} is not allowed: choose from plain, transformers")
     if args.max_tokens < 2:
         raise InvalidInputError(f"max_tokens={args.max_tokens} is not allowed: it must be >= 2")
+    if args.rounds < 1:
+        raise InvalidInputError(f"rounds={args.rounds} is not allowed: it must be >= 1")
     prompts = load_prompts(args.prompts, args.categories.split(",") if args.categories else None, args.per_category)
     llm = LLM(args.model, from_flags(RuntimeConfig, args))
-    result = run_bench(llm, prompts, args.drafter.split(","), taus, args.max_tokens, "transformers" in baselines)
+    result = run_bench(llm, prompts, args.drafter.split(","), taus, args.max_tokens, "transformers" in baselines,
+                       rounds=args.rounds)
     traces = result.pop("traces")
     result["model"] = args.model
     print(table(result))
@@ -74,13 +79,21 @@ def run(args: argparse.Namespace) -> None:
 
 
 def table(result: dict[str, Any]) -> str:
-    lines = [f"{'category':15} {'config':30} {'tok/s':>7} {'speedup':>8} {'predicted':>9} {'accept':>7} "
-             f"{'len':>5} {'draft/verify/other':>19} {'same':>5}"]
+    lines = [f"{'category':15} {'config':30} {'tok/s':>7} {'speedup':>8} {'workload':>8} {'predicted':>9} "
+             f"{'accept':>7} {'len':>5} {'draft/verify/other':>19} {'same':>5}"]
     for category, rows in result["categories"].items():
         for name, r in rows.items():
             spec = "acceptance" in r
             split = "/".join(f"{r['time_split'][k]:.0%}" for k in ("draft", "verify", "other")) if spec else ""
-            lines.append(f"{category:15} {name:30} {r['tok_s']:7.1f} {r['speedup']:7.2f}x "
+            lines.append(f"{category:15} {name:30} {r['tok_s']:7.1f} {r['speedup']:7.2f}x {r['workload_speedup']:7.2f}x "
                          + (f"{r['predicted_speedup']:8.2f}x {r['acceptance']:7.0%} {r['mean_accepted_length']:5.2f} "
-                            f"{split:>19} {r['identical']:>2}/{r['prompts']}" if spec else ""))
+                            f"{split:>19} {r['identical']:>2}/{r['runs']}" if spec else ""))
+    if result["controller"]:
+        lines.append("auto against the best fixed tau in hindsight (tau 0 = plain decoding), by the median speedup "
+                     "over prompts and by the workload's (all tokens / all time):")
+    for scope, by_drafter in result["controller"].items():
+        for drafter, rating in by_drafter.items():
+            lines.append(f"{scope:15} {drafter}/auto " + "; ".join(
+                f"{measure.replace('_', ' ')} {r['ratio']:.3f} (auto {r['auto']:.2f}x, tau {r['best_fixed_tau']} "
+                f"{r['best_fixed']:.2f}x)" for measure, r in rating.items()))
     return "\n".join(lines)
