@@ -6,8 +6,12 @@ from __future__ import annotations
 import pytest
 
 from verispec import hub
+from verispec.benchmark.replay import replay
 from verispec.config import SamplingParams
 from verispec.drafters import NgramDrafter
+from verispec.drafters.base import DraftProposal
+from verispec.engine.controller import Controller
+from verispec.engine.cost import CostModel, VerifyCurve
 from verispec.engine.generate import Engine
 from verispec.engine.request import Request
 
@@ -125,3 +129,27 @@ def test_greedy_with_the_adaptive_controller_equals_plain(long_llm):
     stats = engine.run(request)
     assert request.output_ids == plain.output_ids
     assert len(set(stats.drafted_per_position)) > 1 and stats.cycles > 0
+
+
+def test_replay_runs_the_cycles_the_engine_runs(long_llm):
+    """benchmark.replay prices the cycles a policy would run on a known greedy output; they must be
+    the engine's own cycles, or its comparison of fixed τ and the controller means nothing."""
+    prompt = long_llm.encode("the stop the end the stop")
+    params = SamplingParams(max_tokens=300, ignore_eos=True)
+    model = CostModel(VerifyCurve((10.0, 11.0, 12.0, 20.0, 21.0, 22.0, 23.0)), draft_ms=0.5)
+    for tau in (2, 5):
+        spec, stats = run(long_llm, prompt, params, tau)
+        replayed = replay(NgramDrafter(), spec.sampler, prompt, spec.output_ids, tau, model)
+        assert (len(replayed.taus), replayed.drafted, replayed.accepted) == (stats.cycles, stats.drafted, stats.accepted)
+        assert 0 < stats.accepted < stats.drafted
+        assert replayed.ms > stats.cycles * model.t1  # drafts were verified and drafting costs
+    silent = replay(NoDrafts(), spec.sampler, prompt, spec.output_ids, 4, model)
+    assert silent.speedup(model) == 1.0 and len(silent.taus) == 300  # plain steps, priced T(1) each
+    runs = [replay(NgramDrafter(), spec.sampler, prompt, spec.output_ids, Controller(model), model, noise=0.1, seed=3)
+            for _ in range(2)]
+    assert runs[0] == runs[1] and len(set(runs[0].taus)) > 1
+
+
+class NoDrafts(NgramDrafter):
+    def propose(self, context, k):
+        return DraftProposal([])

@@ -1,0 +1,62 @@
+"""Replay greedy speculation on a known output, priced by the cost model instead of timed.
+
+Greedy speculation commits the target's own tokens whatever τ is, so once the target's output for a
+prompt is known, the cycles any τ policy would run follow without the target: the drafter proposes
+after the committed tokens, the accepted drafts are the longest prefix that matches the output, and
+the cycle costs τ·d + T(drafted + 1). Priced by one verify curve, a fixed τ and the controller are
+compared without the machine's timing noise, which on a shared CPU is larger than the 5 % the
+controller is judged by. `noise` perturbs the timings the controller sees (not the price) to show
+how it copes with a real clock.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from verispec.drafters.base import Drafter
+from verispec.engine.controller import Controller
+from verispec.engine.cost import CostModel
+from verispec.sampling import Sampler
+
+
+@dataclass(frozen=True)
+class Replayed:
+    tokens: int
+    ms: float  # priced by the cost model
+    taus: tuple[int, ...]  # τ of every cycle
+    drafted: int
+    accepted: int
+
+    def speedup(self, model: CostModel) -> float:
+        """Against plain decoding: one token per T(1)."""
+        return self.tokens * model.t1 / self.ms
+
+
+def replay(drafter: Drafter, sampler: Sampler, prompt_ids: Sequence[int], output_ids: Sequence[int],
+           policy: int | Controller, model: CostModel, noise: float = 0.0, seed: int = 0) -> Replayed:
+    """The cycles of `policy` (a fixed τ, or a controller that keeps learning) over output_ids."""
+    rng = random.Random(seed)
+    choose: Callable[[], int] = policy.choose if isinstance(policy, Controller) else (lambda: policy)
+    drafter.reset(sampler)
+    done, ms, taus, drafted, kept = 0, 0.0, [], 0, 0
+    context = list(prompt_ids)
+    while done < len(output_ids):
+        tau = choose()
+        k = min(tau, len(output_ids) - done - 1)  # as the engine: never draft past max_tokens
+        drafts = drafter.propose(context, k).token_ids[:k] if k > 0 else []
+        accepted = 0
+        while accepted < len(drafts) and drafts[accepted] == output_ids[done + accepted]:
+            accepted += 1
+        if drafts:
+            drafter.observe(accepted)
+        draft_ms, verify_ms = len(drafts) * model.draft_ms, model.curve(len(drafts) + 1)
+        if isinstance(policy, Controller):
+            policy.observe(tau, len(drafts), accepted, draft_ms, verify_ms * max(0.1, 1 + rng.gauss(0, noise)))
+        ms += draft_ms + verify_ms
+        context += output_ids[done: done + accepted + 1]
+        done += accepted + 1
+        taus.append(tau)
+        drafted, kept = drafted + len(drafts), kept + accepted
+    return Replayed(len(output_ids), ms, tuple(taus), drafted, kept)
