@@ -49,40 +49,48 @@ def activation(name: str, x: torch.Tensor) -> torch.Tensor:
     return F.silu(x) if name == "silu" else F.gelu(x, approximate="tanh")
 
 
-def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
-              scale: float, window: int | None) -> torch.Tensor:
+def attention_masks(positions: torch.Tensor, group: int, window: int | None) -> list[tuple[int, torch.Tensor]]:
+    """What `attention` hides from queries at `positions` [n]: per row group of 2..MAX_ROWS queries,
+    (blocks, hidden [blocks, group * n_rows, BLOCK]), True where a key is in the future or out of the
+    window. The same for every layer of a forward, so computed once per forward."""
+    parts = positions.split(row_groups(positions.shape[0])) if positions.shape[0] > MAX_ROWS else [positions]
+    masks = []
+    for pos in parts:
+        blocks = int(pos[-1]) // BLOCK + 1
+        key_pos = torch.arange(blocks * BLOCK, device=pos.device).view(blocks, 1, BLOCK)
+        query_pos = pos.repeat(group).view(1, group * pos.shape[0], 1)
+        hidden = key_pos > query_pos
+        if window is not None:
+            hidden |= key_pos <= query_pos - window
+        masks.append((blocks, hidden))
+    return masks
+
+
+def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, masks: list[tuple[int, torch.Tensor]],
+              scale: float) -> torch.Tensor:
     """Causal attention of n queries over the cache, reduced over fixed blocks of BLOCK positions.
 
-    q [n, heads, d] at `positions` [n]; k_cache, v_cache [kv_heads, capacity, d], already holding the
-    keys and values of every position <= positions[-1]. Returns [n, heads * d].
+    q [n, heads, d]; k_cache, v_cache [kv_heads, capacity, d], already holding the keys and values of
+    every position a query sees; masks from attention_masks for these queries. Returns [n, heads * d].
     """
     n = q.shape[0]
     if n <= MAX_ROWS:
-        return _attention_rows(q, k_cache, v_cache, positions, scale, window)
-    sizes = row_groups(n)
-    return torch.cat([
-        _attention_rows(qp, k_cache, v_cache, pp, scale, window)
-        for qp, pp in zip(q.split(sizes), positions.split(sizes))
-    ])
+        return _attention_rows(q, k_cache, v_cache, *masks[0], scale)
+    return torch.cat([_attention_rows(part, k_cache, v_cache, blocks, hidden, scale)
+                      for part, (blocks, hidden) in zip(q.split(row_groups(n)), masks)])
 
 
-def _attention_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
-                    scale: float, window: int | None) -> torch.Tensor:
+def _attention_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: int, hidden: torch.Tensor,
+                    scale: float) -> torch.Tensor:
     n, heads, d = q.shape
     kv_heads = k_cache.shape[0]
     group = heads // kv_heads
-    blocks = int(positions[-1]) // BLOCK + 1
     k = k_cache[:, : blocks * BLOCK].view(kv_heads, blocks, BLOCK, d)
     v = v_cache[:, : blocks * BLOCK].view(kv_heads, blocks, BLOCK, d)
     # Rows are (query head in its group, query): [kv_heads, group * n, d]
     rows = q.view(n, kv_heads, group, d).permute(1, 2, 0, 3).reshape(kv_heads, group * n, d)
     # keys @ queries^T keeps each query's scores independent of the other queries.
     scores = (k @ rows.transpose(1, 2).unsqueeze(1)).transpose(2, 3) * scale  # [kv_heads, blocks, group*n, BLOCK]
-    key_pos = torch.arange(blocks * BLOCK, device=q.device).view(blocks, 1, BLOCK)
-    query_pos = positions.repeat(group).view(1, group * n, 1)
-    hidden = key_pos > query_pos
-    if window is not None:
-        hidden |= key_pos <= query_pos - window
     scores = scores.masked_fill(hidden, float("-inf"))
     block_max = scores.amax(-1, keepdim=True)  # [kv_heads, blocks, group*n, 1]
     empty = torch.isinf(block_max)

@@ -64,6 +64,7 @@ class Transformer:
         local_rope = (_rope_table(config.rope_local_theta, config.head_dim, max_context, None, device)
                       if config.rope_local_theta else global_rope)
         self._rope = {False: global_rope, True: local_rope}
+        self._kinds = set(config.sliding_layers)  # which of global (False) and sliding (True) layers occur
 
     def _layer(self, w: dict[str, torch.Tensor], i: int) -> Layer:
         c = self.config
@@ -140,9 +141,16 @@ class Transformer:
             spans.append((row, row + len(pos)))
             row += len(pos)
         pos_all = torch.cat(positions)  # [rows]
+        # cos, sin [rows, 1, head_dim] of each RoPE table (global, local), looked up once for all layers
+        rope = {sliding: tuple(t[pos_all].unsqueeze(1) for t in table) for sliding, table in self._rope.items()}
+        # per segment and kind of layer (global, sliding), the keys its queries must not see
+        group = c.num_heads // c.num_kv_heads
+        masks = [{sliding: kernels.attention_masks(pos, group, c.sliding_window if sliding else None)
+                  for sliding in self._kinds} for pos in positions]
         x = self.embed[torch.cat(ids)] * c.embed_scale  # [rows, hidden]
         for i, layer in enumerate(self.layers):
-            x = x + self._attention(layer, i, x, pos_all, segments, spans)
+            x = x + self._attention(layer, i, x, rope[layer.sliding], [m[layer.sliding] for m in masks], segments,
+                                    spans)
             x = x + self._mlp(layer, x)
         outputs: list[torch.Tensor] = []
         for seg, (first, _) in zip(segments, spans):
@@ -161,28 +169,28 @@ class Transformer:
         parts = iter(logits.split([o.shape[0] for o in outputs]))
         return [None if seg.logits == "none" else next(parts) for seg in segments]
 
-    def _attention(self, layer: Layer, i: int, x: torch.Tensor, positions: torch.Tensor,
-                   segments: Sequence[Segment], spans: list[tuple[int, int]]) -> torch.Tensor:
+    def _attention(self, layer: Layer, i: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                   masks: list[list[tuple[int, torch.Tensor]]], segments: Sequence[Segment],
+                   spans: list[tuple[int, int]]) -> torch.Tensor:
         c = self.config
-        rows = x.shape[0]
+        rows, heads = x.shape[0], c.num_heads
         h = kernels.rms_norm(x, layer.attn_norm, c.rms_norm_eps)
         qkv = kernels.linear(h, layer.qkv_t, layer.qkv_bias)
-        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        q = qkv[:, :q_size].view(rows, c.num_heads, c.head_dim)
-        k = qkv[:, q_size: q_size + kv_size].view(rows, c.num_kv_heads, c.head_dim)
+        q_size, kv_size = heads * c.head_dim, c.num_kv_heads * c.head_dim
+        qk = qkv[:, : q_size + kv_size].view(rows, heads + c.num_kv_heads, c.head_dim)  # query heads, then key heads
         v = qkv[:, q_size + kv_size:].view(rows, c.num_kv_heads, c.head_dim)
         if layer.q_norm is not None:
-            q = kernels.rms_norm(q, layer.q_norm, c.rms_norm_eps)
-            k = kernels.rms_norm(k, layer.k_norm, c.rms_norm_eps)
-        cos, sin = (t[positions].unsqueeze(1) for t in self._rope[layer.sliding])  # [rows, 1, head_dim]
-        q, k = kernels.rope(q, cos, sin), kernels.rope(k, cos, sin)
-        window = c.sliding_window if layer.sliding else None
+            qk = torch.cat([kernels.rms_norm(qk[:, :heads], layer.q_norm, c.rms_norm_eps),
+                            kernels.rms_norm(qk[:, heads:], layer.k_norm, c.rms_norm_eps)], dim=1)
+        qk = kernels.rope(qk, *rope)  # queries and keys rotated in one pass
+        q, k = qk[:, :heads], qk[:, heads:]
         parts = []
-        for seg, (first, last) in zip(segments, spans):
-            pos, cache = positions[first:last], seg.cache
-            cache.k[i][:, pos] = k[first:last].transpose(0, 1)
-            cache.v[i][:, pos] = v[first:last].transpose(0, 1)
-            parts.append(kernels.attention(q[first:last], cache.k[i], cache.v[i], pos, c.query_scale, window))
+        for seg, (first, last), seg_masks in zip(segments, spans, masks):
+            # a one-token segment's duplicate row equals its row bit for bit: the first n rows suffice
+            cache, start, n = seg.cache, seg.cache.length, seg.token_ids.shape[0]
+            cache.k[i][:, start: start + n] = k[first: first + n].transpose(0, 1)
+            cache.v[i][:, start: start + n] = v[first: first + n].transpose(0, 1)
+            parts.append(kernels.attention(q[first:last], cache.k[i], cache.v[i], seg_masks, c.query_scale))
         a = kernels.linear(parts[0] if len(parts) == 1 else torch.cat(parts), layer.o_t)
         return a if layer.post_attn_norm is None else kernels.rms_norm(a, layer.post_attn_norm, c.rms_norm_eps)
 
