@@ -41,26 +41,38 @@ def warm_up(target: Transformer, cache: KVCache, seconds: float = 2.0) -> None:
 
 def forward_ms(target: Transformer, cache: KVCache, k: int, context: int = 128, repeats: int = 5) -> float:
     """T(k) in ms: one forward over k tokens after `context` cached ones; the cache is left empty."""
+    return forward_times_ms(target, cache, [k], context, repeats)[0]
+
+
+def forward_times_ms(target: Transformer, cache: KVCache, ks: Sequence[int], context: int = 128,
+                     repeats: int = 5) -> list[float]:
+    """T(k) in ms for each k in ks. Each round times every k once, in alternating order, after one
+    warm-up round; T(k) is its median over the rounds, so a slow spell of a shared machine raises
+    every k a little instead of one k a lot (a spike at one k once made T(6) twice T(5)). The cache
+    is left empty."""
     device = target.device
     cache.truncate(0)
     target.forward(torch.zeros(context, dtype=torch.long, device=device), torch.arange(context, device=device),
                    cache, last_only=True)
-
-    def step() -> None:
-        target.forward(torch.zeros(k, dtype=torch.long, device=device),
-                       torch.arange(context, context + k, device=device), cache)
-        cache.truncate(context)
-
+    times: dict[int, list[float]] = {k: [] for k in ks}
     try:
-        return median_ms(step, repeats)
+        for r in range(repeats + 1):
+            for k in (ks if r % 2 == 0 else list(ks)[::-1]):
+                start = time.perf_counter()
+                target.forward(torch.zeros(k, dtype=torch.long, device=device),
+                               torch.arange(context, context + k, device=device), cache)
+                if r > 0:
+                    times[k].append((time.perf_counter() - start) * 1e3)
+                cache.truncate(context)
     finally:
         cache.truncate(0)
+    return [statistics.median(times[k]) for k in ks]
 
 
 def verify_curve_ms(target: Transformer, cache: KVCache, max_k: int, repeats: int = 5) -> tuple[float, ...]:
     """(T(1), ..., T(max_k)) in ms, after a warm-up."""
     warm_up(target, cache)
-    return tuple(forward_ms(target, cache, k, repeats=repeats) for k in range(1, max_k + 1))
+    return tuple(forward_times_ms(target, cache, range(1, max_k + 1), repeats=repeats))
 
 
 def drafter_ms_per_token(drafter: Drafter, context_ids: Sequence[int], sampler: Sampler, k: int = 4,
