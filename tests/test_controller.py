@@ -60,6 +60,20 @@ def test_a_free_drafter_that_is_never_accepted_is_switched_off_too():
     assert sum(t > 0 for t in late) / len(late) <= 1 / config.probe_interval
 
 
+def test_a_drafter_as_dear_as_the_target_stays_off_though_always_accepted():
+    """drafter = target: every draft is accepted, but each costs a target step (twice that, with
+    the catch-up feed), so no τ pays. An accepted probe must then not call the next probe at once
+    (it once did, and probing never stopped: 0.64× plain)."""
+    config = ControllerConfig()
+    truth = CostModel(CURVE, 2 * T1)
+    assert truth.best_tau([1.0], config.max_tau)[0] == 0
+    controller = Controller(CostModel(CURVE, 0.0), config)  # a calibration without the drafter's cost
+    chosen = simulate(controller, lambda i: 1.0, 2.0, 1000, random.Random(8))
+    late = chosen[100:]
+    assert sum(t > 0 for t in late) / len(late) <= 1 / config.probe_interval
+    assert sum(truth.speedup([1.0], t) for t in late) / len(late) >= 0.97
+
+
 def test_returns_to_speculation_when_acceptance_recovers():
     controller, rng = Controller(), random.Random(3)
     simulate(controller, lambda i: 0.03, 0.05, 500, rng)

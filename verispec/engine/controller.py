@@ -114,8 +114,9 @@ class Controller:
         self._longer = [1.0] * c.max_tau  # decayed: proposals longer than i / requests for more than i
         self._asked = [1.0] * c.max_tau
         self._times = VerifyTimes(prior.curve if prior is not None else None, c.max_tau + 1, c.time_decay)
-        self._draft_ms = prior.draft_ms if prior is not None else 0.0
-        self._draft_seen = prior is not None
+        # the drafter's ms per token: decayed Σ of the costs seen and their weight, the prior's
+        # (a calibration's) counting as one observation that fades like the others
+        self._draft = (prior.draft_ms, 1.0) if prior is not None else (0.0, 0.0)
         self._since_probe = 0
         self._interval = c.probe_interval
         self._since_explore = 0
@@ -140,9 +141,14 @@ class Controller:
         """P(the drafter proposes more than i tokens | asked for more than i)."""
         return [n / a for n, a in zip(self._longer, self._asked)]
 
+    @property
+    def draft_ms(self) -> float:
+        total, weight = self._draft
+        return total / weight if weight else 0.0
+
     def cost_model(self) -> CostModel | None:
         curve = self._times.curve()
-        return None if curve is None else CostModel(curve, self._draft_ms)
+        return None if curve is None else CostModel(curve, self.draft_ms)
 
     # --- decisions --------------------------------------------------------------------------------
     def choose(self) -> int:
@@ -175,24 +181,30 @@ class Controller:
         self._times.observe(drafted + 1, verify_ms)
         if tau == 0:
             return
-        if self.last.get("why") == "probe" and accepted > 0:  # acceptance may be back: look again at once
+        if self.last.get("why") == "probe" and accepted > 0 and self._acceptance_limits():
+            # acceptance may be back, and it is what keeps speculation off: look again at once
             self._since_probe, self._interval = self.config.probe_interval, self.config.probe_interval
         for i in range(min(tau, c.max_tau)):
             self._asked[i] = c.decay * self._asked[i] + 1
             self._longer[i] = c.decay * self._longer[i] + (drafted > i)
         if drafted == 0:
             return
-        per_token = draft_ms / drafted
-        self._draft_ms = per_token if not self._draft_seen else c.decay * self._draft_ms + (1 - c.decay) * per_token
-        self._draft_seen = True
+        total, weight = self._draft
+        self._draft = (c.decay * total + draft_ms / drafted, c.decay * weight + 1)
         for i in range(min(drafted, c.max_tau, accepted + 1)):  # drafted positions that were reached
             self._tried[i] = c.decay * self._tried[i] + 1
             self._kept[i] = c.decay * self._kept[i] + (i < accepted)
             self._prior_weight[i] *= c.decay
 
+    def _acceptance_limits(self) -> bool:
+        """Would drafts that are always accepted pay? If not (a drafter as slow as the target), an
+        accepted probe is no sign that speculation pays again, and probing stays spaced out."""
+        model = self.cost_model()
+        return model is not None and model.best_tau([1.0], self.config.max_tau, self.offered)[0] > 0
+
     def _decide(self, tau: int, why: str, model: CostModel | None = None, speedup: float | None = None) -> int:
         self.last = {"tau": tau, "why": why, "alphas": [round(a, 3) for a in self.alphas[:4]],
-                     "offered": [round(o, 3) for o in self.offered[:4]], "draft_ms": round(self._draft_ms, 4),
+                     "offered": [round(o, 3) for o in self.offered[:4]], "draft_ms": round(self.draft_ms, 4),
                      "t1_ms": round(model.t1, 3) if model is not None else 0.0}
         if speedup is not None:
             self.last["predicted_speedup"] = round(speedup, 3)
