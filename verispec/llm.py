@@ -115,14 +115,17 @@ class LLM:
     def calibrate(self, max_k: int = MAX_DRAFT_TOKENS + 1, repeats: int = 5) -> Calibration:
         """Measure T(k) for k = 1..max_k and the drafter's cost per token here; store them for later runs."""
         verify_ms = verify_curve_ms(self.target, self.engine.cache, max_k, repeats)
-        draft_ms = 0.0
-        if self.engine.drafter is not None:
-            context = self.encode(CALIBRATION_TEXT * 4)[:128]
-            sampler = Request(context, SamplingParams(), self.eos_ids, self.engine.capacity).sampler
-            draft_ms = drafter_ms_per_token(self.engine.drafter, context, sampler, repeats=repeats)
-        calibration = Calibration(verify_ms, draft_ms)
+        calibration = Calibration(verify_ms, self.drafter_ms(self.engine.drafter, repeats))
         save_calibration(self.calibration_path, calibration)
         return calibration
+
+    def drafter_ms(self, drafter: Drafter | None, repeats: int = 5) -> float:
+        """The drafter's cost per proposed token here, in ms (0 without a drafter)."""
+        if drafter is None:
+            return 0.0
+        context = self.encode(CALIBRATION_TEXT * 4)[:128]
+        sampler = Request(context, SamplingParams(), self.eos_ids, self.engine.capacity).sampler
+        return drafter_ms_per_token(drafter, context, sampler, repeats=repeats)
 
     def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
         return encode(self.tokenizer, prompt, self.target.config.vocab_size, chat)

@@ -68,9 +68,8 @@ def run_bench(llm: LLM, prompts: list[BenchPrompt], drafters: list[str], taus: l
     max_tau = max([t for t in taus if t != AUTO] + ([ControllerConfig().max_tau] if AUTO in taus else []))
     curve = verify_curve_ms(llm.target, llm.engine.cache, max_tau + 1)
     verify_ms = {k: round(ms, 4) for k, ms in enumerate(curve, 1)}
-    # one controller per drafter, learning across prompts as a server's would
-    prior = CostModel(VerifyCurve(curve), 0.0)
-    controllers = {d: Controller(prior) for d in drafters}
+    # one controller per drafter, learning across prompts as a server's would, from this calibration
+    controllers = {d: Controller(CostModel(VerifyCurve(curve), llm.drafter_ms(made[d]))) for d in drafters}
     hf = _transformers_models(llm, configs) if with_transformers else {}
     params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens)
     traces: dict[tuple[str, str], tuple[io.StringIO, TraceWriter]] = {}
