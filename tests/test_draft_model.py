@@ -69,6 +69,11 @@ def test_draft_cache_stays_in_sync_after_every_cycle(draft_pair, same):
         fresh.reset(Request(prompt, SamplingParams(), llm.eos_ids, 2048).sampler)
         again = fresh.propose(context, k)
         assert again.token_ids == proposal.token_ids and torch.equal(again.probs, proposal.probs)
+        assert again.fed == len(context)  # a fresh drafter takes in the whole context
+    # the running drafter took in the prompt once, then only what a cycle committed (at most the
+    # k + 1 tokens of a full acceptance), never the context again
+    assert drafter.seen[0][2].fed == len(prompt)
+    assert all(1 <= proposal.fed <= k + 1 for _, k, proposal in drafter.seen[1:])
 
 
 @pytest.mark.parametrize("drafter", ["ngram", "draft"])

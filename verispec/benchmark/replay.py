@@ -15,7 +15,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from verispec.drafters.base import Drafter
+from verispec.drafters.base import DraftProposal, Drafter
 from verispec.engine.controller import Controller
 from verispec.engine.cost import CostModel
 from verispec.sampling import Sampler
@@ -45,15 +45,18 @@ def replay(drafter: Drafter, sampler: Sampler, prompt_ids: Sequence[int], output
     while done < len(output_ids):
         tau = choose()
         k = min(tau, len(output_ids) - done - 1)  # as the engine: never draft past max_tokens
-        drafts = drafter.propose(context, k).token_ids[:k] if k > 0 else []
+        proposal = drafter.propose(context, k) if k > 0 else DraftProposal([])
+        drafts = proposal.token_ids[:k]
         accepted = 0
         while accepted < len(drafts) and drafts[accepted] == output_ids[done + accepted]:
             accepted += 1
         if drafts:
             drafter.observe(accepted)
-        draft_ms, verify_ms = len(drafts) * model.draft_ms, model.curve(len(drafts) + 1)
+        draft_ms = len(drafts) * model.draft_ms + proposal.fed * model.feed_ms
+        verify_ms = model.curve(len(drafts) + 1)
         if isinstance(policy, Controller):
-            policy.observe(tau, len(drafts), accepted, draft_ms, verify_ms * max(0.1, 1 + rng.gauss(0, noise)))
+            policy.observe(tau, len(drafts), accepted, draft_ms, verify_ms * max(0.1, 1 + rng.gauss(0, noise)),
+                           proposal.fed)
         ms += draft_ms + verify_ms
         context += output_ids[done: done + accepted + 1]
         done += accepted + 1

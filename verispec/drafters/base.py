@@ -14,10 +14,14 @@ from verispec.sampling import Sampler
 @dataclass(frozen=True)
 class DraftProposal:
     """token_ids [k]; probs [k, vocab], the distributions the drafts were drawn from, or None
-    (a point mass: the verifier treats each draft as proposed with probability 1)."""
+    (a point mass: the verifier treats each draft as proposed with probability 1); fed, the tokens
+    the drafter had to take in before drafting (a draft model's cache catching up on the context:
+    the whole prompt first, then the tokens committed since its last proposal), whose cost the
+    controller learns apart from the cost per draft."""
 
     token_ids: list[int]
     probs: torch.Tensor | None = None
+    fed: int = 0
 
 
 class Drafter(Protocol):

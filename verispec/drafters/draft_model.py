@@ -58,6 +58,7 @@ class DraftModelDrafter:
                 raise RuntimeError("DraftModelDrafter.propose before reset(sampler)")
             if limits[idx] > 0:
                 feeds[idx] = drafter._catch_up(context)
+        fed = {idx: len(segment.token_ids) for idx, segment in feeds.items()}
         while feeds:
             logits = model.forward_many(list(feeds.values()))
             for idx, row in zip(list(feeds), logits):
@@ -74,7 +75,8 @@ class DraftModelDrafter:
         for (drafter, context, _), tokens in zip(jobs, drafts):
             if tokens:
                 drafter._cached = list(context) + tokens[:-1]
-        return [DraftProposal(tokens, torch.stack(r) if r else None) for tokens, r in zip(drafts, rows)]
+        return [DraftProposal(tokens, torch.stack(r) if r else None, fed.get(idx, 0))
+                for idx, (tokens, r) in enumerate(zip(drafts, rows))]
 
     def _catch_up(self, context: Sequence[int]) -> Segment:
         """Keep the cached prefix shared with context; the rest (at least one token: its logits are

@@ -91,6 +91,42 @@ def _line(moments: list[float]) -> tuple[float, float]:
     return (sy - b * sk) / sw, b
 
 
+class DraftCosts:
+    """The drafter's ms per draft (d) and per token it takes in before drafting (g: a draft model's
+    cache catching up, the whole prompt first), from the draft times seen: decayed least squares of
+    draft_ms ≈ d·drafted + g·fed. Priced together, a 700-token prompt fed once made d look 20× too
+    dear and switched a paying draft model off. The prior's d (a calibration's) and g = 0 count as one
+    observation each and fade, down to a floor that keeps the fit defined while drafted and fed move
+    together."""
+
+    FLOOR = 0.01  # in observations
+
+    def __init__(self, prior_ms: float, decay: float) -> None:
+        self._prior_ms = prior_ms
+        self._decay = decay
+        self._prior_weight = 1.0
+        self._sums = [0.0] * 5  # decayed Σn², Σn·f, Σf², Σn·ms, Σf·ms over (drafted n, fed f, ms)
+
+    def observe(self, drafted: int, fed: int, ms: float) -> None:
+        d = self._decay
+        self._prior_weight = max(d * self._prior_weight, self.FLOOR)
+        terms = (drafted * drafted, drafted * fed, fed * fed, drafted * ms, fed * ms)
+        self._sums = [d * x + t for x, t in zip(self._sums, terms)]
+
+    def estimate(self) -> tuple[float, float]:
+        """(d, g) in ms, both ≥ 0."""
+        w = self._prior_weight
+        nn, nf, ff, ny, fy = self._sums
+        nn, ny, ff = nn + w, ny + w * self._prior_ms, ff + w
+        det = nn * ff - nf * nf
+        d, g = (ny * ff - fy * nf) / det, (fy * nn - ny * nf) / det
+        if d < 0:
+            return 0.0, fy / ff
+        if g < 0:
+            return ny / nn, 0.0
+        return d, g
+
+
 @dataclass(frozen=True)
 class ControllerConfig:
     max_tau: int = 8
@@ -114,9 +150,7 @@ class Controller:
         self._longer = [1.0] * c.max_tau  # decayed: proposals longer than i / requests for more than i
         self._asked = [1.0] * c.max_tau
         self._times = VerifyTimes(prior.curve if prior is not None else None, c.max_tau + 1, c.time_decay)
-        # the drafter's ms per token: decayed Σ of the costs seen and their weight, the prior's
-        # (a calibration's) counting as one observation that fades like the others
-        self._draft = (prior.draft_ms, 1.0) if prior is not None else (0.0, 0.0)
+        self._draft = DraftCosts(prior.draft_ms if prior is not None else 0.0, c.decay)
         self._since_probe = 0
         self._interval = c.probe_interval
         self._since_explore = 0
@@ -141,14 +175,9 @@ class Controller:
         """P(the drafter proposes more than i tokens | asked for more than i)."""
         return [n / a for n, a in zip(self._longer, self._asked)]
 
-    @property
-    def draft_ms(self) -> float:
-        total, weight = self._draft
-        return total / weight if weight else 0.0
-
     def cost_model(self) -> CostModel | None:
         curve = self._times.curve()
-        return None if curve is None else CostModel(curve, self.draft_ms)
+        return None if curve is None else CostModel(curve, *self._draft.estimate())
 
     # --- decisions --------------------------------------------------------------------------------
     def choose(self) -> int:
@@ -170,13 +199,20 @@ class Controller:
                                     speedup)
             return self._decide(tau, "best", model, speedup)
         self._since_probe += 1
+        if self._since_probe >= self._interval and not self._acceptance_limits():
+            # drafts that are always accepted would not pay either (a drafter as dear as the target):
+            # a probe, which also feeds the drafter every token since its last one, cannot help
+            self._since_probe = 0
+            return self._decide(0, "off", model, speedup)
         if self._since_probe >= self._interval:
             self._since_probe = 0
             self._interval = min(2 * self._interval, c.probe_interval_max)
             return self._decide(c.probe_tau, "probe", model, speedup)
         return self._decide(0, "off", model, speedup)
 
-    def observe(self, tau: int, drafted: int, accepted: int, draft_ms: float, verify_ms: float) -> None:
+    def observe(self, tau: int, drafted: int, accepted: int, draft_ms: float, verify_ms: float, fed: int = 0) -> None:
+        """One cycle: τ asked, drafts proposed and accepted, its draft and verify times, and the tokens
+        the drafter took in before drafting."""
         c = self.config
         self._times.observe(drafted + 1, verify_ms)
         if tau == 0:
@@ -189,8 +225,7 @@ class Controller:
             self._longer[i] = c.decay * self._longer[i] + (drafted > i)
         if drafted == 0:
             return
-        total, weight = self._draft
-        self._draft = (c.decay * total + draft_ms / drafted, c.decay * weight + 1)
+        self._draft.observe(drafted, fed, draft_ms)
         for i in range(min(drafted, c.max_tau, accepted + 1)):  # drafted positions that were reached
             self._tried[i] = c.decay * self._tried[i] + 1
             self._kept[i] = c.decay * self._kept[i] + (i < accepted)
@@ -204,8 +239,10 @@ class Controller:
 
     def _decide(self, tau: int, why: str, model: CostModel | None = None, speedup: float | None = None) -> int:
         self.last = {"tau": tau, "why": why, "alphas": [round(a, 3) for a in self.alphas[:4]],
-                     "offered": [round(o, 3) for o in self.offered[:4]], "draft_ms": round(self.draft_ms, 4),
-                     "t1_ms": round(model.t1, 3) if model is not None else 0.0}
+                     "offered": [round(o, 3) for o in self.offered[:4]]}
+        if model is not None:
+            self.last.update(draft_ms=round(model.draft_ms, 4), feed_ms=round(model.feed_ms, 4),
+                             t1_ms=round(model.t1, 3))
         if speedup is not None:
             self.last["predicted_speedup"] = round(speedup, 3)
         return tau

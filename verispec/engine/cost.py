@@ -11,7 +11,8 @@ offered_i, the chance that the drafter proposes more than i tokens, scales both:
 Σ_{i<τ} offered_i Π_{j≤i} α_j, and a cycle costs D·d + T(1 + D) with D the number of drafts
 proposed, priced over D's law (P(D = j) = offered_{j−1} − offered_j): T is not linear (a CPU's
 curve steps up at some row counts), so T at the mean D would underprice a drafter that proposes
-τ tokens or none.
+τ tokens or none. A draft model also takes in, before drafting, what the last cycle committed
+(E(τ) tokens at feed_ms each: its cache catching up); n-gram lookup has no such cost.
 With one α, offered = 1 and T(k) = T(1) this is Leviathan et al. 2023: E = (1 − α^(τ+1)) / (1 − α) and speedup
 E / (τ·c + 1), with c = d / T(1). The controller, bench and diagnose all use this module.
 """
@@ -68,6 +69,7 @@ ALWAYS = (1.0,)
 class CostModel:
     curve: VerifyCurve
     draft_ms: float  # the drafter's cost per proposed token
+    feed_ms: float = 0.0  # per token it takes in before drafting: the E(τ) tokens the last cycle committed
 
     @property
     def t1(self) -> float:
@@ -83,7 +85,9 @@ class CostModel:
         return sum(p * (d * self.draft_ms + self.curve(1 + d)) for d, p in enumerate(law))
 
     def speedup(self, alphas: Sequence[float], tau: int, offered: Sequence[float] = ALWAYS) -> float:
-        return expected_tokens(alphas, tau, offered) * self.t1 / self.cycle_ms(tau, offered)
+        tokens = expected_tokens(alphas, tau, offered)
+        feed = self.feed_ms * tokens if tau > 0 else 0.0  # speculating every cycle, a draft model takes these in
+        return tokens * self.t1 / (self.cycle_ms(tau, offered) + feed)
 
     def best_tau(self, alphas: Sequence[float], max_tau: int = MAX_TAU, offered: Sequence[float] = ALWAYS
                  ) -> tuple[int, float]:

@@ -88,7 +88,7 @@ def step(target: Transformer, sequences: Seq[Sequence], prefill_budget: int | No
     decoding = [s for s in sequences if not s.request.finished and s.to_prefill == 0 and s not in filling]
     # 2. drafts
     taus = [seq.choose_tau() for seq in decoding]
-    drafts, draft_probs = _draft(decoding, taus)
+    drafts, draft_probs, fed = _draft(decoding, taus)
     t1 = time.perf_counter()
     # 3. one forward: prefill chunks and [pending] + drafts of every decoding sequence
     verifying = [Segment(torch.tensor([seq.request.last_id] + d, device=device), seq.cache)
@@ -107,13 +107,15 @@ def step(target: Transformer, sequences: Seq[Sequence], prefill_budget: int | No
     for seq in filling:
         seq.request.stats.prefill_s += t2 - t0
         seq.request.stats.target_forwards += 1
-    return [_commit(seq, tau, d, accepted, tokens, t0, t1, t2)
-            for seq, tau, d, (accepted, tokens) in zip(decoding, taus, drafts, results)]
+    return [_commit(seq, tau, d, n, accepted, tokens, t0, t1, t2)
+            for seq, tau, d, n, (accepted, tokens) in zip(decoding, taus, drafts, fed, results)]
 
 
-def _draft(sequences: list[Sequence], taus: list[int]) -> tuple[list[list[int]], list[torch.Tensor | None]]:
-    """Never draft past max_tokens or the context: a cycle commits at most k + 1 tokens and the
-    forward writes k + 1 cache positions."""
+def _draft(sequences: list[Sequence], taus: list[int]
+           ) -> tuple[list[list[int]], list[torch.Tensor | None], list[int]]:
+    """Drafts, their distributions and the tokens each drafter took in first. Never draft past
+    max_tokens or the context: a cycle commits at most k + 1 tokens and the forward writes k + 1
+    cache positions."""
     jobs, owners = [], []
     for idx, (seq, tau) in enumerate(zip(sequences, taus)):
         request = seq.request
@@ -124,13 +126,15 @@ def _draft(sequences: list[Sequence], taus: list[int]) -> tuple[list[list[int]],
             owners.append(idx)
     drafts: list[list[int]] = [[] for _ in sequences]
     probs: list[torch.Tensor | None] = [None] * len(sequences)
+    fed = [0] * len(sequences)
     for idx, (_, _, k), proposal in zip(owners, jobs, propose_all(jobs)):
         drafts[idx] = proposal.token_ids[:k]
         probs[idx] = None if proposal.probs is None else proposal.probs[: len(drafts[idx])]
-    return drafts, probs
+        fed[idx] = proposal.fed
+    return drafts, probs, fed
 
 
-def _commit(seq: Sequence, tau: int, drafts: list[int], accepted: int, tokens: list[int],
+def _commit(seq: Sequence, tau: int, drafts: list[int], fed: int, accepted: int, tokens: list[int],
             t0: float, t1: float, t2: float) -> Cycle:
     request, stats = seq.request, seq.request.stats
     if seq._decode_start is None:
@@ -143,7 +147,7 @@ def _commit(seq: Sequence, tau: int, drafts: list[int], accepted: int, tokens: l
     stats.target_forwards += 1
     stats.record_cycle(len(drafts), accepted)
     if seq.controller is not None:
-        seq.controller.observe(tau, len(drafts), accepted, (t1 - t0) * 1e3, (t2 - t1) * 1e3)
+        seq.controller.observe(tau, len(drafts), accepted, (t1 - t0) * 1e3, (t2 - t1) * 1e3, fed)
     if seq.trace is not None:
         extra = {"controller": seq.controller.last} if seq.controller is not None else {}
         seq.trace.cycle(tau=tau, drafted=len(drafts), accepted=accepted, draft_ms=(t1 - t0) * 1e3,
