@@ -11,7 +11,7 @@ from verispec import hub
 from verispec.config import RuntimeConfig, SamplingParams
 from verispec.drafters import DraftModelDrafter, Drafter, NgramDrafter
 from verispec.drafters.select import parse_drafter
-from verispec.engine.calibrate import (Calibration, calibration_path, drafter_ms_per_token, load_calibration,
+from verispec.engine.calibrate import (Calibration, calibration_path, drafter_costs_ms, load_calibration,
                                        save_calibration, verify_curve_ms)
 from verispec.engine.controller import Controller
 from verispec.engine.generate import Engine
@@ -115,17 +115,18 @@ class LLM:
     def calibrate(self, max_k: int = MAX_DRAFT_TOKENS + 1, repeats: int = 5) -> Calibration:
         """Measure T(k) for k = 1..max_k and the drafter's cost per token here; store them for later runs."""
         verify_ms = verify_curve_ms(self.target, self.engine.cache, max_k, repeats)
-        calibration = Calibration(verify_ms, self.drafter_ms(self.engine.drafter, repeats))
+        calibration = Calibration(verify_ms, *self.drafter_costs(self.engine.drafter, repeats))
         save_calibration(self.calibration_path, calibration)
         return calibration
 
-    def drafter_ms(self, drafter: Drafter | None, repeats: int = 5) -> float:
-        """The drafter's cost per proposed token here, in ms (0 without a drafter)."""
+    def drafter_costs(self, drafter: Drafter | None, repeats: int = 5) -> tuple[float, float]:
+        """The drafter's costs here in ms, per proposed token and per token taken in before drafting
+        (0 without a drafter)."""
         if drafter is None:
-            return 0.0
+            return 0.0, 0.0
         context = self.encode(CALIBRATION_TEXT * 4)[:128]
         sampler = Request(context, SamplingParams(), self.eos_ids, self.engine.capacity).sampler
-        return drafter_ms_per_token(drafter, context, sampler, repeats=repeats)
+        return drafter_costs_ms(drafter, context, sampler, repeats=repeats)
 
     def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
         return encode(self.tokenizer, prompt, self.target.config.vocab_size, chat)

@@ -69,7 +69,7 @@ def run_bench(llm: LLM, prompts: list[BenchPrompt], drafters: list[str], taus: l
     curve = verify_curve_ms(llm.target, llm.engine.cache, max_tau + 1)
     verify_ms = {k: round(ms, 4) for k, ms in enumerate(curve, 1)}
     # one controller per drafter, learning across prompts as a server's would, from this calibration
-    controllers = {d: Controller(CostModel(VerifyCurve(curve), llm.drafter_ms(made[d]))) for d in drafters}
+    controllers = {d: Controller(CostModel(VerifyCurve(curve), *llm.drafter_costs(made[d]))) for d in drafters}
     hf = _transformers_models(llm, configs) if with_transformers else {}
     params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens)
     traces: dict[tuple[str, str], tuple[io.StringIO, TraceWriter]] = {}

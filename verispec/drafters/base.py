@@ -28,6 +28,10 @@ class Drafter(Protocol):
     def propose(self, context: Sequence[int], k: int) -> DraftProposal:
         """Up to k tokens to follow `context` (prompt + committed output); fewer, or none, is fine."""
 
+    def backlog(self, context: Sequence[int]) -> int:
+        """The tokens this drafter would take in before its next proposal after `context` (its
+        DraftProposal.fed): the whole context for a cold draft model, 0 for n-gram lookup."""
+
     def observe(self, num_accepted: int) -> None:
         """How many of the last proposal's tokens the target kept (a drafter rolls back its own state)."""
 

@@ -38,6 +38,9 @@ class DraftModelDrafter:
         self._cached = []
         self.cache.truncate(0)
 
+    def backlog(self, context: Sequence[int]) -> int:
+        return len(context) - self._shared(context)
+
     def observe(self, num_accepted: int) -> None:
         pass  # the next proposal finds the shared prefix itself
 
@@ -78,12 +81,16 @@ class DraftModelDrafter:
         return [DraftProposal(tokens, torch.stack(r) if r else None, fed.get(idx, 0))
                 for idx, (tokens, r) in enumerate(zip(drafts, rows))]
 
-    def _catch_up(self, context: Sequence[int]) -> Segment:
-        """Keep the cached prefix shared with context; the rest (at least one token: its logits are
-        needed) is what the cache takes next."""
+    def _shared(self, context: Sequence[int]) -> int:
+        """The cached prefix shared with context, short of its last token (whose logits are needed)."""
         shared = 0
         limit = min(len(self._cached), len(context) - 1)
         while shared < limit and self._cached[shared] == context[shared]:
             shared += 1
+        return shared
+
+    def _catch_up(self, context: Sequence[int]) -> Segment:
+        """Keep the cached prefix shared with context; the rest is what the cache takes next."""
+        shared = self._shared(context)
         self.cache.truncate(shared)
         return Segment(torch.tensor(list(context[shared:]), device=self.model.device), self.cache, "last")

@@ -29,6 +29,9 @@ class NgramDrafter:
         self._index: dict[tuple[int, ...], int] = {}
         self._context: list[int] = []
 
+    def backlog(self, context: Sequence[int]) -> int:
+        return 0  # indexing new tokens costs next to nothing
+
     def observe(self, num_accepted: int) -> None:
         pass  # the index holds committed tokens only, so a rejection leaves nothing to roll back
 

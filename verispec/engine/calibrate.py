@@ -75,24 +75,34 @@ def verify_curve_ms(target: Transformer, cache: KVCache, max_k: int, repeats: in
     return tuple(forward_times_ms(target, cache, range(1, max_k + 1), repeats=repeats))
 
 
-def drafter_ms_per_token(drafter: Drafter, context_ids: Sequence[int], sampler: Sampler, k: int = 4,
-                         repeats: int = 5) -> float:
-    """The drafter's steady-state cost per proposed token in ms: proposing k tokens again after
-    context_ids, with its state warm (a draft model then runs k one-token steps, as in a cycle)."""
+def drafter_costs_ms(drafter: Drafter, context_ids: Sequence[int], sampler: Sampler, k: int = 4,
+                     repeats: int = 5) -> tuple[float, float]:
+    """The drafter's costs in ms: per proposed token in steady state (proposing k tokens again after
+    context_ids with its state warm: a draft model runs k one-token steps, as in a cycle), and per
+    token it takes in before drafting (a cold proposal feeds the whole context first)."""
     drafter.reset(sampler)
     proposed = max(1, len(drafter.propose(context_ids, k).token_ids))
-    return median_ms(lambda: drafter.propose(context_ids, k), repeats) / proposed
+    per_draft = median_ms(lambda: drafter.propose(context_ids, k), repeats) / proposed
+
+    def cold() -> None:
+        drafter.reset(sampler)
+        drafter.propose(context_ids, k)
+
+    per_fed = max(0.0, median_ms(cold, repeats) - per_draft * proposed) / len(context_ids)
+    return per_draft, per_fed
 
 
 @dataclass(frozen=True)
 class Calibration:
-    """T(k) for k = 1..len(verify_ms) and the drafter's cost per token, on one machine and setting."""
+    """T(k) for k = 1..len(verify_ms) and the drafter's costs per token (drafted, and taken in before
+    drafting), on one machine and setting."""
 
     verify_ms: tuple[float, ...]
     draft_ms_per_token: float
+    feed_ms_per_token: float = 0.0
 
     def cost_model(self) -> CostModel:
-        return CostModel(VerifyCurve(self.verify_ms), self.draft_ms_per_token)
+        return CostModel(VerifyCurve(self.verify_ms), self.draft_ms_per_token, self.feed_ms_per_token)
 
 
 def calibration_path(cache_root: Path, model_key: str, drafter: str) -> Path:
@@ -110,6 +120,7 @@ def load_calibration(path: Path) -> Calibration | None:
     """The stored calibration, or None when there is none (or it is unreadable: calibrate again)."""
     try:
         raw = json.loads(path.read_text())
-        return Calibration(tuple(float(x) for x in raw["verify_ms"]), float(raw["draft_ms_per_token"]))
+        return Calibration(tuple(float(x) for x in raw["verify_ms"]), float(raw["draft_ms_per_token"]),
+                           float(raw.get("feed_ms_per_token", 0.0)))
     except (OSError, ValueError, KeyError, TypeError):
         return None

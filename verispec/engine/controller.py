@@ -95,14 +95,14 @@ class DraftCosts:
     """The drafter's ms per draft (d) and per token it takes in before drafting (g: a draft model's
     cache catching up, the whole prompt first), from the draft times seen: decayed least squares of
     draft_ms ≈ d·drafted + g·fed. Priced together, a 700-token prompt fed once made d look 20× too
-    dear and switched a paying draft model off. The prior's d (a calibration's) and g = 0 count as one
+    dear and switched a paying draft model off. The prior's d and g (a calibration's) count as one
     observation each and fade, down to a floor that keeps the fit defined while drafted and fed move
     together."""
 
     FLOOR = 0.01  # in observations
 
-    def __init__(self, prior_ms: float, decay: float) -> None:
-        self._prior_ms = prior_ms
+    def __init__(self, prior_ms: float, prior_feed_ms: float, decay: float) -> None:
+        self._prior_ms, self._prior_feed_ms = prior_ms, prior_feed_ms
         self._decay = decay
         self._prior_weight = 1.0
         self._sums = [0.0] * 5  # decayed Σn², Σn·f, Σf², Σn·ms, Σf·ms over (drafted n, fed f, ms)
@@ -117,7 +117,7 @@ class DraftCosts:
         """(d, g) in ms, both ≥ 0."""
         w = self._prior_weight
         nn, nf, ff, ny, fy = self._sums
-        nn, ny, ff = nn + w, ny + w * self._prior_ms, ff + w
+        nn, ny, ff, fy = nn + w, ny + w * self._prior_ms, ff + w, fy + w * self._prior_feed_ms
         det = nn * ff - nf * nf
         d, g = (ny * ff - fy * nf) / det, (fy * nn - ny * nf) / det
         if d < 0:
@@ -150,7 +150,8 @@ class Controller:
         self._longer = [1.0] * c.max_tau  # decayed: proposals longer than i / requests for more than i
         self._asked = [1.0] * c.max_tau
         self._times = VerifyTimes(prior.curve if prior is not None else None, c.max_tau + 1, c.time_decay)
-        self._draft = DraftCosts(prior.draft_ms if prior is not None else 0.0, c.decay)
+        self._draft = DraftCosts(prior.draft_ms if prior is not None else 0.0,
+                                 prior.feed_ms if prior is not None else 0.0, c.decay)
         self._since_probe = 0
         self._interval = c.probe_interval
         self._since_explore = 0
@@ -180,14 +181,21 @@ class Controller:
         return None if curve is None else CostModel(curve, *self._draft.estimate())
 
     # --- decisions --------------------------------------------------------------------------------
-    def choose(self) -> int:
+    def choose(self, backlog: int = 0, remaining: int | None = None) -> int:
         """1. no T(1) yet: a plain step measures it; 2. the cost model's best τ, now and then another one
-        to time its verify (an estimate never tested is never corrected); 3. off: probe now and then."""
+        to time its verify (an estimate never tested is never corrected); 3. off: probe now and then.
+
+        backlog: the tokens the drafter must take in before it can draft (a cold draft model: the
+        whole context); remaining: the tokens the request may still generate. Drafting starts only
+        where what it is expected to save over those tokens pays for taking in the backlog."""
         c = self.config
         model = self.cost_model()
         if model is None:
             return self._decide(0, "measuring T(1)")
         tau, speedup = model.best_tau(self.alphas, c.max_tau, self.offered)
+        if tau > 0 and self._prior_weight[0] < 0.5 and not self._repays(model, speedup, backlog, remaining):
+            # (while acceptance is still the prior's guess, only the probe rule below holds it back)
+            return self._decide(0, "backlog", model, speedup)
         if tau > 0:
             self._interval = c.probe_interval
             self._since_probe = 0
@@ -199,9 +207,9 @@ class Controller:
                                     speedup)
             return self._decide(tau, "best", model, speedup)
         self._since_probe += 1
-        if self._since_probe >= self._interval and not self._acceptance_limits():
-            # drafts that are always accepted would not pay either (a drafter as dear as the target):
-            # a probe, which also feeds the drafter every token since its last one, cannot help
+        if self._since_probe >= self._interval and not self._could_pay(model, backlog, remaining):
+            # drafts that are always accepted would not pay either (a drafter as dear as the target,
+            # or one whose backlog the rest of the request cannot repay): a probe cannot help
             self._since_probe = 0
             return self._decide(0, "off", model, speedup)
         if self._since_probe >= self._interval:
@@ -210,6 +218,13 @@ class Controller:
             return self._decide(c.probe_tau, "probe", model, speedup)
         return self._decide(0, "off", model, speedup)
 
+    @staticmethod
+    def _repays(model: CostModel, speedup: float, backlog: int, remaining: int | None) -> bool:
+        """Would speculating at `speedup` over the remaining tokens save more than the backlog costs?"""
+        if backlog == 0 or remaining is None:
+            return True
+        return (1 - 1 / speedup) * model.t1 * remaining > model.feed_ms * backlog
+
     def observe(self, tau: int, drafted: int, accepted: int, draft_ms: float, verify_ms: float, fed: int = 0) -> None:
         """One cycle: τ asked, drafts proposed and accepted, its draft and verify times, and the tokens
         the drafter took in before drafting."""
@@ -217,7 +232,7 @@ class Controller:
         self._times.observe(drafted + 1, verify_ms)
         if tau == 0:
             return
-        if self.last.get("why") == "probe" and accepted > 0 and self._acceptance_limits():
+        if self.last.get("why") == "probe" and accepted > 0 and self._could_pay(self.cost_model()):
             # acceptance may be back, and it is what keeps speculation off: look again at once
             self._since_probe, self._interval = self.config.probe_interval, self.config.probe_interval
         for i in range(min(tau, c.max_tau)):
@@ -231,11 +246,13 @@ class Controller:
             self._kept[i] = c.decay * self._kept[i] + (i < accepted)
             self._prior_weight[i] *= c.decay
 
-    def _acceptance_limits(self) -> bool:
-        """Would drafts that are always accepted pay? If not (a drafter as slow as the target), an
-        accepted probe is no sign that speculation pays again, and probing stays spaced out."""
-        model = self.cost_model()
-        return model is not None and model.best_tau([1.0], self.config.max_tau, self.offered)[0] > 0
+    def _could_pay(self, model: CostModel | None, backlog: int = 0, remaining: int | None = None) -> bool:
+        """Would speculation pay if every draft were accepted? Only then is acceptance what keeps it
+        off, and a probe (an accepted one calling the next at once) can find it back."""
+        if model is None:
+            return False
+        best = model.best_tau([1.0], self.config.max_tau, self.offered)[1]
+        return best > 1 and self._repays(model, best, backlog, remaining)
 
     def _decide(self, tau: int, why: str, model: CostModel | None = None, speedup: float | None = None) -> int:
         self.last = {"tau": tau, "why": why, "alphas": [round(a, 3) for a in self.alphas[:4]],

@@ -54,7 +54,11 @@ class Sequence:
         return len(self.request.prompt_ids) - 1 - self.cache.length if self._decode_start is None else 0
 
     def choose_tau(self) -> int:
-        return self.controller.choose() if self.controller is not None else self.num_draft_tokens
+        if self.controller is None:
+            return self.num_draft_tokens
+        request = self.request
+        return self.controller.choose(self.drafter.backlog(request.all_ids),
+                                      request.params.max_tokens - len(request.output_ids))
 
 
 @dataclass
