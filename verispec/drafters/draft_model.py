@@ -24,6 +24,7 @@ class DraftModelDrafter:
         self.model = model
         self.cache = model.new_cache()
         self._cached: list[int] = []  # the tokens whose keys and values the cache holds
+        self._context_len = 0  # the length of the context the last proposal drafted after
         self._sampler: Sampler | None = None
 
     @property
@@ -35,7 +36,7 @@ class DraftModelDrafter:
 
     def reset(self, sampler: Sampler) -> None:
         self._sampler = sampler
-        self._cached = []
+        self._cached, self._context_len = [], 0
         self.cache.truncate(0)
 
     def backlog(self, context: Sequence[int]) -> int:
@@ -78,13 +79,19 @@ class DraftModelDrafter:
         for (drafter, context, _), tokens in zip(jobs, drafts):
             if tokens:
                 drafter._cached = list(context) + tokens[:-1]
+                drafter._context_len = len(context)
         return [DraftProposal(tokens, torch.stack(r) if r else None, fed.get(idx, 0))
                 for idx, (tokens, r) in enumerate(zip(drafts, rows))]
 
     def _shared(self, context: Sequence[int]) -> int:
-        """The cached prefix shared with context, short of its last token (whose logits are needed)."""
-        shared = 0
+        """The cached prefix shared with context, short of its last token (whose logits are needed).
+        The context a proposal drafted after is normally still a prefix (a request only grows): then
+        the scan starts at its end instead of at token 0."""
         limit = min(len(self._cached), len(context) - 1)
+        start = min(self._context_len, limit)
+        if start and self._cached[start - 1] != context[start - 1]:
+            start = 0  # another context: compare from the start
+        shared = start
         while shared < limit and self._cached[shared] == context[shared]:
             shared += 1
         return shared
