@@ -207,15 +207,13 @@ class Controller:
                                     speedup)
             return self._decide(tau, "best", model, speedup)
         self._since_probe += 1
-        if self._since_probe >= self._interval and not self._could_pay(model, backlog, remaining):
-            # drafts that are always accepted would not pay either (a drafter as dear as the target,
-            # or one whose backlog the rest of the request cannot repay): a probe cannot help
-            self._since_probe = 0
-            return self._decide(0, "off", model, speedup)
+        # a probe is due; none when drafts that are always accepted would not pay either (a drafter
+        # as dear as the target, or one whose backlog the rest of the request cannot repay)
         if self._since_probe >= self._interval:
             self._since_probe = 0
-            self._interval = min(2 * self._interval, c.probe_interval_max)
-            return self._decide(c.probe_tau, "probe", model, speedup)
+            if self._could_pay(model, backlog, remaining):
+                self._interval = min(2 * self._interval, c.probe_interval_max)
+                return self._decide(c.probe_tau, "probe", model, speedup)
         return self._decide(0, "off", model, speedup)
 
     @staticmethod
