@@ -53,11 +53,12 @@ class Sequence:
         """Prompt tokens still to enter the cache (all but the last, which is the first pending)."""
         return len(self.request.prompt_ids) - 1 - self.cache.length if self._decode_start is None else 0
 
-    def choose_tau(self) -> int:
+    def choose_tau(self, context: list[int]) -> int:
+        """τ for the next cycle; context is the request's prompt + committed output."""
         if self.controller is None:
             return self.num_draft_tokens
         request = self.request
-        return self.controller.choose(self.drafter.backlog(request.all_ids),
+        return self.controller.choose(self.drafter.backlog(context),
                                       request.params.max_tokens - len(request.output_ids))
 
 
@@ -91,8 +92,9 @@ def step(target: Transformer, sequences: Seq[Sequence], prefill_budget: int | No
             budget = None if budget is None else budget - n
     decoding = [s for s in sequences if not s.request.finished and s.to_prefill == 0 and s not in filling]
     # 2. drafts
-    taus = [seq.choose_tau() for seq in decoding]
-    drafts, draft_probs, fed = _draft(decoding, taus)
+    contexts = [seq.request.all_ids for seq in decoding]  # built once: the controller and drafter both read it
+    taus = [seq.choose_tau(context) for seq, context in zip(decoding, contexts)]
+    drafts, draft_probs, fed = _draft(decoding, taus, contexts)
     t1 = time.perf_counter()
     # 3. one forward: prefill chunks and [pending] + drafts of every decoding sequence
     verifying = [Segment(torch.tensor([seq.request.last_id] + d, device=device), seq.cache)
@@ -115,18 +117,18 @@ def step(target: Transformer, sequences: Seq[Sequence], prefill_budget: int | No
             for seq, tau, d, n, (accepted, tokens) in zip(decoding, taus, drafts, fed, results)]
 
 
-def _draft(sequences: list[Sequence], taus: list[int]
+def _draft(sequences: list[Sequence], taus: list[int], contexts: list[list[int]]
            ) -> tuple[list[list[int]], list[torch.Tensor | None], list[int]]:
     """Drafts, their distributions and the tokens each drafter took in first. Never draft past
     max_tokens or the context: a cycle commits at most k + 1 tokens and the forward writes k + 1
     cache positions."""
     jobs, owners = [], []
-    for idx, (seq, tau) in enumerate(zip(sequences, taus)):
+    for idx, (seq, tau, context) in enumerate(zip(sequences, taus, contexts)):
         request = seq.request
         room = min(request.params.max_tokens - len(request.output_ids), seq.cache.capacity - request.length) - 1
         k = min(tau, room)
         if k > 0 and seq.drafter is not None:
-            jobs.append((seq.drafter, request.all_ids, k))
+            jobs.append((seq.drafter, context, k))
             owners.append(idx)
     drafts: list[list[int]] = [[] for _ in sequences]
     probs: list[torch.Tensor | None] = [None] * len(sequences)
