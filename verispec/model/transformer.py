@@ -142,7 +142,7 @@ class Transformer:
             row += len(pos)
         pos_all = torch.cat(positions)  # [rows]
         # cos, sin [rows, 1, head_dim] of each RoPE table (global, local), looked up once for all layers
-        rope = {sliding: tuple(t[pos_all].unsqueeze(1) for t in table) for sliding, table in self._rope.items()}
+        rope = {sliding: tuple(t[pos_all].unsqueeze(1) for t in self._rope[sliding]) for sliding in self._kinds}
         # per segment and kind of layer (global, sliding), the keys its queries must not see
         group = c.num_heads // c.num_kv_heads
         masks = [{sliding: kernels.attention_masks(pos, group, c.sliding_window if sliding else None)
