@@ -3,7 +3,7 @@
 Greedy speculation commits the target's own tokens whatever τ is, so once the target's output for a
 prompt is known, the cycles any τ policy would run follow without the target: the drafter proposes
 after the committed tokens, the accepted drafts are the longest prefix that matches the output, and
-the cycle costs τ·d + T(drafted + 1). Priced by one verify curve, a fixed τ and the controller are
+the cycle costs drafted·d + fed·g + T(drafted + 1). Priced by one verify curve, a fixed τ and the controller are
 compared without the machine's timing noise, which on a shared CPU is larger than the 5 % the
 controller is judged by. `noise` perturbs the timings the controller sees (not the price) to show
 how it copes with a real clock.
@@ -12,7 +12,7 @@ how it copes with a real clock.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from verispec.drafters.base import DraftProposal, Drafter
@@ -38,12 +38,13 @@ def replay(drafter: Drafter, sampler: Sampler, prompt_ids: Sequence[int], output
            policy: int | Controller, model: CostModel, noise: float = 0.0, seed: int = 0) -> Replayed:
     """The cycles of `policy` (a fixed τ, or a controller that keeps learning) over output_ids."""
     rng = random.Random(seed)
-    choose: Callable[[], int] = policy.choose if isinstance(policy, Controller) else (lambda: policy)
     drafter.reset(sampler)
     done, ms, taus, drafted, kept = 0, 0.0, [], 0, 0
     context = list(prompt_ids)
     while done < len(output_ids):
-        tau = choose()
+        # as the engine asks: with the drafter's backlog and the tokens the request may still generate
+        tau = (policy.choose(drafter.backlog(context), len(output_ids) - done) if isinstance(policy, Controller)
+               else policy)
         k = min(tau, len(output_ids) - done - 1)  # as the engine: never draft past max_tokens
         proposal = drafter.propose(context, k) if k > 0 else DraftProposal([])
         drafts = proposal.token_ids[:k]
