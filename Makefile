@@ -1,5 +1,6 @@
 # The two set-up commands of the README: `make demo` and `make test`. Everything installs into .venv
-# with constraints.txt, which pins the CPU build of torch.
+# with constraints.txt, which pins the CPU build of torch; the install compiles the native kernels
+# (setup.py), again whenever their sources change.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +11,9 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: demo test bench clean
 
-$(VENV)/.base: pyproject.toml constraints.txt
+NATIVE_SOURCES := setup.py $(wildcard verispec/model/native/csrc/*)
+
+$(VENV)/.base: pyproject.toml constraints.txt $(NATIVE_SOURCES)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt -e .
 	touch $@

@@ -1,0 +1,121 @@
+// The rest of a layer: norms, RoPE, activations, attention. Each works on one row (one query for
+// attention) at a time with a fixed order of operations, so no result depends on how many rows a
+// forward carries.
+#pragma once
+#include <math.h>
+#include <stdint.h>
+
+#include "matmul.h"
+
+namespace vs {
+
+// e^x for x <= 88.7 (Cephes' polynomial, ~1 ulp); x below -87.3 gives 0.
+static inline __m256 exp8(__m256 x) {
+  const __m256 hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-87.3365447504f);
+  x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+  __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
+}
+
+static inline float exp1(float x) {  // the same function on one value (tails of rows)
+  float in[8] = {x}, out[8];
+  _mm256_storeu_ps(out, exp8(_mm256_loadu_ps(in)));
+  return out[0];
+}
+
+enum Activation : int32_t { SILU = 0, GELU_TANH = 1 };
+
+// gate[i] = act(gate[i]) * up[i] over n values (n a multiple of 8)
+static void gated(int32_t kind, float* gate, const float* up, int n) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  for (int i = 0; i < n; i += 8) {
+    __m256 g = _mm256_loadu_ps(gate + i), a;
+    if (kind == SILU) {
+      a = _mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+    } else {  // 0.5 g (1 + tanh(u)), tanh(u) = 1 - 2 / (e^2u + 1)
+      const __m256 c = _mm256_set1_ps(0.7978845608028654f), k = _mm256_set1_ps(0.044715f);
+      __m256 u = _mm256_mul_ps(c, _mm256_fmadd_ps(_mm256_mul_ps(k, g), _mm256_mul_ps(g, g), g));
+      __m256 t = _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.0f),
+                                                  _mm256_add_ps(exp8(_mm256_add_ps(u, u)), one)));
+      a = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), g), _mm256_add_ps(one, t));
+    }
+    _mm256_storeu_ps(gate + i, _mm256_mul_ps(a, _mm256_loadu_ps(up + i)));
+  }
+}
+
+// out = x / sqrt(mean(x^2) + eps) * w over n values (n a multiple of 8); out may be x
+static void rms_norm(const float* x, const float* w, float eps, int n, float* out) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int i = 0; i < n; i += 8) {
+    __m256 v = _mm256_loadu_ps(x + i);
+    acc = _mm256_fmadd_ps(v, v, acc);
+  }
+  const __m256 r = _mm256_set1_ps(1.0f / sqrtf(hsum(acc) / static_cast<float>(n) + eps));
+  for (int i = 0; i < n; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), r), _mm256_loadu_ps(w + i)));
+}
+
+// Rotate-half RoPE of one head x [d] with cos, sin [d] of its position
+static void rope(float* x, const float* cos_, const float* sin_, int d) {
+  const int h = d / 2;
+  for (int i = 0; i < h; i += 8) {
+    __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x + h + i);
+    __m256 ca = _mm256_loadu_ps(cos_ + i), sa = _mm256_loadu_ps(sin_ + i);
+    __m256 cb = _mm256_loadu_ps(cos_ + h + i), sb = _mm256_loadu_ps(sin_ + h + i);
+    _mm256_storeu_ps(x + i, _mm256_sub_ps(_mm256_mul_ps(a, ca), _mm256_mul_ps(b, sa)));
+    _mm256_storeu_ps(x + h + i, _mm256_add_ps(_mm256_mul_ps(b, cb), _mm256_mul_ps(a, sb)));
+  }
+}
+
+static inline float dot(const float* a, const float* b, int d) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int i = 0; i < d; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  return hsum(acc);
+}
+
+// One query head q [d] over keys and values [first, last] of its kv head (k, v: [positions, d]):
+// softmax(q.k * scale) v -> out [d]. scores: room for last - first + 1 floats.
+static void attend(const float* q, const float* k, const float* v, int first, int last, int d, float scale,
+                   float* scores, float* out) {
+  const int n = last - first + 1;
+  float top = -INFINITY;
+  for (int t = 0; t < n; t++) {
+    scores[t] = dot(q, k + static_cast<int64_t>(first + t) * d, d) * scale;
+    top = scores[t] > top ? scores[t] : top;
+  }
+  const __m256 m = _mm256_set1_ps(top);
+  __m256 sum8 = _mm256_setzero_ps();
+  int t = 0;
+  for (; t + 8 <= n; t += 8) {
+    __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + t), m));
+    _mm256_storeu_ps(scores + t, e);
+    sum8 = _mm256_add_ps(sum8, e);
+  }
+  float sum = hsum(sum8);
+  for (; t < n; t++) sum += (scores[t] = exp1(scores[t] - top));
+  const float inv = 1.0f / sum;
+  for (int j0 = 0; j0 < d; j0 += 64) {  // 64 values of out at a time, in registers
+    const int w = d - j0 < 64 ? d - j0 : 64;
+    __m256 acc[8];
+    for (int j = 0; j < w / 8; j++) acc[j] = _mm256_setzero_ps();
+    for (t = 0; t < n; t++) {
+      const __m256 e = _mm256_set1_ps(scores[t]);
+      const float* vt = v + static_cast<int64_t>(first + t) * d + j0;
+      for (int j = 0; j < w / 8; j++) acc[j] = _mm256_fmadd_ps(e, _mm256_loadu_ps(vt + 8 * j), acc[j]);
+    }
+    for (int j = 0; j < w / 8; j++) _mm256_storeu_ps(out + j0 + 8 * j, _mm256_mul_ps(acc[j], _mm256_set1_ps(inv)));
+  }
+}
+
+}  // namespace vs
