@@ -102,11 +102,17 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    """Where and how big the runtime is: the device, threads, and the KV cache's capacity in tokens."""
+    """Where and how big the runtime is: the device, threads (the native kernels' pool and torch's),
+    the KV cache's capacity in tokens, the backend that runs the forward ('native': the weights as in
+    the file and C++ kernels, the CPU default; 'torch': fp32 torch ops, the reference and CUDA; None:
+    native where it can run) and the native backend's activations ('exact' fp32, or 'int8':
+    llama.cpp's numerics, faster, not bit-equal to exact)."""
 
     device: str = "auto"
     threads: int | None = None
     max_context: int | None = None
+    backend: str | None = None
+    activations: str = "exact"
 
     def __post_init__(self) -> None:
         _require(
@@ -121,6 +127,10 @@ class RuntimeConfig:
             self.max_context is None or (isinstance(self.max_context, int) and self.max_context >= 16),
             "max_context", f"max_context={self.max_context!r} is not allowed: it must be an integer >= 16 or None (the model's own)",
         )
+        _require(self.backend in (None, "native", "torch"), "backend",
+                 f"backend={self.backend!r} is not allowed: use 'native', 'torch' or None (native where it can run)")
+        _require(self.activations in ("exact", "int8"), "activations",
+                 f"activations={self.activations!r} is not allowed: use 'exact' or 'int8'")
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from verispec.engine.request import Request
 from verispec.engine.scheduler import Scheduler
 from verispec.engine.trace import TraceWriter
 from verispec.errors import InvalidInputError, TokenizerMismatchError
+from verispec.model import native
 from verispec.model.load import load_model, resolve_device
 from verispec.model.transformer import Transformer
 from verispec.text import Detokenizer, Prompt, StopStrings, check_same_tokenizer, encode, eos_ids, load_tokenizer
@@ -53,9 +54,13 @@ class LLM:
         parse_drafter(drafter)  # a bad name fails before any model loads
         if runtime.threads:
             torch.set_num_threads(runtime.threads)
+        self.runtime = runtime
         self.source = hub.resolve(model)
         self.tokenizer = load_tokenizer(self.source, hub.cache_dir())
-        self.target = load_model(self.source, runtime.max_context, resolve_device(runtime.device))
+        self.target = load_model(self.source, runtime.max_context, resolve_device(runtime.device), runtime.backend,
+                                 runtime.activations)
+        if self.target.backend_name == "native" and runtime.threads:
+            native.set_threads(runtime.threads)
         self.eos_ids = eos_ids(self.tokenizer, self.source)
         self.drafter_name = drafter or "none"
         self.engine = Engine(self.target, self.make_drafter(drafter))
@@ -99,7 +104,8 @@ class LLM:
     def _load_draft_model(self, name: str) -> Transformer:
         source = hub.resolve(name)
         check_same_tokenizer(self.tokenizer, load_tokenizer(source, hub.cache_dir()))
-        model = load_model(source, self.target.max_context, self.target.device)
+        model = load_model(source, self.target.max_context, self.target.device, self.target.backend_name,
+                           self.target.activations)
         if model.config.vocab_size != self.target.config.vocab_size:
             raise TokenizerMismatchError(
                 f"the draft model {name!r} has {model.config.vocab_size} logits, the target {self.target.config.vocab_size}: "

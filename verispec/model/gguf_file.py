@@ -1,4 +1,5 @@
-"""GGUF files through the `gguf` package: metadata -> ModelConfig, tensors dequantized to fp32."""
+"""GGUF files through the `gguf` package: metadata -> ModelConfig; matrices kept in their blocks (a
+memory map of the file), vectors as fp32."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from gguf.quants import dequantize
 
 from verispec.errors import ModelLoadError
 from verispec.model.config import ARCHITECTURES, ModelConfig, RopeScaling
+from verispec.model.weights import Weight
 
 # Quant types the loader accepts: those of the built-in models and the common ones.
 SUPPORTED_QUANTS = {GGMLQuantizationType[n] for n in
@@ -88,7 +90,7 @@ class GGUFModel:
             final_logit_softcap=self.field(f"{a}.final_logit_softcapping"),
         )
 
-    def weights(self, config: ModelConfig) -> dict[str, torch.Tensor]:
+    def weights(self, config: ModelConfig) -> dict[str, Weight | torch.Tensor]:
         tensors = {t.name: t for t in self.reader.tensors}
         w = {"embed": self._tensor(tensors, "token_embd.weight"), "final_norm": self._tensor(tensors, "output_norm.weight")}
         if "output.weight" in tensors:
@@ -105,7 +107,7 @@ class GGUFModel:
                 w[f"layers.{i}.k"] = _unpermute(w[f"layers.{i}.k"], config.num_kv_heads)
         return w
 
-    def _tensor(self, tensors: dict[str, Any], name: str) -> torch.Tensor:
+    def _tensor(self, tensors: dict[str, Any], name: str) -> Weight | torch.Tensor:
         t = tensors.get(name)
         if t is None:
             raise ModelLoadError(f"{self.path}: tensor {name!r} is missing")
@@ -114,15 +116,17 @@ class GGUFModel:
                 f"{self.path}: tensor {name!r} has quant type {t.tensor_type.name}, which is not supported; "
                 f"supported: {', '.join(sorted(q.name for q in SUPPORTED_QUANTS))}"
             )
+        dims = [int(d) for d in t.shape]  # GGUF lists dimensions innermost first
+        if len(dims) == 2:
+            return Weight.of(f"{self.path.name}: {name}", t.data, t.tensor_type, rows=dims[1], cols=dims[0])
         try:
             data = dequantize(t.data, t.tensor_type)
         except Exception as e:
             raise ModelLoadError(f"{self.path}: tensor {name!r} cannot be dequantized (corrupt file?): {e}") from None
-        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dimensions innermost first
-        return torch.from_numpy(np.array(data, dtype=np.float32).reshape(shape))  # a writable copy
+        return torch.from_numpy(np.array(data, dtype=np.float32).reshape(tuple(reversed(dims))))  # a writable copy
 
 
-def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
+def _unpermute(w: Weight, heads: int) -> Weight:
     """Undo llama.cpp's permute(): rows (head, pair, 2) back to (head, 2, pair)."""
-    out, cols = w.shape
-    return w.reshape(heads, out // heads // 2, 2, cols).transpose(1, 2).reshape(out, cols)
+    order = np.arange(w.rows).reshape(heads, w.rows // heads // 2, 2).transpose(0, 2, 1).reshape(-1)
+    return w.take_rows(order)

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from verispec.errors import ModelLoadError
 from verispec.model.config import ARCHITECTURES, ModelConfig, RopeScaling
+from verispec.model.weights import Weight
 
 # model_type in config.json -> our architecture
 MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
@@ -100,7 +101,8 @@ def _scaling(params: dict[str, Any], path: Path) -> RopeScaling | None:
     raise ModelLoadError(f"{path}: rope type {kind!r} is not supported; supported: default, linear, llama3")
 
 
-def load_weights(folder: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
+def load_weights(folder: Path, config: ModelConfig) -> dict[str, Weight | torch.Tensor]:
+    """Matrices in their safetensors dtype (f32, f16 or bf16), vectors as fp32."""
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{folder} has no *.safetensors files")
@@ -124,7 +126,7 @@ def load_weights(folder: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
                 w[f"layers.{i}.{canonical}"] = tensors[key]
     for name in [n for n in w if n.endswith("norm")] if gemma else []:
         w[name] = w[name].float() + 1.0  # gemma stores the norm scale as w, applied as 1 + w
-    return w
+    return {name: Weight.of_tensor(name, t) if t.dim() == 2 else t.float() for name, t in w.items()}
 
 
 def _take(tensors: dict[str, torch.Tensor], name: str, folder: Path) -> torch.Tensor:

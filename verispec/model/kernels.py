@@ -1,10 +1,11 @@
-"""Row-invariant fp32 kernels.
+"""The torch backend's row-invariant fp32 ops.
 
 Greedy speculation is exact only if the logits of a position do not depend on how many positions
-one forward carries: a k-row verify must round exactly like a one-row decode. CPU GEMM kernels
-do not promise this (MKL takes a GEMV path for one row and re-blocks the reduction above ~16 rows),
-so every op here runs on row groups of 2..16 and attention reduces over fixed blocks of positions.
-tests/test_invariance.py holds this property on the machine that runs the tests.
+one forward carries: a k-row verify must round exactly like a one-row decode. CPU GEMM kernels do not
+promise this (MKL takes a GEMV path for one row and re-blocks the reduction as rows grow, differently
+on every instruction set), so the torch backend runs every row-mixing op on groups of exactly ROWS
+rows (its callers pad) and attention reduces over fixed blocks of positions. tests/test_invariance.py
+holds this property on the machine that runs the tests.
 """
 
 from __future__ import annotations
@@ -14,23 +15,7 @@ import torch.nn.functional as F
 
 from verispec.model.cache import BLOCK
 
-MAX_ROWS = 16
-
-
-def row_groups(n: int) -> list[int]:
-    """Split n >= 2 rows into near-equal groups of 2..MAX_ROWS rows."""
-    groups = -(-n // MAX_ROWS)
-    base, extra = divmod(n, groups)
-    return [base + 1] * extra + [base] * (groups - extra)
-
-
-def linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [n, in] @ weight_t [in, out] (+ bias) -> [n, out], row by row the same for every n >= 2."""
-    if x.shape[0] <= MAX_ROWS:
-        y = x @ weight_t
-    else:
-        y = torch.cat([part @ weight_t for part in x.split(row_groups(x.shape[0]))])
-    return y if bias is None else y + bias
+ROWS = 16
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -50,12 +35,11 @@ def activation(name: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def attention_masks(positions: torch.Tensor, group: int, window: int | None) -> list[tuple[int, torch.Tensor]]:
-    """What `attention` hides from queries at `positions` [n]: per row group of 2..MAX_ROWS queries,
+    """What `attention` hides from queries at `positions` [n, a multiple of ROWS]: per group of ROWS queries,
     (blocks, hidden [blocks, group * n_rows, BLOCK]), True where a key is in the future or out of the
     window. The same for every layer of a forward, so computed once per forward."""
-    parts = positions.split(row_groups(positions.shape[0])) if positions.shape[0] > MAX_ROWS else [positions]
     masks = []
-    for pos in parts:
+    for pos in positions.split(ROWS):
         blocks = int(pos[-1]) // BLOCK + 1
         key_pos = torch.arange(blocks * BLOCK, device=pos.device).view(blocks, 1, BLOCK)
         query_pos = pos.repeat(group).view(1, group * pos.shape[0], 1)
@@ -73,11 +57,8 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mas
     q [n, heads, d]; k_cache, v_cache [kv_heads, capacity, d], already holding the keys and values of
     every position a query sees; masks from attention_masks for these queries. Returns [n, heads * d].
     """
-    n = q.shape[0]
-    if n <= MAX_ROWS:
-        return _attention_rows(q, k_cache, v_cache, *masks[0], scale)
     return torch.cat([_attention_rows(part, k_cache, v_cache, blocks, hidden, scale)
-                      for part, (blocks, hidden) in zip(q.split(row_groups(n)), masks)])
+                      for part, (blocks, hidden) in zip(q.split(ROWS), masks)])
 
 
 def _attention_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: int, hidden: torch.Tensor,

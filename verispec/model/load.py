@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from verispec.model.config import ModelConfig
 from verispec.model.gguf_file import GGUFModel
 from verispec.model.hf import load_weights, read_config
 from verispec.model.transformer import Transformer
+from verispec.model.weights import Weight
 
 REQUIRED_LAYER_WEIGHTS = ("attn_norm", "q", "k", "v", "o", "mlp_norm", "gate", "up", "down")
 
@@ -43,7 +45,10 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_model(source: ModelSource, max_context: int | None, device: torch.device) -> Transformer:
+def load_model(source: ModelSource, max_context: int | None, device: torch.device, backend: str | None = None,
+               activations: str = "exact") -> Transformer:
+    """backend: 'native', 'torch', or None for native where it can run (a CPU with AVX2 and the
+    extension built) and torch elsewhere; activations 'int8' needs the native backend."""
     if source.gguf_file is not None:
         gguf = GGUFModel(source.folder / source.gguf_file)
         config = gguf.config()
@@ -52,11 +57,35 @@ def load_model(source: ModelSource, max_context: int | None, device: torch.devic
         config = read_config(source.folder)
         weights = load_weights(source.folder, config)
     _check_weights(config, weights, source)
+    chosen = choose_backend(backend, device, config)
+    if activations != "exact" and chosen != "native":
+        raise InvalidInputError(f"activations={activations!r} needs backend='native' (this model runs on {chosen})",
+                                param="activations")
     context = max_context or min(config.max_position, 8192)
-    return Transformer(config, weights, context, device)
+    return Transformer(config, weights, context, device, chosen, activations)
 
 
-def _check_weights(config: ModelConfig, weights: dict[str, torch.Tensor], source: ModelSource) -> None:
+def choose_backend(requested: str | None, device: torch.device, config: ModelConfig) -> str:
+    from verispec.model import native
+    from verispec.model.native.backend import unsupported_shape
+
+    if requested == "torch":
+        return "torch"
+    if device.type != "cpu":
+        if requested == "native":
+            raise InvalidInputError(f"backend='native' runs on the CPU; device {device} needs backend='torch'",
+                                    param="backend")
+        return "torch"
+    why = native.unavailable() or unsupported_shape(config)
+    if why is None:
+        return "native"
+    if requested == "native":
+        raise ModelLoadError(f"backend='native' cannot run here: {why}")
+    warnings.warn(f"the native backend cannot run here ({why}): using the torch backend", stacklevel=3)
+    return "torch"
+
+
+def _check_weights(config: ModelConfig, weights: dict[str, Weight | torch.Tensor], source: ModelSource) -> None:
     required = [f"layers.{i}.{n}" for i in range(config.num_layers) for n in REQUIRED_LAYER_WEIGHTS]
     if config.qk_norm:
         required += [f"layers.{i}.{n}" for i in range(config.num_layers) for n in ("q_norm", "k_norm")]
