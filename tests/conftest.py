@@ -9,6 +9,19 @@ import torch
 
 torch.set_num_threads(2)
 
+# every backend and activation mode; the invariance, logits and real-model tests run on each
+BACKENDS = ["torch", "native", "native-int8"]
+
+
+def backend_args(name: str) -> tuple[str, str]:
+    """(backend, activations) for load_model; a native one is skipped where the kernels cannot run."""
+    from verispec.model import native
+
+    if name.startswith("native") and native.unavailable():
+        pytest.skip(f"native kernels: {native.unavailable()}")
+    return ("torch", "exact") if name == "torch" else ("native", "int8" if name.endswith("int8") else "exact")
+
+
 # dims are multiples of 16 so elementwise kernels never take a scalar tail on some rows only
 TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)

@@ -50,4 +50,5 @@ def test_calibrate_stores_a_curve_that_a_later_controller_starts_from(tiny_llm_f
     from verispec.llm import LLM
 
     controller = LLM(str(tiny_llm_folder), drafter="ngram").new_controller()
-    assert controller.cost_model().t1 == pytest.approx(stored["verify_ms"][0], rel=1e-3)
+    # the command prints ms to 4 decimals; a native forward of this tiny model takes ~0.03 ms
+    assert controller.cost_model().t1 == pytest.approx(stored["verify_ms"][0], rel=1e-3, abs=1e-4)

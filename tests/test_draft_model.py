@@ -181,7 +181,8 @@ def test_first_token_through_a_real_draft_model_follows_plain_sampling(draft_pai
         counts[request.output_ids[0]] += 1
     support = p > 0
     assert counts[~support].sum() == 0 and support.sum() == 8
-    assert chisquare(counts[support], p[support] * counts.sum()).pvalue > 1e-3
+    # p is float32: renormalised in float64 so that expected and observed totals agree (scipy checks to 1e-8)
+    assert chisquare(counts[support], p[support] / p[support].sum() * counts.sum()).pvalue > 1e-3
 
 
 def _rss_mb() -> float:

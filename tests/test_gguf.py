@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_hf_model
+from conftest import BACKENDS, backend_args, tiny_hf_model
+from quant import FORMATS, blocks
 from verispec.errors import ModelLoadError
+from verispec.model.gguf_file import GGUFModel
 from verispec.model.load import ModelSource, load_model
 
+EXACT = [b for b in BACKENDS if not b.endswith("int8")]
 NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
          "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
          "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
@@ -31,7 +34,9 @@ def _finish(w: gguf.GGUFWriter) -> None:
 
 
 def write_gguf(path: Path, hf, quant: str = "F32", arch: str = "llama") -> Path:
-    """Write a transformers llama/qwen2 model as llama.cpp would, quantizing the 2-D weights to `quant`."""
+    """Write a transformers llama/qwen2 model as llama.cpp would, its 2-D weights in format `quant`
+    (quantized where gguf.quants can, random blocks for the K formats). The weights of `hf` become the
+    file's dequantized ones, so `hf` is then the exact fp32 model of the file."""
     c = hf.config
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(c.num_hidden_layers)
@@ -43,32 +48,57 @@ def write_gguf(path: Path, hf, quant: str = "F32", arch: str = "llama") -> Path:
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     qtype = gguf.GGMLQuantizationType[quant]
+    rng = np.random.default_rng(0)
 
-    def add(name: str, t: torch.Tensor) -> None:
+    def add(name: str, t: torch.Tensor) -> torch.Tensor:
+        """Write t; return the values the file now holds for it."""
         a = t.detach().float().numpy()
-        if a.ndim == 2 and quant != "F32":
-            w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_shape=a.shape if quant == "F16" else None,
-                         raw_dtype=qtype)
-        else:
+        if a.ndim != 2 or quant == "F32":
             w.add_tensor(name, a)
+            return t
+        data = blocks(quant, a, rng, scale=2e-5)
+        w.add_tensor(name, data, raw_shape=a.shape if quant == "F16" else None, raw_dtype=qtype)
+        return torch.from_numpy(np.array(gguf.quants.dequantize(data, qtype), dtype=np.float32).reshape(a.shape))
 
     sd = hf.state_dict()
-    add("token_embd.weight", sd["model.embed_tokens.weight"])
-    add("output_norm.weight", sd["model.norm.weight"])
-    add("output.weight", sd["lm_head.weight"])
-    for i in range(c.num_hidden_layers):
-        for hf_name, g_name in NAMES.items():
-            for kind in ("weight", "bias"):
-                key = f"model.layers.{i}.{hf_name}.{kind}"
-                if key not in sd:
-                    continue
-                t = sd[key]
-                if arch == "llama" and g_name in ("attn_q", "attn_k"):
-                    heads = c.num_attention_heads if g_name == "attn_q" else c.num_key_value_heads
-                    t = torch.from_numpy(_permute(t.numpy(), heads))
-                add(f"blk.{i}.{g_name}.{kind}", t)
+    with torch.no_grad():
+        sd["model.embed_tokens.weight"].copy_(add("token_embd.weight", sd["model.embed_tokens.weight"]))
+        add("output_norm.weight", sd["model.norm.weight"])
+        sd["lm_head.weight"].copy_(add("output.weight", sd["lm_head.weight"]))
+        for i in range(c.num_hidden_layers):
+            for hf_name, g_name in NAMES.items():
+                for kind in ("weight", "bias"):
+                    key = f"model.layers.{i}.{hf_name}.{kind}"
+                    if key not in sd:
+                        continue
+                    t = sd[key]
+                    if arch == "llama" and g_name in ("attn_q", "attn_k"):
+                        heads = c.num_attention_heads if g_name == "attn_q" else c.num_key_value_heads
+                        held = add(f"blk.{i}.{g_name}.{kind}", torch.from_numpy(_permute(t.numpy(), heads)))
+                        t.copy_(torch.from_numpy(_unpermute(held.numpy(), heads)))
+                    else:
+                        t.copy_(add(f"blk.{i}.{g_name}.{kind}", t))
     _finish(w)
     return path
+
+
+def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@pytest.mark.parametrize("backend", EXACT)
+@pytest.mark.parametrize("quant", FORMATS)
+def test_every_format_gives_the_logits_of_its_dequantized_model(tmp_path, quant, backend):
+    """The file's weights as they are (native) or dequantized (torch) give transformers' logits of the
+    dequantized model (rows of 256 weights: whole blocks of every format)."""
+    hf = tiny_hf_model("llama", hidden_size=256, intermediate_size=512)
+    path = write_gguf(tmp_path / "m.gguf", hf, quant)
+    ours = load_model(ModelSource.of(path), 128, torch.device("cpu"), *backend_args(backend))
+    ids = torch.arange(3, 43)
+    with torch.no_grad():
+        expected = hf(ids[None]).logits[0]
+    error = (ours.forward(ids, torch.arange(40), ours.new_cache()) - expected).abs().max().item()
+    assert error < 1e-4, f"{error:.2e} (logits up to {expected.abs().max().item():.1f})"
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -79,16 +109,17 @@ def test_f32_gguf_matches_the_model_it_was_written_from(tmp_path, arch):
     ids = torch.arange(3, 43)
     with torch.no_grad():
         expected = hf(ids[None]).logits[0]
-    assert (ours.forward(ids, torch.arange(40), ours.new_cache()) - expected).abs().max() < 1e-4
+    error = (ours.forward(ids, torch.arange(40), ours.new_cache()) - expected).abs().max().item()
+    assert error < 1e-4, f"{error:.2e} (logits up to {expected.abs().max().item():.1f})"
 
 
 @pytest.mark.parametrize("quant", ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0"])
 def test_quantized_weights_dequantize_close_to_the_originals(tmp_path, quant):
     hf = tiny_hf_model("llama")
     path = write_gguf(tmp_path / "m.gguf", hf, quant)
-    ours = load_model(ModelSource.of(path), 128, torch.device("cpu"))
+    model = GGUFModel(path)
     original = hf.state_dict()["model.layers.0.mlp.down_proj.weight"]
-    got = ours.layers[0].down_t.t()
+    got = model.weights(model.config())["layers.0.down"].dequantize()
     scale = original.abs().max()
     tolerance = {"F16": 1e-3, "BF16": 1e-2, "Q8_0": 2e-2, "Q5_0": 0.1, "Q4_0": 0.2, "Q4_1": 0.2}[quant]
     assert (got - original).abs().max() / scale < tolerance

@@ -10,13 +10,18 @@ from verispec.model.load import ModelSource, load_model
 from verispec.model.transformer import Segment
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3", "gemma3"])
-def model(request, tmp_path_factory):
-    from conftest import tiny_hf_model
+from conftest import BACKENDS
 
-    folder = tmp_path_factory.mktemp(request.param)
-    tiny_hf_model(request.param, hidden_size=96, num_attention_heads=6, num_key_value_heads=2).save_pretrained(folder)
-    return load_model(ModelSource.of(folder), 512, torch.device("cpu"))
+
+@pytest.fixture(scope="module", params=[(arch, backend) for arch in ("llama", "qwen2", "qwen3", "gemma3")
+                                        for backend in BACKENDS], ids=lambda p: "-".join(p))
+def model(request, tmp_path_factory):
+    from conftest import backend_args, tiny_hf_model
+
+    arch, backend = request.param
+    folder = tmp_path_factory.mktemp(arch)
+    tiny_hf_model(arch, hidden_size=96, num_attention_heads=6, num_key_value_heads=2).save_pretrained(folder)
+    return load_model(ModelSource.of(folder), 512, torch.device("cpu"), *backend_args(backend))
 
 
 def test_verify_rows_equal_decode_rows_bitwise(model):

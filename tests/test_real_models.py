@@ -48,3 +48,19 @@ def test_greedy_64_tokens_equal_transformers(llm, reference, prompt):
         theirs = model.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False, min_new_tokens=64)
     assert ours.token_ids == theirs[0, len(ids):].tolist()
     assert len(ours.token_ids) == 64
+
+
+@pytest.fixture(scope="module")
+def torch_llm():
+    from verispec.config import RuntimeConfig
+    from verispec.llm import LLM
+
+    return LLM("smollm2-135m-instruct", RuntimeConfig(backend="torch"))
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_native_greedy_64_tokens_equal_the_torch_backend(llm, torch_llm, prompt):
+    assert llm.target.backend_name == "native" or pytest.skip("the native backend cannot run here")
+    ids = llm.encode(prompt, chat=True)
+    params = SamplingParams(max_tokens=64, min_tokens=64)
+    assert llm.generate(ids, params).token_ids == torch_llm.generate(ids, params).token_ids

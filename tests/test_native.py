@@ -1,0 +1,73 @@
+"""The native kernels against references: every format's reader against gguf.quants' dequantizer,
+y = x W^T against dequantize-then-matmul, and bitwise row invariance in both activation modes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quant import FORMATS, random_weight
+from verispec.model import native
+
+pytestmark = pytest.mark.skipif(native.unavailable() is not None, reason=f"native kernels: {native.unavailable()}")
+
+# K formats need whole 256-weight blocks per row; 37 outputs is odd on purpose (column tiles' edges)
+ROWS, COLS = 37, 512
+MODES = [False, True]  # exact, int8
+
+
+@pytest.fixture(params=FORMATS)
+def weight(request):
+    return random_weight(request.param, ROWS, COLS, seed=FORMATS.index(request.param))
+
+
+def test_readers_equal_the_reference_dequantizer_bitwise(weight):
+    assert torch.equal(native.decode(weight), weight.dequantize())
+
+
+def test_exact_matmul_matches_dequantize_then_matmul(weight):
+    x = torch.randn(40, COLS, generator=torch.Generator().manual_seed(1))
+    reference = (x.double() @ weight.dequantize().double().T)
+    for m in range(1, 41):
+        got = native.matmul(weight, x[:m])
+        assert (got.double() - reference[:m]).abs().max() <= 1e-5 * reference.abs().max(), f"{m} rows"
+
+
+def test_int8_matmul_is_close_to_exact(weight):
+    """int8 quantizes activations per 32 (~0.4 % error each): close to exact, not equal (for F32, F16 and
+    BF16 weights the int8 mode computes exactly)."""
+    x = torch.randn(16, COLS, generator=torch.Generator().manual_seed(2))
+    exact, int8 = native.matmul(weight, x), native.matmul(weight, x, int8=True)
+    assert (int8 - exact).abs().max() <= 0.02 * exact.abs().max()
+
+
+def rows_alone_equal_rows_together(weight, int8: bool) -> bool:
+    x = torch.randn(40, COLS, generator=torch.Generator().manual_seed(3))
+    alone = torch.cat([native.matmul(weight, x[i: i + 1], int8) for i in range(40)])
+    return all(torch.equal(native.matmul(weight, x[:m], int8), alone[:m]) for m in range(1, 41))
+
+
+@pytest.mark.parametrize("int8", MODES, ids=["exact", "int8"])
+def test_rows_are_invariant_bitwise(weight, int8):
+    assert rows_alone_equal_rows_together(weight, int8)
+
+
+@pytest.mark.parametrize("int8", MODES, ids=["exact", "int8"])
+def test_a_planted_order_change_fails_the_invariance_check(int8):
+    """Negative control: the kernels with groups summed in reverse for tiles of several rows."""
+    weight = random_weight("Q4_1", ROWS, COLS)
+    native.lib().vs_plant_order_bug(1)
+    try:
+        assert not rows_alone_equal_rows_together(weight, int8)
+    finally:
+        native.lib().vs_plant_order_bug(0)
+    assert rows_alone_equal_rows_together(weight, int8)
+
+
+def test_threads_do_not_change_results():
+    weight = random_weight("Q4_K", 300, 512)
+    x = torch.randn(9, 512, generator=torch.Generator().manual_seed(4))
+    native.set_threads(1)
+    one = native.matmul(weight, x)
+    native.set_threads(2)
+    assert torch.equal(native.matmul(weight, x), one)
