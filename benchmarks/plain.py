@@ -3,7 +3,8 @@ prompts, in one run, interleaved per prompt; the memory-bandwidth roofline; the 
 T(k)/T(1), ours and llama.cpp's; prefill of a 512-token prompt, ours and llama.cpp's. Prints a table;
 the last line is one JSON object.
 
-    python benchmarks/plain.py --model smollm2-135m-instruct [--tokens 128] [--runs 2] [--no-transformers] [--no-llamacpp]
+    python benchmarks/plain.py --model smollm2-135m-instruct [--tokens 128] [--runs 2] [--threads 2]
+                               [--no-transformers] [--no-llamacpp]
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def cold_read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     return buf.nbytes / statistics.median(times)
 
 
-def ours(label: str, llm: LLM, prefill_ids: list[int], bandwidth: float) -> System:
+def verispec_system(label: str, llm: LLM, prefill_ids: list[int], bandwidth: float) -> System:
     def decode(ids: list[int], tokens: int) -> tuple[float, list[int] | None]:
         out = llm.generate(ids, SamplingParams(max_tokens=tokens, min_tokens=tokens))
         return out.stats.decode_tokens_per_s, out.token_ids
@@ -86,8 +87,9 @@ def ours(label: str, llm: LLM, prefill_ids: list[int], bandwidth: float) -> Syst
     return System(label, decode, curve, prefill_s, bandwidth / llm.target.weight_bytes_per_token)
 
 
-def llama_cpp(llm: LLM, threads: int, prefill_ids: list[int]) -> System | None:
-    """llama.cpp on the same GGUF, or None (said in one line) when it cannot run here."""
+def llamacpp_system(llm: LLM, threads: int, prefill_ids: list[int]) -> System | None:
+    """llama.cpp on the same GGUF, or None, said in one line, when it cannot run here (the extra not
+    installed, a model that is not a GGUF)."""
     try:
         model = llamacpp.LlamaCpp(llm.source, threads)
     except InvalidInputError as e:
@@ -96,7 +98,7 @@ def llama_cpp(llm: LLM, threads: int, prefill_ids: list[int]) -> System | None:
     return System("llama.cpp", model.decode, model.verify_curve_ms(MAX_K, repeats=7), model.prefill_s(prefill_ids))
 
 
-def transformers(llm: LLM) -> System:
+def transformers_system(llm: LLM) -> System:
     model = baselines.load_hf(llm.source)
     return System("transformers generate", lambda ids, tokens: (baselines.decode_tok_s(model, ids, tokens), None))
 
@@ -135,16 +137,10 @@ def main() -> None:
     prefill_ids = long_ids[: PREFILL_TOKENS - 1]
     bandwidth = cold_read_bandwidth()
     # 2. per system its verify curve and prefill, then decoding interleaved over all of them
-    systems = [ours(label, row_llm, prefill_ids, bandwidth) for label, row_llm in rows]
-    theirs = None
-    if args.no_llamacpp:
-        pass
-    elif not llamacpp.available():
-        print(f"llama.cpp left out: llama-cpp-python is not installed ({llamacpp.INSTALL})")
-    else:
-        theirs = llama_cpp(llm, args.threads, prefill_ids)
+    systems = [verispec_system(label, row_llm, prefill_ids, bandwidth) for label, row_llm in rows]
+    theirs = None if args.no_llamacpp else llamacpp_system(llm, args.threads, prefill_ids)
     systems += [theirs] if theirs is not None else []
-    hf = None if args.no_transformers else transformers(llm)
+    hf = None if args.no_transformers else transformers_system(llm)
     systems += [hf] if hf is not None else []
     run_interleaved(systems, prompts, args.tokens, args.runs)
 
@@ -171,16 +167,18 @@ def main() -> None:
               + (f"{s.verify_ms[0]:8.1f} " if s.verify_ms else f"{'':8} ")
               + (f"{s.prefill_s * 1e3:12.0f}  " if s.prefill_s else f"{'':12}  ") + shape)
     if theirs:
-        print(f"llama.cpp's greedy output parts from {first.label}'s at positions {parts_at} (one per prompt and run; "
-              f"{args.tokens} = never)")
+        print(f"llama.cpp's greedy output parts from {first.label}'s at positions {parts_at} "
+              f"(one per prompt and run; {args.tokens} = never)")
     print(json.dumps({
         "model": args.model, "tokens": args.tokens, "threads": args.threads, "runs": args.runs,
         "verispec_tok_s": round(tok_s(first), 2), "transformers_tok_s": hf and round(tok_s(hf), 2),
         "speedup_vs_transformers": hf and round(ratio(first, hf), 3),
-        "llamacpp_tok_s": theirs and round(tok_s(theirs), 2), "ratio_vs_llamacpp": theirs and round(ratio(first, theirs), 3),
+        "llamacpp_tok_s": theirs and round(tok_s(theirs), 2),
+        "ratio_vs_llamacpp": theirs and round(ratio(first, theirs), 3),
         "bandwidth_gb_s": round(bandwidth / 1e9, 2),
         "weight_mb_per_token": round(llm.target.weight_bytes_per_token / 1e6, 1),
-        "roofline_tok_s": round(first.roofline_tok_s, 2), "fraction_of_roofline": round(tok_s(first) / first.roofline_tok_s, 3),
+        "roofline_tok_s": round(first.roofline_tok_s, 2),
+        "fraction_of_roofline": round(tok_s(first) / first.roofline_tok_s, 3),
         "t1_ms": round(first.verify_ms[0], 2), "verify_curve": curve(first),
         "llamacpp_t1_ms": theirs and round(theirs.verify_ms[0], 2), "llamacpp_verify_curve": theirs and curve(theirs),
         "prefill": {"tokens": PREFILL_TOKENS, "verispec_s": round(first.prefill_s, 4),

@@ -78,7 +78,8 @@ def test_bench_puts_llamacpp_in_the_same_rounds(tiny_llm_folder, tmp_path, monke
         assert rows[name]["vs_llamacpp"] > 0
     assert 0 <= rows["llamacpp"]["parts_from_plain_at"] <= 12
     assert len(FakeLlamaCpp.calls) == 1 + 4  # a warm-up, then 2 prompts x 2 rounds
-    assert all(tokens == 12 for _, tokens in FakeLlamaCpp.calls[1:])
+    fed = [tuple(ids) for ids, tokens in FakeLlamaCpp.calls[1:] if tokens == 12]
+    assert len(fed) == 4 and all(fed.count(ids) == 2 for ids in fed)  # each prompt once a round
     assert result["llamacpp_verify_ms"]["1"] == 5.0 and len(result["llamacpp_verify_ms"]) == 2 + 1
     assert any(line.startswith("llama.cpp verify cost") for line in printed)
     assert "vs llama.cpp" in printed[0]

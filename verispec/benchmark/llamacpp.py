@@ -7,7 +7,6 @@ built from source with this machine's compiler:
 
 from __future__ import annotations
 
-import importlib.util
 import statistics
 import time
 from collections.abc import Sequence
@@ -23,7 +22,11 @@ INSTALL = "CMAKE_ARGS=\"-DGGML_NATIVE=ON\" pip install 'verispec[llamacpp]'"
 
 
 def available() -> bool:
-    return importlib.util.find_spec("llama_cpp") is not None
+    try:
+        require()
+    except InvalidInputError:
+        return False
+    return True
 
 
 def require() -> ModuleType:
