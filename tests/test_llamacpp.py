@@ -45,8 +45,8 @@ class FakeLlamaCpp:
 
     calls: list[tuple[list[int], int]] = []
 
-    def __init__(self, source, threads):
-        assert threads >= 1
+    def __init__(self, source, threads, n_ctx=2048):
+        assert threads >= 1 and n_ctx >= 2048
 
     def decode(self, prompt_ids, tokens):
         FakeLlamaCpp.calls.append((list(prompt_ids), tokens))

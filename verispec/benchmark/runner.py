@@ -73,8 +73,11 @@ def run_bench(llm: LLM, prompts: list[BenchPrompt], drafters: list[str], taus: l
     4. check; 5. aggregate. baselines: besides plain decoding, "transformers" (its generate: plain,
     prompt lookup, assisted) and "llamacpp" (llama.cpp's plain decoding on the same GGUF)."""
     configs = configs_for(drafters, taus, baselines)
-    # llama.cpp on the same GGUF and threads (loaded first: a model it cannot open fails before any timing)
-    llamacpp = LlamaCpp(llm.source, torch.get_num_threads()) if LLAMACPP in baselines else None
+    encoded = [llm.encode(p.text, chat=bool(llm.tokenizer.chat_template)) for p in prompts]
+    # llama.cpp on the same GGUF and threads, with room for the longest prompt (loaded first: a model
+    # it cannot open fails before any timing)
+    llamacpp = (LlamaCpp(llm.source, torch.get_num_threads(), n_ctx=max(2048, max(map(len, encoded)) + max_tokens))
+                if LLAMACPP in baselines else None)
     made: dict[str, Drafter | None] = {d: llm.make_drafter(d) for d in drafters}
     max_tau = max([t for t in taus if t != AUTO] + ([ControllerConfig().max_tau] if AUTO in taus else []))
     curve = verify_curve_ms(llm.target, llm.engine.cache, max_tau + 1)
@@ -86,7 +89,6 @@ def run_bench(llm: LLM, prompts: list[BenchPrompt], drafters: list[str], taus: l
     external = _external_decoders(llm, configs, llamacpp)
     params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens)
     traces: dict[tuple[str, str], tuple[io.StringIO, TraceWriter]] = {}
-    encoded = [llm.encode(p.text, chat=bool(llm.tokenizer.chat_template)) for p in prompts]
 
     def one(config: Config, prompt: BenchPrompt, ids: list[int], tokens: int, record: bool, round_: int = 0) -> Run:
         if config.external:
