@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import statistics
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from verispec.benchmark import baselines
+from verispec.benchmark.llamacpp import LlamaCpp
 from verispec.benchmark.prompts import BenchPrompt
 from verispec.config import SamplingParams
 from verispec.drafters.base import Drafter
@@ -27,14 +29,18 @@ from verispec.llm import AUTO, LLM
 from verispec.types import Stats
 
 PLAIN = "plain"
+LLAMACPP = "llamacpp"
+BASELINES = (PLAIN, "transformers", LLAMACPP)  # what --baselines may name
+# another system's decoding on (prompt ids, new tokens) -> (decode tok/s, output ids or None)
+ExternalDecode = Callable[[list[int], int], tuple[float, list[int] | None]]
 
 
 @dataclass(frozen=True)
 class Config:
-    name: str  # "plain", "ngram/4", "transformers", "transformers/prompt-lookup/4", ...
+    name: str  # "plain", "ngram/4", "transformers", "transformers/prompt-lookup/4", "llamacpp", ...
     drafter: str = "none"
     tau: int | str = 0  # or "auto"
-    transformers: bool = False
+    external: bool = False  # run by another system (transformers, llama.cpp), not by our engine
 
 
 @dataclass
@@ -48,38 +54,46 @@ class Run:
     output_ids: list[int] = field(default_factory=list)
 
 
-def configs_for(drafters: list[str], taus: list[int], with_transformers: bool) -> list[Config]:
+def configs_for(drafters: list[str], taus: list[int | str], baselines: Collection[str] = (PLAIN,)) -> list[Config]:
     configs = [Config(PLAIN)] + [Config(f"{d}/{t}", d, t) for d in drafters for t in taus]
-    if with_transformers:
+    if "transformers" in baselines:
         fixed = [t for t in taus if t != AUTO] or [4]
         tau = fixed[len(fixed) // 2]
-        configs.append(Config("transformers", transformers=True))
+        configs.append(Config("transformers", external=True))
         configs += [Config(f"transformers/prompt-lookup/{tau}", "ngram", tau, True) for d in drafters if d == "ngram"]
         configs += [Config(f"transformers/assisted/{tau}", d, tau, True) for d in drafters if d.startswith("draft:")]
+    if LLAMACPP in baselines:
+        configs.append(Config(LLAMACPP, external=True))
     return configs
 
 
 def run_bench(llm: LLM, prompts: list[BenchPrompt], drafters: list[str], taus: list[int | str], max_tokens: int,
-              with_transformers: bool = False, progress: bool = True, rounds: int = 1) -> dict[str, Any]:
+              baselines: Collection[str] = (PLAIN,), progress: bool = True, rounds: int = 1) -> dict[str, Any]:
     """1. calibrate T(k); 2. warm up; 3. run all configs per prompt, interleaved, `rounds` times;
-    4. check; 5. aggregate."""
-    configs = configs_for(drafters, taus, with_transformers)
+    4. check; 5. aggregate. baselines: besides plain decoding, "transformers" (its generate: plain,
+    prompt lookup, assisted) and "llamacpp" (llama.cpp's plain decoding on the same GGUF)."""
+    configs = configs_for(drafters, taus, baselines)
+    encoded = [llm.encode(p.text, chat=bool(llm.tokenizer.chat_template)) for p in prompts]
+    # llama.cpp on the same GGUF and threads, with room for the longest prompt (loaded first: a model
+    # it cannot open fails before any timing)
+    llamacpp = (LlamaCpp(llm.source, torch.get_num_threads(), n_ctx=max(2048, max(map(len, encoded)) + max_tokens))
+                if LLAMACPP in baselines else None)
     made: dict[str, Drafter | None] = {d: llm.make_drafter(d) for d in drafters}
     max_tau = max([t for t in taus if t != AUTO] + ([ControllerConfig().max_tau] if AUTO in taus else []))
     curve = verify_curve_ms(llm.target, llm.engine.cache, max_tau + 1)
     verify_ms = {k: round(ms, 4) for k, ms in enumerate(curve, 1)}
     # one controller per drafter, learning across prompts as a server's would, from this calibration
     controllers = {d: Controller(CostModel(VerifyCurve(curve), *llm.drafter_costs(made[d]))) for d in drafters}
-    hf = _transformers_models(llm, configs) if with_transformers else {}
+    llamacpp_verify_ms = {} if llamacpp is None else {
+        k: round(ms, 4) for k, ms in enumerate(llamacpp.verify_curve_ms(max_tau + 1), 1)}
+    external = _external_decoders(llm, configs, llamacpp)
     params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens)
     traces: dict[tuple[str, str], tuple[io.StringIO, TraceWriter]] = {}
-    encoded = [llm.encode(p.text, chat=bool(llm.tokenizer.chat_template)) for p in prompts]
 
     def one(config: Config, prompt: BenchPrompt, ids: list[int], tokens: int, record: bool, round_: int = 0) -> Run:
-        if config.transformers:
-            model, kwargs = hf[config.name]
-            return Run(config.name, prompt.category, prompt.question_id, baselines.decode_tok_s(model, ids, tokens, **kwargs),
-                       round_)
+        if config.external:
+            tok_s, output_ids = external[config.name](ids, tokens)
+            return Run(config.name, prompt.category, prompt.question_id, tok_s, round_, None, output_ids or [])
         if config.tau == AUTO:
             llm.engine.use(made.get(config.drafter), 0, controllers[config.drafter])
         else:
@@ -109,25 +123,30 @@ def run_bench(llm: LLM, prompts: list[BenchPrompt], drafters: list[str], taus: l
         order = configs[n % len(configs):] + configs[: n % len(configs)]
         runs += [one(c, prompt, ids, params.max_tokens, True, r) for c in (order if n % 2 == 0 else order[::-1])]
     divergences = _check(llm, runs, encoded, prompts)
-    return _aggregate(configs, runs, traces, divergences, verify_ms, max_tokens, taus, drafters)
+    result = _aggregate(configs, runs, traces, divergences, verify_ms, max_tokens, taus, drafters)
+    if llamacpp is not None:
+        result["llamacpp_verify_ms"] = llamacpp_verify_ms
+        llamacpp.close()
+    return result
 
 
-def _transformers_models(llm: LLM, configs: list[Config]) -> dict[str, tuple[Any, dict[str, Any]]]:
-    target = baselines.load_hf(llm.source)
-    out: dict[str, tuple[Any, dict[str, Any]]] = {}
-    for c in configs:
-        if not c.transformers:
-            continue
+def _external_decoders(llm: LLM, configs: list[Config], llamacpp: LlamaCpp | None) -> dict[str, ExternalDecode]:
+    """Per external config, its decoding on the same prompt ids (models loaded once, here)."""
+    out: dict[str, ExternalDecode] = {}
+    if llamacpp is not None:
+        out[LLAMACPP] = llamacpp.decode
+    hf_configs = [c for c in configs if c.external and c.name != LLAMACPP]
+    target = baselines.load_hf(llm.source) if hf_configs else None
+    for c in hf_configs:
+        kwargs: dict[str, Any] = {}
         if c.drafter == "ngram":
-            out[c.name] = (target, {"prompt_lookup_num_tokens": c.tau})
+            kwargs = {"prompt_lookup_num_tokens": c.tau}
         elif c.drafter.startswith("draft:"):
             from verispec import hub
 
-            assistant = baselines.load_hf(hub.resolve(c.drafter[len("draft:"):]))
-            out[c.name] = (target, {"assistant_model": assistant, "num_assistant_tokens": c.tau,
-                                    "num_assistant_tokens_schedule": "constant"})
-        else:
-            out[c.name] = (target, {})
+            kwargs = {"assistant_model": baselines.load_hf(hub.resolve(c.drafter[len("draft:"):])),
+                      "num_assistant_tokens": c.tau, "num_assistant_tokens_schedule": "constant"}
+        out[c.name] = lambda ids, tokens, kwargs=kwargs: (baselines.decode_tok_s(target, ids, tokens, **kwargs), None)
     return out
 
 
@@ -142,7 +161,7 @@ def _check(llm: LLM, runs: list[Run], encoded: list[list[int]], prompts: list[Be
             continue
         reference = plain[_key(r)].output_ids
         if r.output_ids != reference:
-            pos = next(i for i, (a, b) in enumerate(zip(r.output_ids + [-1], reference + [-1])) if a != b)
+            pos = first_difference(r.output_ids, reference)
             found.append({"config": r.config, "category": r.category, "question_id": r.question_id,
                           "round": r.round, "position": pos, "logit_margin": _margin(llm, ids_of[(r.category, r.question_id)] + reference[:pos])})
     return found
@@ -164,9 +183,12 @@ def _aggregate(configs: list[Config], runs: list[Run], traces: dict, divergences
     """Per scope and config: median tok/s, and two speedups over plain decoding: `speedup`, per prompt
     the median over rounds of the ratio to plain decoding in the same round, then the median over
     prompts; `workload_speedup`, all tokens over all time against plain decoding's on the same runs
-    (every run decodes max_tokens, so this is the ratio of harmonic means of tok/s)."""
+    (every run decodes max_tokens, so this is the ratio of harmonic means of tok/s). With llama.cpp
+    among the configs, `vs_llamacpp` is the first ratio against its plain decoding instead."""
     categories = sorted({r.category for r in runs})
-    plain_rate = {(r.category, r.question_id, r.round): r.tok_s for r in runs if r.config == PLAIN}
+    plain_rate = {_key(r): r.tok_s for r in runs if r.config == PLAIN}
+    llamacpp_rate = {_key(r): r.tok_s for r in runs if r.config == LLAMACPP}
+    plain_ids = {_key(r): r.output_ids for r in runs if r.config == PLAIN}
     table: dict[str, dict[str, dict[str, Any]]] = {}
     for scope in categories + ["overall"]:
         table[scope] = {}
@@ -174,18 +196,20 @@ def _aggregate(configs: list[Config], runs: list[Run], traces: dict, divergences
             mine = [r for r in runs if r.config == c.name and scope in (r.category, "overall")]
             if not mine:
                 continue
-            by_prompt: dict[tuple[str, str], list[float]] = {}
-            for r in mine:
-                by_prompt.setdefault((r.category, r.question_id), []).append(r.tok_s / plain_rate[_key(r)])
             row: dict[str, Any] = {
                 "tok_s": round(statistics.median(r.tok_s for r in mine), 3),
-                "speedup": round(statistics.median(statistics.median(x) for x in by_prompt.values()), 3),
+                "speedup": _median_ratio(mine, plain_rate),
                 "workload_speedup": round(statistics.harmonic_mean([r.tok_s for r in mine])
                                           / statistics.harmonic_mean([plain_rate[_key(r)] for r in mine]), 3),
-                "prompts": len(by_prompt),
+                "prompts": len({(r.category, r.question_id) for r in mine}),
                 "runs": len(mine),
             }
-            if c.tau != 0 and not c.transformers:
+            if llamacpp_rate:
+                row["vs_llamacpp"] = _median_ratio(mine, llamacpp_rate)
+            if c.name == LLAMACPP:
+                row["parts_from_plain_at"] = statistics.median(first_difference(r.output_ids, plain_ids[_key(r)])
+                                                               for r in mine)
+            if c.tau != 0 and not c.external:
                 plain_ms = statistics.median(1e3 / plain_rate[_key(r)] for r in mine)
                 row.update(_speculation(mine, [traces[k] for k in traces if k[0] == c.name and scope in (k[1], "overall")],
                                         plain_ms, verify_ms))
@@ -199,6 +223,20 @@ def _aggregate(configs: list[Config], runs: list[Run], traces: dict, divergences
 
 def _key(run: Run) -> tuple[str, str, int]:
     return run.category, run.question_id, run.round
+
+
+def _median_ratio(runs: list[Run], reference_rate: dict[tuple[str, str, int], float]) -> float:
+    """Per prompt the median over rounds of tok/s over the reference's in the same round, then the
+    median over prompts."""
+    by_prompt: dict[tuple[str, str], list[float]] = {}
+    for r in runs:
+        by_prompt.setdefault((r.category, r.question_id), []).append(r.tok_s / reference_rate[_key(r)])
+    return round(statistics.median(statistics.median(x) for x in by_prompt.values()), 3)
+
+
+def first_difference(a: list[int], b: list[int]) -> int:
+    """The first position where two outputs differ (the shorter length when one is a prefix)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def _rate_controller(table: dict[str, dict[str, dict[str, Any]]], drafters: list[str], taus: list[int | str]

@@ -25,7 +25,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=1,
                    help="run every prompt this many times (interleaved); speedups are medians over rounds")
-    p.add_argument("--baselines", default="plain", help="plain[,transformers]")
+    p.add_argument("--baselines", default="plain",
+                   help="comma-separated: plain,transformers,llamacpp (llamacpp: the extra verispec[llamacpp])")
     p.add_argument("--output", default=None, help="a folder for result.json, traces and PNG plots")
     add_flags(p, RuntimeConfig)
     p.set_defaults(run=run)
@@ -43,23 +44,25 @@ def _taus(text: str) -> list[int | str]:
 
 
 def run(args: argparse.Namespace) -> None:
+    from verispec.benchmark import llamacpp
     from verispec.benchmark.plots import write_plots
     from verispec.benchmark.prompts import load_prompts
-    from verispec.benchmark.runner import run_bench
+    from verispec.benchmark.runner import BASELINES, LLAMACPP, run_bench
     from verispec.llm import LLM
 
     taus = _taus(args.num_draft_tokens)
     baselines = args.baselines.split(",")
-    if not set(baselines) <= {"plain", "transformers"}:
-        raise InvalidInputError(f"baselines={args.baselines!r} is not allowed: choose from plain, transformers")
+    if not set(baselines) <= set(BASELINES):
+        raise InvalidInputError(f"baselines={args.baselines!r} is not allowed: choose from {', '.join(BASELINES)}")
+    if LLAMACPP in baselines:
+        llamacpp.require()  # before any model loads
     if args.max_tokens < 2:
         raise InvalidInputError(f"max_tokens={args.max_tokens} is not allowed: it must be >= 2")
     if args.rounds < 1:
         raise InvalidInputError(f"rounds={args.rounds} is not allowed: it must be >= 1")
     prompts = load_prompts(args.prompts, args.categories.split(",") if args.categories else None, args.per_category)
     llm = LLM(args.model, from_flags(RuntimeConfig, args))
-    result = run_bench(llm, prompts, args.drafter.split(","), taus, args.max_tokens, "transformers" in baselines,
-                       rounds=args.rounds)
+    result = run_bench(llm, prompts, args.drafter.split(","), taus, args.max_tokens, baselines, rounds=args.rounds)
     traces = result.pop("traces")
     result["model"] = args.model
     print(table(result))
@@ -79,15 +82,25 @@ def run(args: argparse.Namespace) -> None:
 
 
 def table(result: dict[str, Any]) -> str:
-    lines = [f"{'category':15} {'config':30} {'tok/s':>7} {'speedup':>8} {'workload':>8} {'predicted':>9} "
-             f"{'accept':>7} {'len':>5} {'draft/verify/other':>19} {'same':>5}"]
+    llamacpp = bool(result.get("llamacpp_verify_ms"))
+    lines = [f"{'category':15} {'config':30} {'tok/s':>7} {'speedup':>8} {'workload':>8} "
+             + (f"{'vs llama.cpp':>12} " if llamacpp else "")
+             + f"{'predicted':>9} {'accept':>7} {'len':>5} {'draft/verify/other':>19} {'same':>5}"]
     for category, rows in result["categories"].items():
         for name, r in rows.items():
             spec = "acceptance" in r
             split = "/".join(f"{r['time_split'][k]:.0%}" for k in ("draft", "verify", "other")) if spec else ""
             lines.append(f"{category:15} {name:30} {r['tok_s']:7.1f} {r['speedup']:7.2f}x {r['workload_speedup']:7.2f}x "
+                         + (f"{r['vs_llamacpp']:11.2f}x " if llamacpp else "")
                          + (f"{r['predicted_speedup']:8.2f}x {r['acceptance']:7.0%} {r['mean_accepted_length']:5.2f} "
                             f"{split:>19} {r['identical']:>2}/{r['runs']}" if spec else ""))
+    for label, curve in (("verispec", result["verify_ms"]), ("llama.cpp", result.get("llamacpp_verify_ms"))):
+        if curve:
+            lines.append(f"{label} verify cost T(k)/T(1), T(1) = {curve[1]:.1f} ms: "
+                         + " ".join(f"{k}:{ms / curve[1]:.2f}" for k, ms in curve.items()))
+    if llamacpp:
+        lines.append("llama.cpp's greedy output parts from our plain decoding at position (median over runs): "
+                     f"{result['categories']['overall']['llamacpp']['parts_from_plain_at']}")
     if result["controller"]:
         lines.append("auto against the best fixed tau in hindsight (tau 0 = plain decoding), by the median speedup "
                      "over prompts and by the workload's (all tokens / all time):")
