@@ -21,6 +21,18 @@ def weight(request):
     return random_weight(request.param, ROWS, COLS, seed=FORMATS.index(request.param))
 
 
+@pytest.fixture(params=["avx2", "avx512"], autouse=True)
+def width(request):
+    """Every test on both widths of the exact kernels: 8 lanes (AVX2), and 16 (AVX-512) where the CPU
+    has it; the CPU's own choice is restored after."""
+    default = native.set_wide(True)
+    if request.param == "avx512" and not default:
+        pytest.skip("this CPU has no AVX-512")
+    native.set_wide(request.param == "avx512")
+    yield request.param
+    native.set_wide(default)
+
+
 def test_readers_equal_the_reference_dequantizer_bitwise(weight):
     assert torch.equal(native.decode(weight), weight.dequantize())
 

@@ -63,6 +63,7 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     lib.vs_row_bytes.argtypes = [c_int32, c_int64]
     lib.vs_row_bytes.restype = c_int64
     lib.vs_plant_order_bug.argtypes = [c_int32]
+    lib.vs_set_wide.argtypes = [c_int32]
     return lib, None
 
 
@@ -83,6 +84,12 @@ def set_threads(n: int) -> None:
     global _threads_set
     lib().vs_set_threads(n)
     _threads_set = True
+
+
+def set_wide(on: bool) -> bool:
+    """Use the 16-lane (AVX-512) exact kernels where the CPU has them (the default there); returns
+    whether they are in use. The two widths round differently: a machine should keep one."""
+    return bool(lib().vs_set_wide(int(on)))
 
 
 def matrix(w: Weight) -> Matrix:

@@ -7,6 +7,7 @@
 
 #include "matmul.h"
 #include "ops.h"
+#include "wide.h"
 
 namespace vs {
 
@@ -168,6 +169,13 @@ void vs_decode_rows(const vs::Matrix* W, int first, int count, float* out) {
 int64_t vs_row_bytes(int type, int64_t cols) { return vs::row_bytes(type, cols); }
 
 void vs_plant_order_bug(int on) { vs::planted_order_bug = on; }
+
+// Use the 16-lane exact kernels (where the CPU has them); returns whether they are used now.
+int vs_set_wide(int on) {
+  std::lock_guard<std::mutex> lock(vs::busy);
+  vs::use_wide = on && vs::has_wide();
+  return vs::use_wide;
+}
 
 }  // extern "C"
 

@@ -239,6 +239,16 @@ static void columns_int8(const Matrix& W, int n0, int n1, int M, const QuantRows
 
 // --- dispatch --------------------------------------------------------------------------------------
 
+// The 16-lane exact kernels (wide.h), used where the CPU has AVX-512 unless vs_set_wide(0) said not.
+static bool has_wide() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+}
+static bool use_wide = has_wide();
+namespace wide {
+static void exact_columns(const Matrix& W, int n0, int n1, int M, const float* x, int64_t ldx, float* y, int64_t ldy);
+}
+
 // Columns [n0, n1) of W for all M rows; xq non-null selects the int8 kernels for quantized formats.
 static void matmul_columns(const Matrix& W, int n0, int n1, int M, const float* x, int64_t ldx,
                            const QuantRows* xq, float* y, int64_t ldy) {
@@ -254,6 +264,7 @@ static void matmul_columns(const Matrix& W, int n0, int n1, int M, const float* 
       case Q6_K: return columns_int8<FQ6_K>(W, n0, n1, M, *xq, y, ldy);
     }
   }
+  if (use_wide) return wide::exact_columns(W, n0, n1, M, x, ldx, y, ldy);
   switch (W.type) {
     case F32: return columns<DF32>(W, n0, n1, M, x, ldx, y, ldy);
     case F16: return columns<DF16>(W, n0, n1, M, x, ldx, y, ldy);

@@ -1,0 +1,173 @@
+// The exact kernels again with 16-lane AVX-512 vectors, for CPUs that have them (chosen at run time,
+// vs_set_wide). The definition is matmul.h's with 16 lanes: y[m][n] = hsum16(acc), acc taking
+// fma(w[n][k..k+16], x[m][k..k+16], acc) for k = 0, 16, 32, ... in order; every path runs exactly
+// that sequence, so rows are invariant here as there (the two widths round differently, so one
+// machine uses one width throughout). 32 registers hold 16 rows' accumulators: weights are decoded
+// in registers up to 16 rows, into a panel beyond.
+#pragma once
+#include "matmul.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+
+namespace vs {
+namespace wide {
+
+static inline float hsum16(__m512 v) {
+  return hsum(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)));
+}
+
+template <class F>
+struct AsFloat {  // a quantized group as 2 x 16 floats: elements 0..15 take a0, 16..31 a1
+  static inline void decode(const uint8_t* row, int g, __m512 w[2]) {
+    Group G = F::group(row, g);
+    w[0] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(G.q))), _mm512_set1_ps(G.a0));
+    w[1] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(G.q, 1))),
+                         _mm512_set1_ps(G.a1));
+    if (F::kMin) {
+      w[0] = _mm512_add_ps(w[0], _mm512_set1_ps(G.b));
+      w[1] = _mm512_add_ps(w[1], _mm512_set1_ps(G.b));
+    }
+  }
+};
+
+struct DF32 {
+  static inline void decode(const uint8_t* row, int g, __m512 w[2]) {
+    const float* p = reinterpret_cast<const float*>(row) + 32 * g;
+    w[0] = _mm512_loadu_ps(p);
+    w[1] = _mm512_loadu_ps(p + 16);
+  }
+};
+
+struct DF16 {
+  static inline void decode(const uint8_t* row, int g, __m512 w[2]) {
+    const uint8_t* p = row + 64 * g;
+    w[0] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    w[1] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32)));
+  }
+};
+
+struct DBF16 {
+  static inline void decode(const uint8_t* row, int g, __m512 w[2]) {
+    const uint8_t* p = row + 64 * g;
+    for (int j = 0; j < 2; j++) {
+      __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * j)));
+      w[j] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    }
+  }
+};
+
+template <class D, int R, int C>
+static void tile_decoded(const Matrix& W, int n, const float* x, int64_t ldx, float* y, int64_t ldy) {
+  __m512 acc[R][C];
+  for (int r = 0; r < R; r++)
+    for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
+  const int groups = W.cols / 32;
+  const bool reverse = reversed_groups(R);
+  for (int gi = 0; gi < groups; gi++) {
+    const int g = group_at(gi, groups, reverse);
+    for (int c = 0; c < C; c++) {
+      __m512 w[2];
+      D::decode(W.data + (n + c) * W.row_bytes, g, w);
+      for (int r = 0; r < R; r++) {
+        const float* xp = x + r * ldx + 32 * g;
+        acc[r][c] = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(xp), acc[r][c]);
+        acc[r][c] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(xp + 16), acc[r][c]);
+      }
+    }
+  }
+  for (int r = 0; r < R; r++)
+    for (int c = 0; c < C; c++) y[r * ldy + n + c] = hsum16(acc[r][c]);
+}
+
+template <int R, int C>
+static void tile_panel(const float* panel, int K, const float* x, int64_t ldx, float* y, int64_t ldy, int n) {
+  __m512 acc[R][C];
+  for (int r = 0; r < R; r++)
+    for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
+  const bool reverse = reversed_groups(R);
+  for (int ki = 0; ki < K; ki += 16) {
+    const int k = 32 * group_at(ki / 32, K / 32, reverse) + ki % 32;
+    __m512 xv[R];
+    for (int r = 0; r < R; r++) xv[r] = _mm512_loadu_ps(x + r * ldx + k);
+    for (int c = 0; c < C; c++) {
+      __m512 w = _mm512_loadu_ps(panel + c * K + k);
+      for (int r = 0; r < R; r++) acc[r][c] = _mm512_fmadd_ps(w, xv[r], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; r++)
+    for (int c = 0; c < C; c++) y[r * ldy + n + c] = hsum16(acc[r][c]);
+}
+
+template <class D, int C>
+static void tile_rows(const Matrix& W, int n, int M, const float* x, int64_t ldx, float* y, int64_t ldy) {
+#define VS_ROWS(R) case R: return wide::tile_decoded<D, R, (C * R > 24 ? (24 / R > 0 ? 24 / R : 1) : C)>(W, n, x, ldx, y, ldy);
+  switch (M) {
+    VS_ROWS(1) VS_ROWS(2) VS_ROWS(3) VS_ROWS(4) VS_ROWS(5) VS_ROWS(6) VS_ROWS(7) VS_ROWS(8)
+    VS_ROWS(9) VS_ROWS(10) VS_ROWS(11) VS_ROWS(12) VS_ROWS(13) VS_ROWS(14) VS_ROWS(15) VS_ROWS(16)
+  }
+#undef VS_ROWS
+}
+
+static constexpr int kDecodedRows = 16;
+
+template <class D>
+static void columns(const Matrix& W, int n0, int n1, int M, const float* x, int64_t ldx, float* y, int64_t ldy) {
+  if (M <= kDecodedRows) {
+    // columns per tile: as many as 24 accumulators allow (tile_rows caps C * R)
+    const int C = M <= 3 ? 8 : M <= 6 ? 4 : M <= 12 ? 2 : 1;
+    int n = n0;
+    for (; C >= 8 && n + 8 <= n1; n += 8) wide::tile_rows<D, 8>(W, n, M, x, ldx, y, ldy);
+    for (; C >= 4 && n + 4 <= n1; n += 4) wide::tile_rows<D, 4>(W, n, M, x, ldx, y, ldy);
+    for (; C >= 2 && n + 2 <= n1; n += 2) wide::tile_rows<D, 2>(W, n, M, x, ldx, y, ldy);
+    for (; n < n1; n++) wide::tile_rows<D, 1>(W, n, M, x, ldx, y, ldy);
+    return;
+  }
+  thread_local std::vector<float> panel;
+  const int K = W.cols;
+  panel.resize(static_cast<size_t>(4) * K);
+  for (int n = n0; n < n1; n += 4) {
+    const int C = std::min(4, n1 - n);
+    for (int c = 0; c < C; c++)
+      for (int g = 0; g < K / 32; g++) {
+        __m512 w[2];
+        D::decode(W.data + (n + c) * W.row_bytes, g, w);
+        _mm512_storeu_ps(&panel[c * K + 32 * g], w[0]);
+        _mm512_storeu_ps(&panel[c * K + 32 * g + 16], w[1]);
+      }
+    int m = 0;
+    for (; m + 6 <= M; m += 6) {
+      const float* xm = x + m * ldx;
+      float* ym = y + m * ldy;
+      switch (C) {
+        case 4: wide::tile_panel<6, 4>(panel.data(), K, xm, ldx, ym, ldy, n); break;
+        case 3: wide::tile_panel<6, 3>(panel.data(), K, xm, ldx, ym, ldy, n); break;
+        case 2: wide::tile_panel<6, 2>(panel.data(), K, xm, ldx, ym, ldy, n); break;
+        default: wide::tile_panel<6, 1>(panel.data(), K, xm, ldx, ym, ldy, n); break;
+      }
+    }
+    for (; m < M; m++)
+      for (int c = 0; c < C; c++) wide::tile_panel<1, 1>(panel.data() + c * K, K, x + m * ldx, ldx, y + m * ldy, ldy, n + c);
+  }
+}
+
+static void exact_columns(const Matrix& W, int n0, int n1, int M, const float* x, int64_t ldx, float* y, int64_t ldy) {
+  switch (W.type) {
+    case F32: return wide::columns<DF32>(W, n0, n1, M, x, ldx, y, ldy);
+    case F16: return wide::columns<DF16>(W, n0, n1, M, x, ldx, y, ldy);
+    case BF16: return wide::columns<DBF16>(W, n0, n1, M, x, ldx, y, ldy);
+    case Q8_0: return wide::columns<AsFloat<FQ8_0>>(W, n0, n1, M, x, ldx, y, ldy);
+    case Q4_0: return wide::columns<AsFloat<FQ4_0>>(W, n0, n1, M, x, ldx, y, ldy);
+    case Q4_1: return wide::columns<AsFloat<FQ4_1>>(W, n0, n1, M, x, ldx, y, ldy);
+    case Q5_0: return wide::columns<AsFloat<FQ5_0>>(W, n0, n1, M, x, ldx, y, ldy);
+    case Q5_1: return wide::columns<AsFloat<FQ5_1>>(W, n0, n1, M, x, ldx, y, ldy);
+    case Q4_K: return wide::columns<AsFloat<FQ4_K>>(W, n0, n1, M, x, ldx, y, ldy);
+    case Q5_K: return wide::columns<AsFloat<FQ5_K>>(W, n0, n1, M, x, ldx, y, ldy);
+    case Q6_K: return wide::columns<AsFloat<FQ6_K>>(W, n0, n1, M, x, ldx, y, ldy);
+  }
+}
+
+}  // namespace wide
+}  // namespace vs
+
+#pragma GCC pop_options
