@@ -4,7 +4,7 @@ T(k)/T(1), ours and llama.cpp's; prefill of a 512-token prompt, ours and llama.c
 the last line is one JSON object.
 
     python benchmarks/plain.py --model smollm2-135m-instruct [--tokens 128] [--runs 2] [--threads 2]
-                               [--no-transformers] [--no-llamacpp]
+                               [--no-transformers] [--no-llamacpp] [--torch]
 """
 
 from __future__ import annotations
@@ -48,13 +48,15 @@ class System:
     outputs: list[list[int] | None] = field(default_factory=list)
 
 
-def verispec_llms(model: str, threads: int) -> list[tuple[str, LLM]]:
+def verispec_llms(model: str, threads: int, with_torch: bool) -> list[tuple[str, LLM]]:
     """Our configurations, one row each: another is one more `make(label, field=value)` line."""
 
     def make(label: str, **runtime: Any) -> tuple[str, LLM]:
         return label, LLM(model, RuntimeConfig(threads=threads, max_context=2048, **runtime))
 
-    return [make("verispec")]
+    rows = [make("verispec native exact", backend="native"),
+            make("verispec native int8", backend="native", activations="int8")]
+    return rows + ([make("verispec torch", backend="torch")] if with_torch else [])
 
 
 def cold_read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
@@ -124,10 +126,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--no-llamacpp", action="store_true")
+    ap.add_argument("--torch", action="store_true", help="add the torch backend (fp32, the reference) as a row")
     args = ap.parse_args()
 
     # 1. load; the same prompt ids for every system (one GGUF, so one vocabulary)
-    rows = verispec_llms(args.model, args.threads)
+    rows = verispec_llms(args.model, args.threads, args.torch)
     llm = rows[0][1]
     chat = bool(llm.tokenizer.chat_template)
     prompts = [llm.encode(p, chat=chat) for p in PROMPTS]
