@@ -14,6 +14,7 @@ from quant import FORMATS, blocks
 from verispec.errors import ModelLoadError
 from verispec.model.gguf_file import GGUFModel
 from verispec.model.load import ModelSource, load_model
+from verispec.model.weights import Weight
 
 EXACT = [b for b in BACKENDS if not b.endswith("int8")]
 NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -159,3 +160,21 @@ def test_unsupported_quant_type_names_it(tmp_path):
     _finish(w)
     with pytest.raises(ModelLoadError, match="IQ4_NL, which is not supported"):
         load_model(ModelSource.of(tmp_path / "iq.gguf"), 128, torch.device("cpu"))
+
+
+def test_a_block_with_a_non_finite_scale_is_refused_naming_the_tensor(tmp_path):
+    path = write_gguf(tmp_path / "m.gguf", tiny_hf_model("llama"), "Q8_0")
+    tensor = next(t for t in gguf.GGUFReader(path).tensors if t.name == "blk.1.ffn_up.weight")
+    data = bytearray(path.read_bytes())
+    block = 3  # its float16 scale becomes +inf
+    data[tensor.data_offset + 34 * block: tensor.data_offset + 34 * block + 2] = np.float16(np.inf).tobytes()
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelLoadError, match=r"blk\.1\.ffn_up\.weight.*block 3 .*non-finite scale"):
+        load_model(ModelSource.of(path), 128, torch.device("cpu"))
+
+
+def test_rows_that_are_not_whole_blocks_or_bytes_are_refused_naming_the_tensor():
+    with pytest.raises(ModelLoadError, match="'blk.0.attn_q.weight'.*48 weights is not a whole number of Q8_0 blocks"):
+        Weight.of("blk.0.attn_q.weight", np.zeros(2 * 51, np.uint8), gguf.GGMLQuantizationType.Q8_0, rows=2, cols=48)
+    with pytest.raises(ModelLoadError, match="'output.weight': 60 bytes where a 2 x 32 Q8_0 tensor has 68"):
+        Weight.of("output.weight", np.zeros(60, np.uint8), gguf.GGMLQuantizationType.Q8_0, rows=2, cols=32)
