@@ -40,6 +40,15 @@ struct QuantRows {  // activations quantized for the int8 kernels: per row cols 
   int cols = 0;
 };
 
+// The rows of the next tile, asked for while this one computes: a decode step reads every weight once,
+// from memory, and a tile's compute is about as long as memory's latency.
+static inline void prefetch_rows(const Matrix& W, int first, int count) {
+  const int last = std::min(first + count, W.rows);
+  for (int r = first; r < last; r++)
+    for (int64_t off = 0; off < W.row_bytes; off += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(W.data + r * W.row_bytes + off), _MM_HINT_T0);
+}
+
 static inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -52,6 +61,7 @@ static inline float hsum(__m256 v) {
 // R rows x C columns, weights decoded in registers once per group for all R rows.
 template <class D, int R, int C>
 static void tile_decoded(const Matrix& W, int n, const float* x, int64_t ldx, float* y, int64_t ldy) {
+  prefetch_rows(W, n + C, C);
   __m256 acc[R][C];
   for (int r = 0; r < R; r++)
     for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();
@@ -188,6 +198,7 @@ static void quantize_rows(const float* x, int M, int64_t ldx, int K, QuantRows& 
 
 template <class F, int R, int C>
 static void tile_int8(const Matrix& W, int n, const QuantRows& xq, int m0, float* y, int64_t ldy) {
+  if (m0 == 0) prefetch_rows(W, n + C, C);
   __m256 acc[R][C];
   float low[R][C];
   for (int r = 0; r < R; r++)

@@ -59,6 +59,7 @@ struct DBF16 {
 
 template <class D, int R, int C>
 static void tile_decoded(const Matrix& W, int n, const float* x, int64_t ldx, float* y, int64_t ldy) {
+  prefetch_rows(W, n + C, C);
   __m512 acc[R][C];
   for (int r = 0; r < R; r++)
     for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
