@@ -17,7 +17,7 @@ if platform.machine().lower() in ("x86_64", "amd64"):
         sources=[str(CSRC / "api.cpp")],
         depends=[str(p) for p in sorted(CSRC.glob("*.h"))],
         # no -ffast-math: the kernels' exactness and row invariance rest on IEEE operations in a fixed order
-        extra_compile_args=["-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-fno-math-errno", "-pthread"],
+        extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden", "-mavx2", "-mfma", "-mf16c", "-fno-math-errno", "-pthread"],
         extra_link_args=["-pthread"],
         language="c++",
         optional=True,

@@ -139,22 +139,25 @@ static void forward(const Model& m, const Batch& b) {
 
 }  // namespace vs
 
+// Only the C ABI below is exported (setup.py compiles with -fvisibility=hidden).
+#define VS_API __attribute__((visibility("default")))
+
 extern "C" {
 
-void vs_set_threads(int n) {
+VS_API void vs_set_threads(int n) {
   std::lock_guard<std::mutex> lock(vs::busy);
   vs::pool.resize(n);
 }
 
-int vs_threads() { return vs::pool.size(); }
+VS_API int vs_threads() { return vs::pool.size(); }
 
-void vs_forward(const vs::Model* model, const vs::Batch* batch) {
+VS_API void vs_forward(const vs::Model* model, const vs::Batch* batch) {
   std::lock_guard<std::mutex> lock(vs::busy);
   vs::forward(*model, *batch);
 }
 
 // y [M, W.rows] = x [M, W.cols] W^T, exact or int8
-void vs_matmul(const vs::Matrix* W, int M, const float* x, float* y, int int8) {
+VS_API void vs_matmul(const vs::Matrix* W, int M, const float* x, float* y, int int8) {
   std::lock_guard<std::mutex> lock(vs::busy);
   vs::QuantRows xq;
   if (int8) vs::quantize_rows(x, M, W->cols, W->cols, xq);
@@ -162,16 +165,16 @@ void vs_matmul(const vs::Matrix* W, int M, const float* x, float* y, int int8) {
 }
 
 // rows [first, first + count) of W as floats -> out [count, W.cols]
-void vs_decode_rows(const vs::Matrix* W, int first, int count, float* out) {
+VS_API void vs_decode_rows(const vs::Matrix* W, int first, int count, float* out) {
   for (int r = 0; r < count; r++) vs::decode_row(*W, first + r, out + static_cast<int64_t>(r) * W->cols);
 }
 
-int64_t vs_row_bytes(int type, int64_t cols) { return vs::row_bytes(type, cols); }
+VS_API int64_t vs_row_bytes(int type, int64_t cols) { return vs::row_bytes(type, cols); }
 
-void vs_plant_order_bug(int on) { vs::planted_order_bug = on; }
+VS_API void vs_plant_order_bug(int on) { vs::planted_order_bug = on; }
 
 // Use the 16-lane exact kernels (where the CPU has them); returns whether they are used now.
-int vs_set_wide(int on) {
+VS_API int vs_set_wide(int on) {
   std::lock_guard<std::mutex> lock(vs::busy);
   vs::use_wide = on && vs::has_wide();
   return vs::use_wide;

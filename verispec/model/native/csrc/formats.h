@@ -11,6 +11,9 @@
 #include <stdint.h>
 #include <string.h>
 
+// Readers are inlined into every kernel: called, they cost as much as the work they do.
+#define VS_INLINE inline __attribute__((always_inline))
+
 namespace vs {
 
 // ggml's type numbers (gguf.GGMLQuantizationType)
@@ -23,19 +26,19 @@ struct Group {
   float a0, a1, b;
 };
 
-static inline float half(const uint8_t* p) {
+static VS_INLINE float half(const uint8_t* p) {
   uint16_t h;
   memcpy(&h, p, 2);
   return _cvtsh_ss(h);
 }
 
-static inline __m256i nibbles(const uint8_t* p) {  // 16 bytes -> 32: low nibbles, then high ones
+static VS_INLINE __m256i nibbles(const uint8_t* p) {  // 16 bytes -> 32: low nibbles, then high ones
   __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   __m128i m = _mm_set1_epi8(0x0F);
   return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
 }
 
-static inline __m256i bits16(const uint8_t* p) {  // 32 bits -> 32 bytes of 0 or 16
+static VS_INLINE __m256i bits16(const uint8_t* p) {  // 32 bits -> 32 bytes of 0 or 16
   uint32_t x;
   memcpy(&x, p, 4);
   const __m256i shuffle = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
@@ -44,12 +47,12 @@ static inline __m256i bits16(const uint8_t* p) {  // 32 bits -> 32 bytes of 0 or
   return _mm256_and_si256(_mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1)), _mm256_set1_epi8(16));
 }
 
-static inline __m256i load32(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+static VS_INLINE __m256i load32(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
-static inline __m256i shift_right(__m256i v, int n) { return _mm256_srl_epi16(v, _mm_cvtsi32_si128(n)); }
+static VS_INLINE __m256i shift_right(__m256i v, int n) { return _mm256_srl_epi16(v, _mm_cvtsi32_si128(n)); }
 
 // Q4_K / Q5_K: the 6-bit scale and minimum of sub-block s (0..7) from the 12 packed bytes
-static inline void scale_min_k4(const uint8_t* q, int s, int* sc, int* mn) {
+static VS_INLINE void scale_min_k4(const uint8_t* q, int s, int* sc, int* mn) {
   if (s < 4) {
     *sc = q[s] & 63;
     *mn = q[s + 4] & 63;
@@ -62,7 +65,7 @@ static inline void scale_min_k4(const uint8_t* q, int s, int* sc, int* mn) {
 struct FQ8_0 {
   static constexpr int kGroupBytes = 34, kGroupsPerBlock = 1;
   static constexpr bool kMin = false;
-  static inline Group group(const uint8_t* row, int g) {
+  static VS_INLINE Group group(const uint8_t* row, int g) {
     const uint8_t* b = row + 34 * g;
     float d = half(b);
     return {load32(b + 2), d, d, 0.f};
@@ -72,7 +75,7 @@ struct FQ8_0 {
 struct FQ4_0 {
   static constexpr int kGroupBytes = 18, kGroupsPerBlock = 1;
   static constexpr bool kMin = false;
-  static inline Group group(const uint8_t* row, int g) {
+  static VS_INLINE Group group(const uint8_t* row, int g) {
     const uint8_t* b = row + 18 * g;
     float d = half(b);
     return {_mm256_sub_epi8(nibbles(b + 2), _mm256_set1_epi8(8)), d, d, 0.f};
@@ -82,7 +85,7 @@ struct FQ4_0 {
 struct FQ4_1 {
   static constexpr int kGroupBytes = 20, kGroupsPerBlock = 1;
   static constexpr bool kMin = true;
-  static inline Group group(const uint8_t* row, int g) {
+  static VS_INLINE Group group(const uint8_t* row, int g) {
     const uint8_t* b = row + 20 * g;
     float d = half(b);
     return {nibbles(b + 4), d, d, half(b + 2)};
@@ -92,7 +95,7 @@ struct FQ4_1 {
 struct FQ5_0 {
   static constexpr int kGroupBytes = 22, kGroupsPerBlock = 1;
   static constexpr bool kMin = false;
-  static inline Group group(const uint8_t* row, int g) {
+  static VS_INLINE Group group(const uint8_t* row, int g) {
     const uint8_t* b = row + 22 * g;
     float d = half(b);
     __m256i q = _mm256_or_si256(nibbles(b + 6), bits16(b + 2));
@@ -103,7 +106,7 @@ struct FQ5_0 {
 struct FQ5_1 {
   static constexpr int kGroupBytes = 24, kGroupsPerBlock = 1;
   static constexpr bool kMin = true;
-  static inline Group group(const uint8_t* row, int g) {
+  static VS_INLINE Group group(const uint8_t* row, int g) {
     const uint8_t* b = row + 24 * g;
     float d = half(b);
     return {_mm256_or_si256(nibbles(b + 8), bits16(b + 4)), d, d, half(b + 2)};
@@ -113,7 +116,7 @@ struct FQ5_1 {
 struct FQ4_K {  // 256 weights: d, dmin, 12 bytes of scales, 128 bytes of nibbles
   static constexpr int kGroupBytes = 18, kGroupsPerBlock = 8;  // 144 bytes per block
   static constexpr bool kMin = true;
-  static inline Group group(const uint8_t* row, int g) {
+  static VS_INLINE Group group(const uint8_t* row, int g) {
     const uint8_t* b = row + 144 * (g >> 3);
     int s = g & 7, sc, mn;
     scale_min_k4(b + 4, s, &sc, &mn);
@@ -126,7 +129,7 @@ struct FQ4_K {  // 256 weights: d, dmin, 12 bytes of scales, 128 bytes of nibble
 struct FQ5_K {  // 256 weights: d, dmin, 12 bytes of scales, 32 bytes of high bits, 128 of nibbles
   static constexpr int kGroupBytes = 22, kGroupsPerBlock = 8;  // 176 bytes per block
   static constexpr bool kMin = true;
-  static inline Group group(const uint8_t* row, int g) {
+  static VS_INLINE Group group(const uint8_t* row, int g) {
     const uint8_t* b = row + 176 * (g >> 3);
     int s = g & 7, sc, mn;
     scale_min_k4(b + 4, s, &sc, &mn);
@@ -140,7 +143,7 @@ struct FQ5_K {  // 256 weights: d, dmin, 12 bytes of scales, 32 bytes of high bi
 struct FQ6_K {  // 256 weights: 128 bytes of low nibbles, 64 of high 2-bit pairs, 16 int8 scales, d
   static constexpr int kGroupBytes = 0, kGroupsPerBlock = 8;  // 210 bytes per block (not a multiple)
   static constexpr bool kMin = false;
-  static inline Group group(const uint8_t* row, int g) {
+  static VS_INLINE Group group(const uint8_t* row, int g) {
     const uint8_t* b = row + 210 * (g >> 3);
     int local = g & 7, h = local >> 2, p = local & 3;
     __m256i lo = _mm256_and_si256(shift_right(load32(b + 64 * h + 32 * (p & 1)), 4 * (p >> 1)), _mm256_set1_epi8(0x0F));
@@ -155,7 +158,7 @@ struct FQ6_K {  // 256 weights: 128 bytes of low nibbles, 64 of high 2-bit pairs
 // A quantized format's group as 4 x 8 floats: q * a (+ b).
 template <class F>
 struct AsFloat {
-  static inline void decode(const uint8_t* row, int g, __m256 w[4]) {
+  static VS_INLINE void decode(const uint8_t* row, int g, __m256 w[4]) {
     Group G = F::group(row, g);
     __m128i lo = _mm256_castsi256_si128(G.q), hi = _mm256_extracti128_si256(G.q, 1);
     __m256 a0 = _mm256_set1_ps(G.a0), a1 = _mm256_set1_ps(G.a1);
@@ -171,21 +174,21 @@ struct AsFloat {
 };
 
 struct DF32 {
-  static inline void decode(const uint8_t* row, int g, __m256 w[4]) {
+  static VS_INLINE void decode(const uint8_t* row, int g, __m256 w[4]) {
     const float* p = reinterpret_cast<const float*>(row) + 32 * g;
     for (int j = 0; j < 4; j++) w[j] = _mm256_loadu_ps(p + 8 * j);
   }
 };
 
 struct DF16 {
-  static inline void decode(const uint8_t* row, int g, __m256 w[4]) {
+  static VS_INLINE void decode(const uint8_t* row, int g, __m256 w[4]) {
     const uint8_t* p = row + 64 * g;
     for (int j = 0; j < 4; j++) w[j] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * j)));
   }
 };
 
 struct DBF16 {
-  static inline void decode(const uint8_t* row, int g, __m256 w[4]) {
+  static VS_INLINE void decode(const uint8_t* row, int g, __m256 w[4]) {
     const uint8_t* p = row + 64 * g;
     for (int j = 0; j < 4; j++) {
       __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * j)));

@@ -49,7 +49,7 @@ static inline void prefetch_rows(const Matrix& W, int first, int count) {
       _mm_prefetch(reinterpret_cast<const char*>(W.data + r * W.row_bytes + off), _MM_HINT_T0);
 }
 
-static inline float hsum(__m256 v) {
+static VS_INLINE float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));

@@ -2,8 +2,9 @@
 // vs_set_wide). The definition is matmul.h's with 16 lanes: y[m][n] = hsum16(acc), acc taking
 // fma(w[n][k..k+16], x[m][k..k+16], acc) for k = 0, 16, 32, ... in order; every path runs exactly
 // that sequence, so rows are invariant here as there (the two widths round differently, so one
-// machine uses one width throughout). 32 registers hold 16 rows' accumulators: weights are decoded
-// in registers up to 16 rows, into a panel beyond.
+// machine uses one width throughout). Weights are decoded in registers up to 8 rows (16 accumulators
+// of 32 registers), into a panel beyond: from 8 rows on, the FMAs (one per 16 weights and row) bound
+// the time either way.
 #pragma once
 #include "matmul.h"
 
@@ -13,13 +14,13 @@
 namespace vs {
 namespace wide {
 
-static inline float hsum16(__m512 v) {
+static VS_INLINE float hsum16(__m512 v) {
   return hsum(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)));
 }
 
 template <class F>
 struct AsFloat {  // a quantized group as 2 x 16 floats: elements 0..15 take a0, 16..31 a1
-  static inline void decode(const uint8_t* row, int g, __m512 w[2]) {
+  static VS_INLINE void decode(const uint8_t* row, int g, __m512 w[2]) {
     Group G = F::group(row, g);
     w[0] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(G.q))), _mm512_set1_ps(G.a0));
     w[1] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(G.q, 1))),
@@ -32,7 +33,7 @@ struct AsFloat {  // a quantized group as 2 x 16 floats: elements 0..15 take a0,
 };
 
 struct DF32 {
-  static inline void decode(const uint8_t* row, int g, __m512 w[2]) {
+  static VS_INLINE void decode(const uint8_t* row, int g, __m512 w[2]) {
     const float* p = reinterpret_cast<const float*>(row) + 32 * g;
     w[0] = _mm512_loadu_ps(p);
     w[1] = _mm512_loadu_ps(p + 16);
@@ -40,7 +41,7 @@ struct DF32 {
 };
 
 struct DF16 {
-  static inline void decode(const uint8_t* row, int g, __m512 w[2]) {
+  static VS_INLINE void decode(const uint8_t* row, int g, __m512 w[2]) {
     const uint8_t* p = row + 64 * g;
     w[0] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     w[1] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32)));
@@ -48,7 +49,7 @@ struct DF16 {
 };
 
 struct DBF16 {
-  static inline void decode(const uint8_t* row, int g, __m512 w[2]) {
+  static VS_INLINE void decode(const uint8_t* row, int g, __m512 w[2]) {
     const uint8_t* p = row + 64 * g;
     for (int j = 0; j < 2; j++) {
       __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * j)));
@@ -105,18 +106,17 @@ static void tile_rows(const Matrix& W, int n, int M, const float* x, int64_t ldx
 #define VS_ROWS(R) case R: return wide::tile_decoded<D, R, (C * R > 24 ? (24 / R > 0 ? 24 / R : 1) : C)>(W, n, x, ldx, y, ldy);
   switch (M) {
     VS_ROWS(1) VS_ROWS(2) VS_ROWS(3) VS_ROWS(4) VS_ROWS(5) VS_ROWS(6) VS_ROWS(7) VS_ROWS(8)
-    VS_ROWS(9) VS_ROWS(10) VS_ROWS(11) VS_ROWS(12) VS_ROWS(13) VS_ROWS(14) VS_ROWS(15) VS_ROWS(16)
   }
 #undef VS_ROWS
 }
 
-static constexpr int kDecodedRows = 16;
+static constexpr int kDecodedRows = 8;
 
 template <class D>
 static void columns(const Matrix& W, int n0, int n1, int M, const float* x, int64_t ldx, float* y, int64_t ldy) {
   if (M <= kDecodedRows) {
     // columns per tile: as many as 24 accumulators allow (tile_rows caps C * R)
-    const int C = M <= 3 ? 8 : M <= 6 ? 4 : M <= 12 ? 2 : 1;
+    const int C = M <= 3 ? 8 : M <= 6 ? 4 : 2;
     int n = n0;
     for (; C >= 8 && n + 8 <= n1; n += 8) wide::tile_rows<D, 8>(W, n, M, x, ldx, y, ldy);
     for (; C >= 4 && n + 4 <= n1; n += 4) wide::tile_rows<D, 4>(W, n, M, x, ldx, y, ldy);
