@@ -115,8 +115,9 @@ class LLM:
     @property
     def calibration_path(self) -> Path:
         src = self.source
-        return calibration_path(hub.cache_dir(), str((src.folder / (src.gguf_file or "")).resolve()),
-                                self.drafter_name)
+        # a curve belongs to the backend and activations it was timed with, as much as to the weights
+        model_key = f"{(src.folder / (src.gguf_file or '')).resolve()}|{self.target.backend_name}|{self.target.activations}"
+        return calibration_path(hub.cache_dir(), model_key, self.drafter_name)
 
     def calibrate(self, max_k: int = MAX_DRAFT_TOKENS + 1, repeats: int = 5) -> Calibration:
         """Measure T(k) for k = 1..max_k and the drafter's cost per token here; store them for later runs."""
