@@ -103,11 +103,21 @@ static void tile_panel(const float* panel, int K, const float* x, int64_t ldx, f
 
 template <class D, int C>
 static void tile_rows(const Matrix& W, int n, int M, const float* x, int64_t ldx, float* y, int64_t ldy) {
-#define VS_ROWS(R) case R: return wide::tile_decoded<D, R, (C * R > 24 ? (24 / R > 0 ? 24 / R : 1) : C)>(W, n, x, ldx, y, ldy);
+#define VS_ROWS(R) case R: return wide::tile_decoded<D, R, (C * R > 16 ? (16 / R > 0 ? 16 / R : 1) : C)>(W, n, x, ldx, y, ldy);
   switch (M) {
     VS_ROWS(1) VS_ROWS(2) VS_ROWS(3) VS_ROWS(4) VS_ROWS(5) VS_ROWS(6) VS_ROWS(7) VS_ROWS(8)
   }
 #undef VS_ROWS
+}
+
+template <int R>
+static void panel_rows(const float* panel, int K, int C, const float* x, int64_t ldx, float* y, int64_t ldy, int n) {
+  switch (C) {
+    case 4: return wide::tile_panel<R, 4>(panel, K, x, ldx, y, ldy, n);
+    case 3: return wide::tile_panel<R, 3>(panel, K, x, ldx, y, ldy, n);
+    case 2: return wide::tile_panel<R, 2>(panel, K, x, ldx, y, ldy, n);
+    default: return wide::tile_panel<R, 1>(panel, K, x, ldx, y, ldy, n);
+  }
 }
 
 static constexpr int kDecodedRows = 8;
@@ -115,8 +125,8 @@ static constexpr int kDecodedRows = 8;
 template <class D>
 static void columns(const Matrix& W, int n0, int n1, int M, const float* x, int64_t ldx, float* y, int64_t ldy) {
   if (M <= kDecodedRows) {
-    // columns per tile: as many as 24 accumulators allow (tile_rows caps C * R)
-    const int C = M <= 3 ? 8 : M <= 6 ? 4 : 2;
+    // columns per tile: as many as 16 accumulators allow (tile_rows caps C * R; more spill)
+    const int C = M <= 2 ? 8 : M <= 4 ? 4 : 2;
     int n = n0;
     for (; C >= 8 && n + 8 <= n1; n += 8) wide::tile_rows<D, 8>(W, n, M, x, ldx, y, ldy);
     for (; C >= 4 && n + 4 <= n1; n += 4) wide::tile_rows<D, 4>(W, n, M, x, ldx, y, ldy);
@@ -137,18 +147,14 @@ static void columns(const Matrix& W, int n0, int n1, int M, const float* x, int6
         _mm512_storeu_ps(&panel[c * K + 32 * g + 16], w[1]);
       }
     int m = 0;
-    for (; m + 6 <= M; m += 6) {
-      const float* xm = x + m * ldx;
-      float* ym = y + m * ldy;
-      switch (C) {
-        case 4: wide::tile_panel<6, 4>(panel.data(), K, xm, ldx, ym, ldy, n); break;
-        case 3: wide::tile_panel<6, 3>(panel.data(), K, xm, ldx, ym, ldy, n); break;
-        case 2: wide::tile_panel<6, 2>(panel.data(), K, xm, ldx, ym, ldy, n); break;
-        default: wide::tile_panel<6, 1>(panel.data(), K, xm, ldx, ym, ldy, n); break;
-      }
+    for (; m + 6 <= M; m += 6) wide::panel_rows<6>(panel.data(), K, C, x + m * ldx, ldx, y + m * ldy, ldy, n);
+    switch (M - m) {  // the last rows in one tile too: a lone row's single chain of FMAs is slow
+      case 5: wide::panel_rows<5>(panel.data(), K, C, x + m * ldx, ldx, y + m * ldy, ldy, n); break;
+      case 4: wide::panel_rows<4>(panel.data(), K, C, x + m * ldx, ldx, y + m * ldy, ldy, n); break;
+      case 3: wide::panel_rows<3>(panel.data(), K, C, x + m * ldx, ldx, y + m * ldy, ldy, n); break;
+      case 2: wide::panel_rows<2>(panel.data(), K, C, x + m * ldx, ldx, y + m * ldy, ldy, n); break;
+      case 1: wide::panel_rows<1>(panel.data(), K, C, x + m * ldx, ldx, y + m * ldy, ldy, n); break;
     }
-    for (; m < M; m++)
-      for (int c = 0; c < C; c++) wide::tile_panel<1, 1>(panel.data() + c * K, K, x + m * ldx, ldx, y + m * ldy, ldy, n + c);
   }
 }
 
