@@ -117,7 +117,12 @@ static void columns_small(const Matrix& W, int n, int M, const float* x, int64_t
 }
 
 static constexpr int kSmallRows = 8;   // up to this many rows, weights are decoded in registers
-static constexpr int kChunk = 16;      // columns per work item
+// Columns per work item: about 8 items per thread, so that a slow core takes fewer while claims stay
+// rare next to the work (one claim costs a cache line's trip between cores); a multiple of 16.
+static int chunk_columns(int columns, int threads) {
+  const int per = columns / (8 * threads);
+  return std::max(16, (per + 15) / 16 * 16);
+}
 
 // Columns [n0, n1) of y for all M rows.
 template <class D>
@@ -319,13 +324,13 @@ static void matmul(Pool& pool, const Matrix* parts, int nparts, int M, const flo
                    const QuantRows* xq, float* y, int64_t ldy) {
   std::vector<int> part_of, first;
   std::vector<int> offset(nparts + 1, 0);
-  for (int p = 0; p < nparts; p++) {
-    offset[p + 1] = offset[p] + parts[p].rows;
-    for (int n = 0; n < parts[p].rows; n += kChunk) part_of.push_back(p), first.push_back(n);
-  }
+  for (int p = 0; p < nparts; p++) offset[p + 1] = offset[p] + parts[p].rows;
+  const int chunk = chunk_columns(offset[nparts], pool.size());
+  for (int p = 0; p < nparts; p++)
+    for (int n = 0; n < parts[p].rows; n += chunk) part_of.push_back(p), first.push_back(n);
   pool.run(static_cast<int>(part_of.size()), [&](int item) {
     const Matrix& W = parts[part_of[item]];
-    const int n0 = first[item], n1 = std::min(n0 + kChunk, W.rows);
+    const int n0 = first[item], n1 = std::min(n0 + chunk, W.rows);
     matmul_columns(W, n0, n1, M, x, ldx, xq, y + offset[part_of[item]], ldy);
   });
 }

@@ -91,10 +91,11 @@ class Pool {
 
   std::vector<std::thread> threads_;
   const std::function<void(int)>* fn_ = nullptr;
-  std::atomic<int> total_{0};
-  std::atomic<int> done_{0};
-  std::atomic<uint64_t> ticket_{0};
-  std::atomic<uint64_t> generation_{0};
+  // each on its own cache line: claims, completions and the wake-up signal must not bounce together
+  alignas(64) std::atomic<int> total_{0};
+  alignas(64) std::atomic<int> done_{0};
+  alignas(64) std::atomic<uint64_t> ticket_{0};
+  alignas(64) std::atomic<uint64_t> generation_{0};
   std::mutex mu_;
   std::condition_variable cv_;
   bool quit_ = false;
