@@ -102,7 +102,8 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    """Where and how big the runtime is: the device, threads (the native kernels' pool and torch's),
+    """Where and how big the runtime is: the device, threads (of the native kernels' pool, torch then
+    keeping one for sampling so the two never compete for cores; of torch with the torch backend),
     the KV cache's capacity in tokens, the backend that runs the forward ('native': the weights as in
     the file and C++ kernels, the CPU default; 'torch': fp32 torch ops, the reference and CUDA; None:
     native where it can run) and the native backend's activations ('exact' fp32, or 'int8':

@@ -59,8 +59,9 @@ class LLM:
         self.tokenizer = load_tokenizer(self.source, hub.cache_dir())
         self.target = load_model(self.source, runtime.max_context, resolve_device(runtime.device), runtime.backend,
                                  runtime.activations)
-        if self.target.backend_name == "native" and runtime.threads:
-            native.set_threads(runtime.threads)
+        if self.target.backend_name == "native":
+            native.set_threads(runtime.threads or native.lib().vs_threads())
+            native.ensure_threads()
         self.eos_ids = eos_ids(self.tokenizer, self.source)
         self.drafter_name = drafter or "none"
         self.engine = Engine(self.target, self.make_drafter(drafter))
