@@ -56,6 +56,9 @@ class Pool {
     cv_.notify_all();
     work(g);
     while (done_.load(std::memory_order_acquire) < items) _mm_pause();
+    // Close the region before the next one sets total_ and fn_: a worker still in work(g) must not
+    // read a larger total beside this region's ticket, claim it and run the next region's function.
+    ticket_.store(g << 32 | 0xffffffffu, std::memory_order_release);
   }
 
  private:
