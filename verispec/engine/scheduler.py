@@ -23,6 +23,8 @@ from verispec.errors import VerispecError
 from verispec.model.cache import KVCache
 from verispec.model.transformer import Transformer
 
+log = logging.getLogger("verispec")
+
 PREFILL_BUDGET = 256  # prompt rows a step may add to the running sequences' verify rows
 
 # Called on the engine thread after each cycle of the request, or once with the error that ended it.
@@ -82,9 +84,11 @@ class Scheduler:
         with self._wake:
             if not self.alive or self._stopping:
                 raise EngineUnavailableError("the engine is not running" + (f": {self.error!r}" if self.error else ""))
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFullError(f"{self.max_batch} requests are running and {len(self._waiting)} waiting, "
-                                     f"the most this server queues (max_queue={self.max_queue}); retry later")
+            # the waiting requests that free slots are about to take do not count against the queue
+            if len(self._waiting) >= self.max_queue + self.max_batch - self.running:
+                raise QueueFullError(f"{self.running} requests are running (max_concurrency={self.max_batch}) and "
+                                     f"{len(self._waiting)} waiting, the most this server holds "
+                                     f"(max_queue={self.max_queue}); retry later")
             ticket = Ticket(request, listener)
             self._waiting.append(ticket)
             self._wake.notify()
@@ -95,6 +99,24 @@ class Scheduler:
         with self._wake:
             ticket.cancelled = True
             self._wake.notify()
+
+    def drain(self, timeout: float) -> None:
+        """Refuse new requests now; those still running or queued after `timeout` seconds fail with
+        EngineUnavailableError (a shutdown that waits for no request longer than that)."""
+        self._stopping = True  # no lock: this may run in a signal handler, on a thread that holds it
+        timer = threading.Timer(timeout, self._abort, [EngineUnavailableError(
+            f"the server shut down before this request finished (it waits {timeout:g} s for open requests)")])
+        timer.daemon = True
+        timer.start()
+
+    def _abort(self, error: EngineUnavailableError) -> None:
+        with self._wake:
+            tickets = [s.ticket for s in self._slots if s.ticket is not None] + list(self._waiting)
+            for ticket in tickets:
+                ticket.cancelled = True  # the engine frees their slots before its next step
+            self._wake.notify()
+        for ticket in tickets:
+            ticket.listener(error)
 
     def stop(self, timeout: float | None = None) -> None:
         """Refuse new requests, finish every admitted and queued one, then end the engine thread."""
@@ -116,13 +138,7 @@ class Scheduler:
     def _run(self) -> None:
         try:
             while self._admit():
-                busy = [slot for slot in self._slots if slot.sequence is not None]
-                owners = {id(slot.sequence): slot.ticket for slot in busy}
-                for cycle in step(self.target, [slot.sequence for slot in busy], self.prefill_budget):
-                    owners[id(cycle.sequence)].listener(cycle)
-                for slot in self._slots:
-                    if slot.sequence is not None and slot.sequence.request.finished:
-                        slot.ticket = slot.sequence = None
+                self._step([slot for slot in self._slots if slot.sequence is not None])
         except BaseException as e:  # noqa: BLE001: every waiting client must hear why, then /health says so
             self.error = e
             with self._wake:
@@ -130,7 +146,26 @@ class Scheduler:
                 self._waiting.clear()
             for ticket in tickets:
                 ticket.listener(e)
-            logging.getLogger("verispec").exception("the engine thread died; every request in it failed")
+            log.exception("the engine thread died; every request in it failed")
+
+    def _step(self, busy: list[Slot]) -> None:
+        """One step of the running sequences. If it raises (a drafter, the forward, NaN logits), the
+        requests of this step fail with the error and their slots are freed; the next Sequence resets
+        the cache and the drafter, so the engine goes on serving the queue."""
+        owners = {id(slot.sequence): slot.ticket for slot in busy}
+        try:
+            cycles = step(self.target, [slot.sequence for slot in busy], self.prefill_budget)
+        except Exception as e:  # noqa: BLE001: one bad step must not take the engine down
+            log.exception("a step failed; its %d request(s) failed with it", len(busy))
+            for slot in busy:
+                ticket, slot.ticket, slot.sequence = slot.ticket, None, None
+                ticket.listener(e)
+            return
+        for cycle in cycles:
+            owners[id(cycle.sequence)].listener(cycle)
+        for slot in busy:
+            if slot.sequence.request.finished:
+                slot.ticket = slot.sequence = None
 
     def _admit(self) -> bool:
         """Drop cancelled requests, fill free slots from the queue; block while there is nothing to
