@@ -293,12 +293,14 @@ def test_requests_reach_the_last_position_of_a_context_of_1000_and_no_further(sh
         r = short.http.post("/v1/completions", json=body)
         assert r.status_code == 200, r.text
         usage = r.json()["usage"]
-        assert usage["prompt_tokens"] + usage["completion_tokens"] == SHORT and r.json()["choices"][0]["finish_reason"] == "length"
-    chat = short.http.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "ab" * 480}],
-                                                       "ignore_eos": True})
+        assert usage["prompt_tokens"] + usage["completion_tokens"] == SHORT
+        assert r.json()["choices"][0]["finish_reason"] == "length"
+    chat = short.http.post("/v1/chat/completions", json={"model": MODEL, "ignore_eos": True,
+                                                       "messages": [{"role": "user", "content": "ab" * 480}]})
     assert chat.status_code == 200 and chat.json()["usage"]["total_tokens"] == SHORT, "a chat runs to the context's end"
     r = short.http.post("/v1/completions", json={"model": MODEL, "prompt": [5] * 950, "max_tokens": 100})
-    assert r.status_code == 400 and "the context holds 1000, so at most 50 can be generated" in r.json()["error"]["message"]
+    assert r.status_code == 400
+    assert "the context holds 1000, so at most 50 can be generated" in r.json()["error"]["message"]
     r = short.http.post("/v1/completions", json={"model": MODEL, "prompt": [5] * 1000})
     assert r.status_code == 400 and "the context holds 1000" in r.json()["error"]["message"]
     assert short.http.get("/health").status_code == 200
@@ -320,7 +322,8 @@ def test_a_burst_as_large_as_the_slots_and_the_queue_together_is_served_in_full(
 ANY = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.sampled_from([0, 1, 2, 95, 96, 2**32, 2**64]),
                 st.floats(allow_nan=False, allow_infinity=False), st.sampled_from([1e-300, 1e-40, 1e-6, 1e300, -0.0]),
                 st.text(max_size=8), st.sampled_from(["\ud800", "a\udfff", "</s>", ""]),
-                st.lists(st.integers(-5, 100), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+                st.lists(st.integers(-5, 100), max_size=3),
+                st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
 FIELDS = [f.name for f in dataclasses.fields(SamplingParams)] + [
     "stream", "n", "user", "return_token_ids", "max_completion_tokens", "response_format", "tool_choice", "store"]
 PROMPT_LENGTHS = st.integers(SHORT - 12, SHORT + 2) | st.integers(1, 8)
@@ -583,3 +586,10 @@ def test_health_says_503_and_requests_fail_cleanly_when_the_engine_has_died(llm,
     assert client.get("/health").status_code == 503
     r = client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 3})
     assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
+
+
+def test_a_bad_shutdown_timeout_exits_2_naming_it(folder, capsys):
+    from verispec.cli.main import main
+
+    assert main(["serve", "--model", str(folder), "--shutdown-timeout", "-1"]) == 2
+    assert "shutdown_timeout=-1.0 is not allowed" in capsys.readouterr().err

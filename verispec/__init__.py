@@ -13,8 +13,8 @@ from verispec.errors import (ContextOverflowError, InvalidInputError, ModelLoadE
 if TYPE_CHECKING:
     from verispec.llm import LLM
 
-__all__ = ["LLM", "ContextOverflowError", "InvalidInputError", "ModelLoadError", "NumericsError", "RuntimeConfig", "SamplingParams",
-           "TokenizerMismatchError", "VerispecError"]
+__all__ = ["LLM", "ContextOverflowError", "InvalidInputError", "ModelLoadError", "NumericsError", "RuntimeConfig",
+           "SamplingParams", "TokenizerMismatchError", "VerispecError"]
 __version__ = "0.1.0"
 
 

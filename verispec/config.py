@@ -169,6 +169,6 @@ class ServeConfig:
             _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
                      f"{name}={value!r} is not allowed: it must be an integer >= 1")
         _require(_is_real(self.shutdown_timeout) and self.shutdown_timeout >= 0, "shutdown_timeout",
-                 f"shutdown_timeout={self.shutdown_timeout!r} is not allowed: it must be a finite number of seconds >= 0")
+                 f"shutdown_timeout={self.shutdown_timeout!r} is not allowed: it must be a number of seconds >= 0")
         _require(self.api_key is None or (isinstance(self.api_key, str) and self.api_key != ""), "api_key",
                  "api_key='' is not allowed: give a non-empty key, or none for an open server")

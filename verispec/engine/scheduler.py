@@ -2,9 +2,10 @@
 batched forward; other threads submit requests and hear about each cycle through a listener.
 
 Admission is first come, first served into a fixed number of slots (a cache, a drafter and a
-controller each, made once); waiting requests queue up to a bound, beyond which `submit` refuses.
-A prompt is prefilled in chunks that share the step's forward with the running sequences, so a long
-prompt delays them by at most `prefill_budget` rows a step.
+controller each, made once); waiting requests queue up to a bound (free slots count as room),
+beyond which `submit` refuses. A prompt is prefilled in chunks that share the step's forward with
+the running sequences, so a long prompt delays them by at most `prefill_budget` rows a step. A step
+that raises fails its own requests only; `drain` bounds how long a shutdown waits.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ class Scheduler:
 
     def _abort(self, error: EngineUnavailableError) -> None:
         with self._wake:
-            tickets = [s.ticket for s in self._slots if s.ticket is not None] + list(self._waiting)
+            tickets = self._open()
             for ticket in tickets:
                 ticket.cancelled = True  # the engine frees their slots before its next step
             self._wake.notify()
@@ -134,6 +135,10 @@ class Scheduler:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    def _open(self) -> list[Ticket]:
+        """Every running and queued ticket (with the lock held)."""
+        return [slot.ticket for slot in self._slots if slot.ticket is not None] + list(self._waiting)
+
     # --- the engine thread ------------------------------------------------------------------------
     def _run(self) -> None:
         try:
@@ -142,7 +147,7 @@ class Scheduler:
         except BaseException as e:  # noqa: BLE001: every waiting client must hear why, then /health says so
             self.error = e
             with self._wake:
-                tickets = [s.ticket for s in self._slots if s.ticket is not None] + list(self._waiting)
+                tickets = self._open()
                 self._waiting.clear()
             for ticket in tickets:
                 ticket.listener(e)

@@ -76,8 +76,9 @@ def create_app(llm: LLM, scheduler: Scheduler, config: ServeConfig, model_name: 
     async def invalid(_: HTTPRequest, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0]
         if first.get("type") == "json_invalid":  # its location is a byte offset, not a field
-            message = f"the body is not valid JSON: {first.get('ctx', {}).get('error', 'invalid')} at byte {first['loc'][-1]}"
-            return JSONResponse(error(message, "invalid_request_error"), status_code=400)
+            why = first.get("ctx", {}).get("error", "invalid")
+            return JSONResponse(error(f"the body is not valid JSON: {why} at byte {first['loc'][-1]}",
+                                      "invalid_request_error"), status_code=400)
         # pydantic adds union branches ('str', 'list[int]') to the location: not fields, left out
         loc = [str(part) for part in first.get("loc", ())
                if part != "body" and str(part) not in UNION_TAGS and "[" not in str(part)]
@@ -98,7 +99,9 @@ def create_app(llm: LLM, scheduler: Scheduler, config: ServeConfig, model_name: 
             raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", "authentication_error",
                            code="invalid_api_key")
 
-    @app.api_route("/health", methods=["GET", "HEAD"])
+    # HEAD as well as GET (load balancers and SDKs probe with it); left out of the schema, as it mirrors GET
+    @app.get("/health")
+    @app.head("/health", include_in_schema=False)
     def health() -> JSONResponse:
         if scheduler.alive:
             return JSONResponse({"status": "ok"})
@@ -111,11 +114,13 @@ def create_app(llm: LLM, scheduler: Scheduler, config: ServeConfig, model_name: 
     def card() -> dict[str, Any]:
         return {"id": model_name, "object": "model", "created": protocol.now(), "owned_by": "verispec"}
 
-    @app.api_route("/v1/models", methods=["GET", "HEAD"], dependencies=[Depends(authorized)])
+    @app.get("/v1/models", dependencies=[Depends(authorized)])
+    @app.head("/v1/models", dependencies=[Depends(authorized)], include_in_schema=False)
     def models() -> dict[str, Any]:
         return {"object": "list", "data": [card()]}
 
-    @app.api_route("/v1/models/{model:path}", methods=["GET", "HEAD"], dependencies=[Depends(authorized)])
+    @app.get("/v1/models/{model:path}", dependencies=[Depends(authorized)])
+    @app.head("/v1/models/{model:path}", dependencies=[Depends(authorized)], include_in_schema=False)
     def model(model: str) -> dict[str, Any]:
         if model != model_name:
             raise not_served(model)
