@@ -329,7 +329,7 @@ FIELDS = [f.name for f in dataclasses.fields(SamplingParams)] + [
 PROMPT_LENGTHS = st.integers(SHORT - 12, SHORT + 2) | st.integers(1, 8)
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=60, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
 @given(chat=st.booleans(), length=PROMPT_LENGTHS, fields=st.dictionaries(st.sampled_from(FIELDS), ANY, max_size=4),
        max_tokens=st.one_of(st.none(), st.integers(-1, 40)))
 def test_a_bounded_fuzz_of_every_field_and_of_lengths_around_the_context_finds_no_5xx(short, chat, length, fields,
