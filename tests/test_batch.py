@@ -177,6 +177,28 @@ class Faulty(DraftModelDrafter):
         return DraftModelDrafter.propose_many(jobs)
 
 
+def test_a_request_whose_drafter_cannot_reset_fails_alone(draft_pair):
+    llm, draft = draft_pair
+
+    class Stubborn(DraftModelDrafter):
+        def reset(self, sampler):
+            if sampler.prompt_ids[:4] == MARK:
+                raise RuntimeError("reset fault")
+            super().reset(sampler)
+
+    scheduler = Scheduler(llm.target, lambda: Stubborn(draft), 3, lambda: None, max_batch=1)
+    scheduler.start()
+    try:
+        params = SamplingParams(max_tokens=5, ignore_eos=True)
+        marked, after = Collector(), Collector()
+        scheduler.submit(Request(MARK, params, llm.eos_ids, llm.engine.capacity), marked)
+        scheduler.submit(Request(llm.encode("the"), params, llm.eos_ids, llm.engine.capacity), after)
+        assert marked.done.wait(30) and "reset fault" in str(marked.error)
+        assert after.done.wait(30) and after.error is None and scheduler.alive
+    finally:
+        scheduler.stop(10)
+
+
 @pytest.mark.parametrize("fault", ["drafter", "forward"])
 def test_a_step_that_raises_fails_only_its_requests_and_the_engine_serves_on(draft_pair, monkeypatch, fault):
     """Fault injection while other requests run: the step's requests hear the error, their slots and

@@ -182,9 +182,15 @@ class Scheduler:
                     if slot.ticket is not None and slot.ticket.cancelled:
                         slot.ticket = slot.sequence = None
                 while self._waiting and (slot := self._free_slot()) is not None:
-                    slot.ticket = self._waiting.popleft()
-                    slot.sequence = Sequence(slot.ticket.request, slot.cache, slot.drafter, self.num_draft_tokens,
-                                             slot.controller)
+                    ticket = self._waiting.popleft()
+                    try:  # a drafter that cannot reset for this request fails the request, not the engine
+                        slot.sequence = Sequence(ticket.request, slot.cache, slot.drafter, self.num_draft_tokens,
+                                                 slot.controller)
+                    except Exception as e:  # noqa: BLE001
+                        log.exception("a request could not start")
+                        ticket.listener(e)
+                        continue
+                    slot.ticket = ticket
                 if self.running:
                     return True
                 if self._stopping:

@@ -121,7 +121,7 @@ def create_app(llm: LLM, scheduler: Scheduler, config: ServeConfig, model_name: 
 
     @app.get("/v1/models/{model:path}", dependencies=[Depends(authorized)])
     @app.head("/v1/models/{model:path}", dependencies=[Depends(authorized)], include_in_schema=False)
-    def model(model: str) -> dict[str, Any]:
+    def retrieve(model: str) -> dict[str, Any]:
         if model != model_name:
             raise not_served(model)
         return card()
