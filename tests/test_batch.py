@@ -145,9 +145,9 @@ def test_a_full_queue_refuses_and_a_cancelled_request_frees_its_slot(draft_pair)
         scheduler.stop(10)
 
 
-def test_a_dead_engine_fails_its_requests_and_refuses_new_ones(draft_pair, monkeypatch):
+def test_an_engine_that_cannot_make_a_slot_dies_fails_its_requests_and_refuses_new_ones(draft_pair, monkeypatch):
     llm, draft = draft_pair
-    monkeypatch.setattr("verispec.engine.scheduler.step", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(llm.target, "new_cache", lambda: 1 / 0)  # e.g. out of memory for the first cache
     scheduler = scheduler_for(llm, draft)
     c = Collector()
     scheduler.submit(Request(llm.encode("the"), SamplingParams(), llm.eos_ids, llm.engine.capacity), c)
@@ -156,6 +156,127 @@ def test_a_dead_engine_fails_its_requests_and_refuses_new_ones(draft_pair, monke
     assert not scheduler.alive
     with pytest.raises(EngineUnavailableError, match="ZeroDivisionError"):
         scheduler.submit(Request(llm.encode("the"), SamplingParams(), llm.eos_ids, llm.engine.capacity), Collector())
+
+
+MARK = [77, 78, 79, 80]  # the prompt of the request the faults pick
+
+
+class Faulty(DraftModelDrafter):
+    """A draft model that raises once, when it drafts for the marked request."""
+
+    fired = False
+
+    def fork(self):
+        return Faulty(self.model)
+
+    @staticmethod
+    def propose_many(jobs):
+        if not Faulty.fired and any(list(context[:4]) == MARK for _, context, _ in jobs):
+            Faulty.fired = True
+            raise RuntimeError("drafter fault")
+        return DraftModelDrafter.propose_many(jobs)
+
+
+def test_a_request_whose_drafter_cannot_reset_fails_alone(draft_pair):
+    llm, draft = draft_pair
+
+    class Stubborn(DraftModelDrafter):
+        def reset(self, sampler):
+            if sampler.prompt_ids[:4] == MARK:
+                raise RuntimeError("reset fault")
+            super().reset(sampler)
+
+    scheduler = Scheduler(llm.target, lambda: Stubborn(draft), 3, lambda: None, max_batch=1)
+    scheduler.start()
+    try:
+        params = SamplingParams(max_tokens=5, ignore_eos=True)
+        marked, after = Collector(), Collector()
+        scheduler.submit(Request(MARK, params, llm.eos_ids, llm.engine.capacity), marked)
+        scheduler.submit(Request(llm.encode("the"), params, llm.eos_ids, llm.engine.capacity), after)
+        assert marked.done.wait(30) and "reset fault" in str(marked.error)
+        assert after.done.wait(30) and after.error is None and scheduler.alive
+    finally:
+        scheduler.stop(10)
+
+
+@pytest.mark.parametrize("fault", ["drafter", "forward"])
+def test_a_step_that_raises_fails_only_its_requests_and_the_engine_serves_on(draft_pair, monkeypatch, fault):
+    """Fault injection while other requests run: the step's requests hear the error, their slots and
+    caches are reset, requests of later steps are untouched, and the next request is exact."""
+    llm, draft = draft_pair
+    Faulty.fired = False
+    forward = llm.target.forward_many
+    fired = []
+
+    def faulty_forward(segments):
+        if not fired and any(s.token_ids[:4].tolist() == MARK for s in segments):
+            fired.append(True)
+            raise RuntimeError("forward fault")
+        return forward(segments)
+
+    if fault == "forward":
+        monkeypatch.setattr(llm.target, "forward_many", faulty_forward)
+    drafter = Faulty if fault == "drafter" else DraftModelDrafter
+    scheduler = Scheduler(llm.target, lambda: drafter(draft), 3, lambda: None, max_batch=2)
+    scheduler.start()
+    try:
+        params = SamplingParams(max_tokens=30, ignore_eos=True)
+        running = Collector()
+        scheduler.submit(Request(llm.encode("the end the"), params, llm.eos_ids, llm.engine.capacity), running)
+        while not running.cycles:
+            threading.Event().wait(0.01)
+        marked = Collector()
+        scheduler.submit(Request(MARK + llm.encode("x"), params, llm.eos_ids, llm.engine.capacity), marked)
+        assert marked.done.wait(30) and isinstance(marked.error, RuntimeError) and f"{fault} fault" in str(marked.error)
+        assert running.done.wait(30), "the request in flight finished or failed, it did not hang"
+        assert running.error is marked.error or running.error is None, "it failed with its step, or not at all"
+        assert scheduler.alive
+        prompt = llm.encode("stop the stop")
+        after = Collector()
+        request = Request(prompt, params, llm.eos_ids, llm.engine.capacity)
+        scheduler.submit(request, after)
+        assert after.done.wait(30) and after.error is None
+        assert request.output_ids == alone(llm, prompt, params, lambda: DraftModelDrafter(draft), 3, lambda: None)
+        again = Collector()
+        scheduler.submit(Request(MARK + llm.encode("x"), params, llm.eos_ids, llm.engine.capacity), again)
+        assert again.done.wait(30) and again.error is None, "the faults fired once; the marked prompt now runs"
+    finally:
+        scheduler.stop(10)
+
+
+def test_free_slots_count_as_room_so_a_burst_is_not_refused_while_slots_are_free(draft_pair, monkeypatch):
+    """The queue bound counts the requests beyond the free slots; while the engine thread has not yet
+    moved waiting requests into slots, max_batch + max_queue requests are still taken."""
+    llm, draft = draft_pair
+    scheduler = scheduler_for(llm, draft, max_batch=3, max_queue=2)
+    try:
+        with scheduler._wake:  # the engine thread cannot admit while the burst arrives
+            tickets = [scheduler.submit(Request(llm.encode("the"), SamplingParams(max_tokens=3), llm.eos_ids,
+                                                llm.engine.capacity), Collector()) for _ in range(5)]
+            with pytest.raises(QueueFullError, match=r"0 requests are running \(max_concurrency=3\) and 5 waiting"):
+                scheduler.submit(Request(llm.encode("x"), SamplingParams(), llm.eos_ids, llm.engine.capacity),
+                                 Collector())
+        assert len(tickets) == 5
+    finally:
+        scheduler.stop(30)
+
+
+def test_drain_ends_what_is_still_open_after_its_timeout(draft_pair):
+    llm, draft = draft_pair
+    scheduler = scheduler_for(llm, draft, max_batch=1)
+    long = SamplingParams(max_tokens=1500, ignore_eos=True)
+    running, queued = Collector(), Collector()
+    scheduler.submit(Request(llm.encode("the"), long, llm.eos_ids, llm.engine.capacity), running)
+    scheduler.submit(Request(llm.encode("end"), long, llm.eos_ids, llm.engine.capacity), queued)
+    while not running.cycles:
+        threading.Event().wait(0.01)
+    scheduler.drain(0.3)
+    with pytest.raises(EngineUnavailableError):
+        scheduler.submit(Request(llm.encode("x"), long, llm.eos_ids, llm.engine.capacity), Collector())
+    for c in (running, queued):
+        assert c.done.wait(10) and isinstance(c.error, EngineUnavailableError) and "shut down" in str(c.error)
+    scheduler.stop(10)
+    assert not scheduler._thread.is_alive(), "the engine thread ended once nothing was left"
 
 
 def test_stop_finishes_admitted_and_queued_requests_then_refuses(draft_pair):

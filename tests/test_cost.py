@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from verispec.engine.cost import CostModel, VerifyCurve, expected_tokens, offered_by_position, position_acceptance
+from verispec.engine.cost import CostModel, VerifyCurve, expected_tokens, offered_by_position, conditional_acceptance
 
 
 def test_leviathan_closed_form_with_flat_verification():
@@ -44,7 +44,7 @@ def test_alpha_needed_for_a_speedup():
 
 def test_position_acceptance_counts_only_tried_positions():
     # cycles (drafted, accepted): position 0 tried 3x kept 2x; position 1 tried 2x kept 2x; 2 tried once
-    assert position_acceptance([(4, 2), (4, 0), (2, 2), (0, 0)]) == pytest.approx([2 / 3, 1.0, 0.0])
+    assert conditional_acceptance([(4, 2), (4, 0), (2, 2), (0, 0)]) == pytest.approx([2 / 3, 1.0, 0.0])
 
 
 def test_short_proposals_verify_fewer_rows_and_commit_fewer_tokens():
@@ -70,3 +70,16 @@ def test_a_cycle_is_priced_over_the_law_of_the_drafts_proposed_not_at_their_mean
 def test_a_measured_dip_in_the_verify_curve_is_treated_as_noise():
     curve = VerifyCurve((60.0, 61.0, 50.0, 70.0))
     assert curve.ms == (60.0, 61.0, 61.0, 70.0)
+
+
+def test_stats_name_vllms_measures_and_the_conditional_ones_apart():
+    from verispec.types import Stats
+
+    stats = Stats()
+    for drafted, accepted in [(4, 2), (4, 0), (0, 0), (2, 2)]:
+        stats.record_cycle(drafted, accepted)
+    assert (stats.cycles, stats.drafts, stats.drafted, stats.accepted) == (4, 3, 10, 4)
+    assert stats.mean_accepted_length == pytest.approx(1 + 4 / 3), "vLLM's: over the cycles that drafted"
+    assert stats.tokens_per_cycle == pytest.approx(1 + 4 / 4), "over every cycle"
+    assert stats.per_position_acceptance == pytest.approx([2 / 3, 2 / 3, 0, 0]), "vLLM's: accepted at i / drafts"
+    assert stats.conditional_acceptance == pytest.approx([2 / 3, 1.0, 0.0]), "accepted at i / tried at i"

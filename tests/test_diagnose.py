@@ -13,17 +13,20 @@ from verispec.engine.diagnose import diagnose, explain
 from verispec.engine.trace import Trace
 
 
-def synthetic(alpha, tau, draft_ms, growth, t1=40.0, cycles=400, seed=0):
-    """A trace of cycles whose acceptance at position i is alpha(i), with T(k) = t1 (1 + growth (k - 1))."""
+def synthetic(alpha, tau, draft_ms, growth, t1=40.0, cycles=400, seed=0, feed_ms=0.0, prompt=0):
+    """A trace of cycles whose acceptance at position i is alpha(i), with T(k) = t1 (1 + growth (k - 1));
+    a drafter that takes in `prompt` tokens before its first draft and one token a cycle after."""
     rng = random.Random(seed)
     lines = []
     for n in range(cycles):
         accepted = 0
         while accepted < tau and rng.random() < alpha(accepted):
             accepted += 1
+        fed = prompt if n == 0 else 1 if feed_ms else 0
         lines.append({"type": "cycle", "request": 0, "cycle": n, "tau": tau, "drafted": tau, "accepted": accepted,
-                      "draft_ms": tau * draft_ms, "verify_ms": t1 * (1 + growth * tau), "tokens": [7] * (accepted + 1)})
-    return Trace({"type": "run", "schema": 1, "target_step_ms": t1}, lines)
+                      "fed": fed, "draft_ms_per_cycle": tau * draft_ms + fed * feed_ms,
+                      "verify_ms_per_cycle": t1 * (1 + growth * tau), "tokens": [7] * (accepted + 1)})
+    return Trace({"type": "run", "schema": 2, "target_step_ms": t1}, lines)
 
 
 def check(report, verdict):
@@ -122,3 +125,20 @@ def diagnose_file(path):
 def test_bench_bad_input_exits_2(tiny_llm_folder, capsys, args, message):
     assert main(["bench", "--model", str(tiny_llm_folder), *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_draft_models_prompt_intake_is_priced_per_token_fed_not_per_draft():
+    """700 prompt tokens fed once must not make each draft look dear (trace schema 2 records `fed`)."""
+    report = diagnose(synthetic(lambda i: 0.8, 4, 2.0, 0.05, cycles=200, feed_ms=0.5, prompt=700))
+    assert report.draft_ms_per_token == pytest.approx(2.0, rel=0.02)
+    assert report.feed_ms_per_token == pytest.approx(0.5, rel=0.02)
+
+
+def test_mean_accepted_length_is_vllms_and_tokens_per_cycle_counts_plain_cycles_too():
+    trace = synthetic(lambda i: 0.7, 4, 1.0, 0.05, cycles=100)
+    for c in trace.cycles[::2]:  # every other cycle a plain step
+        c.update(tau=0, drafted=0, accepted=0, tokens=[7])
+    report = diagnose(trace)
+    accepted = sum(c["accepted"] for c in trace.cycles)
+    assert report.mean_accepted_length == pytest.approx(1 + accepted / 50, abs=1e-3)
+    assert report.tokens_per_cycle == pytest.approx(1 + accepted / 100, abs=1e-3)

@@ -132,13 +132,21 @@ def test_cli_trace_has_a_run_line_and_one_line_per_cycle(tiny_llm_folder, tmp_pa
     assert len(trace.cycles) == out["stats"]["cycles"]
     assert [t for c in trace.cycles for t in c["tokens"]] == out["token_ids"]
     assert sum(c["accepted"] for c in trace.cycles) == out["stats"]["accepted"]
-    assert all(c["verify_ms"] > 0 and c["tau"] == 4 for c in trace.cycles)
+    assert trace.run["schema"] == 2
+    assert all(c["verify_ms_per_cycle"] > 0 and c["tau"] == 4 and c["fed"] == 0 for c in trace.cycles)
 
 
 @pytest.mark.parametrize("content,message", [
     ("", "is empty"), ("not json\n", "line 1: not JSON"), ('{"type": "cycle"}\n', "first line must be the run line"),
-    ('{"type": "run"}\n{"type": "cycle", "tau": 2, "drafted": 2, "accepted": 3, "draft_ms": 1, "verify_ms": 1}\n',
-     "line 2: accepted=3 must be in [0, drafted=2]"),
+    ('{"type": "run"}\n{"type": "cycle", "tau": 2, "drafted": 2, "accepted": 3, "draft_ms_per_cycle": 1, '
+     '"verify_ms_per_cycle": 1}\n', "line 2: accepted=3 must be in [0, drafted=2]"),
+    ('{"type": "run", "schema": 1}\n{"type": "cycle", "tau": 2, "drafted": 2, "accepted": 3, "draft_ms": 1, '
+     '"verify_ms": 1}\n', "line 2: accepted=3 must be in [0, drafted=2]"),  # schema 1's names still read
+    ('{"type": "run"}\n{"type": "cycle", "tau": 2, "drafted": 2, "accepted": 1, "draft_ms": 1, "verify_ms": 1}\n',
+     "line 2: cycle lacks numeric field(s) draft_ms_per_cycle, verify_ms_per_cycle"),
+    ('{"type": "run"}\n{"type": "cycle", "tau": 2, "drafted": 2, "accepted": 1, "draft_ms_per_cycle": 1, '
+     '"verify_ms_per_cycle": 1, "fed": -3}\n', "line 2: fed=-3 must be an integer >= 0"),
+    ('{"type": "run", "schema": 3}\n', "line 1: schema 3 is not one this version reads (1 or 2)"),
     ('{"type": "run"}\n{"type": "cycle", "tau": 2}\n', "line 2: cycle lacks numeric field(s) drafted"),
 ])
 def test_bad_traces_are_refused_naming_the_line(tmp_path, content, message):
@@ -149,3 +157,50 @@ def test_bad_traces_are_refused_naming_the_line(tmp_path, content, message):
     path.write_text(content)
     with pytest.raises(InvalidInputError, match=re.escape(message)):
         read_trace(path)
+
+
+@pytest.mark.parametrize("drafter", ["none", "ngram", "draft"])
+def test_a_context_that_is_not_a_multiple_of_64_is_one_length_for_rope_cache_and_requests(tiny_llm_folder, drafter):
+    """The cache's storage is whole blocks of 64, but a sequence may use exactly max_context positions:
+    the RoPE tables' length. A request reaching the last one finishes with 'length', none beyond."""
+    from verispec.config import RuntimeConfig
+    from verispec.llm import LLM
+
+    name = f"draft:{tiny_llm_folder}" if drafter == "draft" else drafter
+    llm = LLM(str(tiny_llm_folder), RuntimeConfig(max_context=100), drafter=name, num_draft_tokens=4)
+    for prompt in ([5, 6, 7] * 30, [9] * 99):  # output runs into the last position; a prompt that fills all but one
+        out = llm.generate(prompt, SamplingParams(max_tokens=50, ignore_eos=True))
+        assert out.finish_reason == "length" and len(prompt) + len(out.token_ids) == 100
+    assert llm.engine.capacity == llm.target.max_context == 100
+    with pytest.raises(ContextOverflowError, match="the context holds 100, so the prompt must have at most 99"):
+        llm.generate([5] * 100)
+
+
+@pytest.mark.parametrize("bad", [96, 99999, 2**70])
+def test_stop_token_ids_outside_the_vocabulary_are_refused_before_the_engine_sees_them(tiny_llm, bad):
+    with pytest.raises(InvalidInputError, match=r"stop_token_ids \[\d+\] are outside the vocabulary \[0, 96\)") as e:
+        tiny_llm.generate("the", SamplingParams(max_tokens=8, min_tokens=1, stop_token_ids=(bad,)))
+    assert e.value.param == "stop_token_ids"
+
+
+@pytest.mark.parametrize("prompt", ["bad \ud800 x", [{"role": "user", "content": "bad \udfff"}]])
+def test_lone_surrogates_are_refused_as_invalid_unicode(tiny_llm, prompt):
+    with pytest.raises(InvalidInputError, match="is not valid Unicode: .* is a lone surrogate"):
+        tiny_llm.generate(prompt, SamplingParams(max_tokens=2))
+
+
+def test_a_tiny_temperature_is_greedy(tiny_llm):
+    greedy = tiny_llm.generate("the end", SamplingParams(max_tokens=20, ignore_eos=True)).token_ids
+    for temperature in (1e-300, 1e-40):
+        params = SamplingParams(max_tokens=20, ignore_eos=True, temperature=temperature, seed=1)
+        assert tiny_llm.generate("the end", params).token_ids == greedy
+
+
+def test_import_verispec_does_not_load_torch_and_llm_is_importable_from_the_package():
+    import subprocess
+    import sys
+
+    code = ("import sys, verispec; assert 'torch' not in sys.modules, 'torch loaded eagerly'; "
+            "from verispec import LLM, SamplingParams; from verispec.llm import LLM as L; assert LLM is L")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]

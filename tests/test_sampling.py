@@ -9,7 +9,7 @@ import torch
 from scipy.stats import chisquare
 
 from verispec.config import SamplingParams
-from verispec.errors import InvalidInputError
+from verispec.errors import InvalidInputError, NumericsError
 from verispec.sampling import Sampler, probabilities, sample
 from verispec.sampling.distribution import new_generator
 
@@ -103,10 +103,32 @@ def test_seeded_streams_repeat_unseeded_differ_and_global_rng_is_untouched():
 @pytest.mark.parametrize("field,value,allowed", [
     ("temperature", -0.1, ">= 0"), ("temperature", float("nan"), "finite"), ("temperature", float("inf"), "finite"),
     ("top_p", 0.0, "(0, 1]"), ("top_p", 1.5, "(0, 1]"), ("top_k", -1, ">= 0"), ("min_p", 1.0, "[0, 1)"),
-    ("max_tokens", 0, ">= 1"), ("max_tokens", -5, ">= 1"), ("seed", -1, ">= 0"), ("stop", ("",), "non-empty"),
-    ("repetition_penalty", 0.0, "> 0"), ("frequency_penalty", 2.5, "[-2, 2]"), ("presence_penalty", float("nan"), "[-2, 2]"),
+    ("max_tokens", 0, ">= 1"), ("max_tokens", -5, ">= 1"), ("stop", ("",), "non-empty"),
+    ("seed", -1, "[0, 4294967295]"), ("seed", 2**32, "[0, 4294967295]"), ("seed", 2**64, "[0, 4294967295]"),
+    ("stop", ("a\ud800",), "valid Unicode"), ("stop_token_ids", (True,), ">= 0"),
+    ("repetition_penalty", 0.0, "[0.01, 100.0]"), ("repetition_penalty", 1e-300, "[0.01, 100.0]"),
+    ("repetition_penalty", 1e300, "[0.01, 100.0]"),
+    ("frequency_penalty", 2.5, "[-2, 2]"), ("presence_penalty", float("nan"), "[-2, 2]"),
 ])
 def test_invalid_sampling_values_name_the_value_and_the_allowed_range(field, value, allowed):
     with pytest.raises(InvalidInputError) as e:
         SamplingParams(**{field: value})
     assert f"{field}={value!r}" in str(e.value) and allowed in str(e.value)
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 1e-40, 1e-6])
+def test_temperatures_below_the_floor_are_greedy_not_nan(temperature):
+    """logits / 1e-40 overflow float32: vLLM's rule, below 1e-5 is greedy (config.GREEDY_BELOW)."""
+    p = probabilities(LOGITS, SamplingParams(temperature=temperature))
+    assert torch.equal(p, probabilities(LOGITS, SamplingParams(temperature=0)))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_nan_or_infinite_logits_fail_loudly_instead_of_drawing_a_token(bad, temperature):
+    logits = LOGITS.clone()
+    logits[0, 3] = bad
+    with pytest.raises(NumericsError, match="NaN or infinite"):
+        probabilities(logits, SamplingParams(temperature=temperature))
+    with pytest.raises(NumericsError, match="every token masked: 1"):
+        probabilities(torch.full((1, 8), float("-inf")), SamplingParams(temperature=temperature))

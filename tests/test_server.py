@@ -5,6 +5,7 @@ schemathesis run, SIGTERM draining, and /health when the engine has died."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -122,6 +124,11 @@ def test_completions_whole_and_streamed_agree_with_each_other_decode_and_plain_g
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     speculation = whole.usage.model_extra["speculation"]
     assert speculation["cycles"] >= 1 and 0 <= speculation["accepted"] <= speculation["drafted"]
+    drafts, accepted = speculation["drafts"], speculation["accepted"]
+    assert 1 <= drafts <= speculation["cycles"]
+    assert speculation["mean_accepted_length"] == pytest.approx(1 + accepted / drafts, abs=1e-4), "vLLM's definition"
+    assert speculation["tokens_per_cycle"] == pytest.approx(1 + accepted / speculation["cycles"], abs=1e-4)
+    assert len(speculation["per_position_acceptance"]) >= len(speculation["conditional_acceptance"]) >= 1
 
 
 def test_chat_whole_and_streamed_agree_with_each_other_decode_and_plain_generation(server, llm):
@@ -172,19 +179,24 @@ def test_sixteen_concurrent_clients_get_complete_identical_answers_and_metrics_s
         assert ids == greedy(llm, prompt, 48), f"{prompt!r}: a batched answer differs from generation alone"
     after = server.metrics()
     assert after["verispec_generation_tokens_total"] - before["verispec_generation_tokens_total"] == 16 * 48
-    # RELIABILITY.md G
-    drafted, accepted, cycles = (after[f"verispec_spec_{n}_total"] for n in ("drafted_tokens", "accepted_tokens", "cycles"))
+    # RELIABILITY.md G, with vLLM's names and definitions
+    spec = "verispec_spec_decode_"
+    drafts, drafted, accepted, cycles = (after[f"{spec}num_{n}_total"]
+                                         for n in ("drafts", "draft_tokens", "accepted_tokens", "cycles"))
     positions = sorted(int(k.split("position=")[1].rstrip("}")) for k in after
-                       if k.startswith("verispec_spec_drafted_tokens_per_position_total"))
+                       if k.startswith(f"{spec}num_draft_tokens_per_pos_total"))
     assert drafted > 0 and positions == list(range(len(positions)))
-    assert drafted == sum(after[f"verispec_spec_drafted_tokens_per_position_total{{position={i}}}"] for i in positions)
-    assert accepted <= drafted
-    assert accepted == sum(after.get(f"verispec_spec_accepted_tokens_per_position_total{{position={i}}}", 0)
-                           for i in positions)
-    rates = [after.get(f"verispec_spec_position_acceptance{{position={i}}}", 0.0) for i in positions]
+    assert drafted == sum(after[f"{spec}num_draft_tokens_per_pos_total{{position={i}}}"] for i in positions)
+    assert accepted <= drafted and drafts <= cycles
+    accepted_at = [after.get(f"{spec}num_accepted_tokens_per_pos_total{{position={i}}}", 0) for i in positions]
+    assert accepted == sum(accepted_at)
+    rates = [after.get(f"{spec}per_position_acceptance{{position={i}}}", 0.0) for i in positions]
+    assert rates == pytest.approx([a / drafts for a in accepted_at[: len(rates)]]), "vLLM's: accepted at i / drafts"
     assert all(a >= b for a, b in zip(rates, rates[1:])), f"per-position acceptance rises: {rates}"
-    assert after["verispec_spec_mean_accepted_length"] == pytest.approx(1 + accepted / cycles)
-    assert after["verispec_spec_acceptance_rate"] == pytest.approx(accepted / drafted)
+    assert after[f"{spec}mean_accepted_length"] == pytest.approx(1 + accepted / drafts)
+    assert after[f"{spec}tokens_per_cycle"] == pytest.approx(1 + accepted / cycles)
+    assert after[f"{spec}acceptance_rate"] == pytest.approx(accepted / drafted)
+    assert after[f"{spec}conditional_acceptance{{position=0}}"] == pytest.approx(rates[0]), "α_0 is the same"
     assert after["verispec_running_requests"] == 0 and after["verispec_queue_depth"] == 0
 
 
@@ -258,6 +270,173 @@ def test_a_bounded_schemathesis_run_finds_no_server_error(server, tmp_path):
         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert server.http.get("/health").status_code == 200
+
+
+# --- a context that is not a multiple of 64, and a burst ------------------------------------------------
+
+SHORT = 1000
+
+
+@pytest.fixture(scope="module")
+def short(folder):
+    """--max-context 1000 (the cache's storage is 1024), 8 slots and 16 queue places (issue 12)."""
+    s = Server(folder, "--drafter", "ngram", "--max-context", str(SHORT), "--max-concurrency", "8", "--max-queue", "16",
+               "--api-key", KEY)
+    yield s
+    s.stop()
+
+
+def test_requests_reach_the_last_position_of_a_context_of_1000_and_no_further(short):
+    for prompt, max_tokens in ((960, 40), (999, 1), (993, 7)):  # output that ends at the last position
+        body = {"model": MODEL, "prompt": [5, 6, 7, 8] * (prompt // 4) + [9] * (prompt % 4), "max_tokens": max_tokens,
+                **EXTRA}
+        r = short.http.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        assert usage["prompt_tokens"] + usage["completion_tokens"] == SHORT
+        assert r.json()["choices"][0]["finish_reason"] == "length"
+    chat = short.http.post("/v1/chat/completions", json={"model": MODEL, "ignore_eos": True,
+                                                       "messages": [{"role": "user", "content": "ab" * 480}]})
+    assert chat.status_code == 200 and chat.json()["usage"]["total_tokens"] == SHORT, "a chat runs to the context's end"
+    r = short.http.post("/v1/completions", json={"model": MODEL, "prompt": [5] * 950, "max_tokens": 100})
+    assert r.status_code == 400
+    assert "the context holds 1000, so at most 50 can be generated" in r.json()["error"]["message"]
+    r = short.http.post("/v1/completions", json={"model": MODEL, "prompt": [5] * 1000})
+    assert r.status_code == 400 and "the context holds 1000" in r.json()["error"]["message"]
+    assert short.http.get("/health").status_code == 200
+
+
+def test_a_burst_as_large_as_the_slots_and_the_queue_together_is_served_in_full(short):
+    """24 simultaneous requests with 8 slots and 16 queue places: none is refused."""
+    def ask(i):
+        return httpx.post(short.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=120,
+                          json={"model": MODEL, "prompt": f"the {i}", "max_tokens": 20, "ignore_eos": True})
+
+    with ThreadPoolExecutor(24) as pool:
+        statuses = [r.status_code for r in pool.map(ask, range(24))]
+    assert statuses == [200] * 24, statuses
+
+
+# A bounded fuzz (hypothesis) of every request field, and of prompt lengths around a context that is not
+# a multiple of 64: no 5xx, no error event in a stream, and the engine alive after every case.
+ANY = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.sampled_from([0, 1, 2, 95, 96, 2**32, 2**64]),
+                st.floats(allow_nan=False, allow_infinity=False), st.sampled_from([1e-300, 1e-40, 1e-6, 1e300, -0.0]),
+                st.text(max_size=8), st.sampled_from(["\ud800", "a\udfff", "</s>", ""]),
+                st.lists(st.integers(-5, 100), max_size=3),
+                st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+FIELDS = [f.name for f in dataclasses.fields(SamplingParams)] + [
+    "stream", "n", "user", "return_token_ids", "max_completion_tokens", "response_format", "tool_choice", "store"]
+PROMPT_LENGTHS = st.integers(SHORT - 12, SHORT + 2) | st.integers(1, 8)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+@given(chat=st.booleans(), length=PROMPT_LENGTHS, fields=st.dictionaries(st.sampled_from(FIELDS), ANY, max_size=4),
+       max_tokens=st.one_of(st.none(), st.integers(-1, 40)))
+def test_a_bounded_fuzz_of_every_field_and_of_lengths_around_the_context_finds_no_5xx(short, chat, length, fields,
+                                                                                       max_tokens):
+    body = {"model": MODEL, **fields}
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    if chat:
+        body["messages"] = [{"role": "user", "content": "ab" * (length // 2)}]
+        path = "/v1/chat/completions"
+    else:
+        body["prompt"] = [5, 6, 7] * (length // 3) + [9] * (length % 3)
+        path = "/v1/completions"
+    raw = json.dumps(body)  # ASCII: lone surrogates travel escaped, as a JSON client may send them
+    with short.http.stream("POST", path, content=raw, headers={"content-type": "application/json"}, timeout=120) as r:
+        text = r.read().decode("utf-8", "replace")
+    assert r.status_code < 500, (body, text[:500])
+    assert "server_error" not in text, (body, text[:500])
+    assert short.http.get("/health").status_code == 200
+
+
+# --- what OpenAI's SDKs send and expect ----------------------------------------------------------------
+
+def test_unknown_routes_and_methods_get_openai_error_json(server):
+    for r, status in ((server.http.get("/v1/nothing"), 404), (server.http.delete("/v1/completions"), 405),
+                      (server.http.put("/health"), 405)):
+        assert r.status_code == status and set(r.json()["error"]) == {"message", "type", "param", "code"}, r.text
+
+
+def test_bodies_that_are_not_json_or_not_utf8_get_openai_error_json_without_a_byte_offset_as_param(server):
+    for raw in (b'{"model": "tiny", "prompt": ', b'{"model": "tiny", "prompt": "\xff\xfe"}',
+                '{"model": "tiny", "prompt": "caf\u00e9"}'.encode("latin-1")):
+        r = server.http.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 400, (raw, r.text)
+        err = r.json()["error"]
+        assert err["type"] == "invalid_request_error" and err["param"] is None, err
+
+
+def test_max_completion_tokens_is_named_as_sent(server):
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "x"}]}
+    r = server.http.post("/v1/chat/completions", json={**chat, "max_completion_tokens": -1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_completion_tokens", r.text
+    assert "max_completion_tokens=-1" in r.json()["error"]["message"]
+    r = server.http.post("/v1/chat/completions", json={**chat, "max_completion_tokens": 5000})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_completion_tokens", r.text
+
+
+def test_models_retrieve_head_requests_and_a_lower_case_bearer(server):
+    assert server.client.models.retrieve(MODEL).id == MODEL
+    r = server.http.get("/v1/models/gpt-9")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert httpx.head(server.url + "/health").status_code == 200
+    assert server.http.head("/v1/models").status_code == 200
+    r = httpx.get(server.url + "/v1/models", headers={"Authorization": f"bearer {KEY}"})
+    assert r.status_code == 200 and r.json()["data"][0]["id"] == MODEL
+
+
+def test_fields_that_sdks_send_as_no_ops_are_accepted_and_typos_still_refused(server):
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 3}
+    harmless = {"response_format": {"type": "text"}, "store": False, "metadata": {"k": "v"}, "tool_choice": "none",
+                "parallel_tool_calls": True, "user": "u-1"}
+    r = server.http.post("/v1/chat/completions", json={**chat, **harmless})
+    assert r.status_code == 200, r.text
+    for typo, value in (("temprature", 0.5), ("max_token", 5)):
+        r = server.http.post("/v1/chat/completions", json={**chat, typo: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == typo
+    r = server.http.post("/v1/chat/completions", json={**chat, "response_format": {"type": "json_object"}})
+    assert r.status_code == 400 and r.json()["error"]["param"].startswith("response_format")
+
+
+# --- values that used to kill the engine or answer 500 ------------------------------------------------
+
+BAD_VALUES = [
+    ({"stop_token_ids": [99999], "min_tokens": 1}, "stop_token_ids", "outside the vocabulary"),
+    ({"stop_token_ids": [2**70], "min_tokens": 1}, "stop_token_ids", "outside the vocabulary"),
+    ({"seed": 2**64}, "seed", "[0, 4294967295]"),
+    ({"seed": 2**32}, "seed", "[0, 4294967295]"),
+    ({"repetition_penalty": 1e-300}, "repetition_penalty", "[0.01, 100.0]"),
+    ({"temperature": 0.7, "repetition_penalty": 1e-300}, "repetition_penalty", "[0.01, 100.0]"),
+]
+
+
+@pytest.mark.parametrize("fields, param, says", BAD_VALUES, ids=[f"{p}-{i}" for i, (_, p, _) in enumerate(BAD_VALUES)])
+def test_values_that_used_to_kill_the_engine_get_a_400_and_the_engine_lives(server, fields, param, says):
+    r = server.http.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                                       "max_tokens": 8, **fields})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param and says in r.json()["error"]["message"], r.text
+    assert server.http.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize("path, raw, param", [
+    ("/v1/completions", '{"model": "tiny", "prompt": "bad \\ud800 x"}', "prompt"),
+    ("/v1/chat/completions", '{"model": "tiny", "messages": [{"role": "user", "content": "bad \\ud800 x"}]}',
+     "messages.0.content"),
+    ("/v1/completions", '{"model": "tiny", "prompt": "x", "stop": ["\\udfff"]}', "stop"),
+])
+def test_lone_surrogates_get_a_400(server, path, raw, param):
+    r = server.http.post(path, content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_tiny_temperatures_are_greedy(server, llm):
+    expected = greedy(llm, "the end the", 20)
+    for temperature in (1e-300, 1e-40):
+        r = server.client.completions.create(model=MODEL, prompt="the end the", max_tokens=20, temperature=temperature,
+                                             extra_body=EXTRA)
+        assert r.choices[0].model_extra["token_ids"] == expected
 
 
 # --- slots: disconnects, the queue bound, draining --------------------------------------------------------
@@ -338,19 +517,79 @@ def test_sigterm_finishes_in_flight_requests_then_exits(folder):
         httpx.get(s.url + "/health", timeout=2)
 
 
-# --- in process: the engine thread dies ---------------------------------------------------------------
+def test_sigterm_ends_what_is_still_open_after_the_shutdown_timeout(folder):
+    s = Server(folder, "--api-key", KEY, "--max-concurrency", "2", "--shutdown-timeout", "1")
+    long = {"model": MODEL, "prompt": "the", "max_tokens": 2000, "ignore_eos": True}
+    with ThreadPoolExecutor(1) as pool, s.http.stream("POST", "/v1/completions", json={**long, "stream": True}) as r:
+        lines = r.iter_lines()
+        next(lines)
+        whole = pool.submit(s.http.post, "/v1/completions", json=long)
+        while s.metrics()["verispec_running_requests"] < 2:
+            time.sleep(0.02)
+        start = time.time()
+        s.proc.send_signal(signal.SIGTERM)
+        rest = [line for line in lines if line.startswith("data: ")]
+        answer = whole.result(timeout=30)
+    assert rest[-1] == "data: [DONE]"
+    err = json.loads(rest[-2][len("data: "):])["error"]
+    assert err["code"] == "engine_unavailable" and "shut down" in err["message"]
+    assert answer.status_code == 503 and answer.json()["error"]["code"] == "engine_unavailable"
+    assert s.proc.wait(30) in (0, -signal.SIGTERM)
+    assert time.time() - start < 10, "the shutdown waited about --shutdown-timeout, not for 2000 tokens"
 
-def test_health_says_503_and_requests_fail_cleanly_when_the_engine_has_died(llm, monkeypatch):
+
+# --- in process: faults inside the engine -------------------------------------------------------------
+
+def in_process(llm, max_batch=2):
     from fastapi.testclient import TestClient
 
     from verispec.config import ServeConfig
     from verispec.server.app import create_app
 
-    monkeypatch.setattr("verispec.engine.scheduler.step", lambda *a, **k: 1 / 0)
-    scheduler = llm.scheduler(2, 2)
-    client = TestClient(create_app(llm, scheduler, ServeConfig(), MODEL))
+    scheduler = llm.scheduler(max_batch, 2)
+    return scheduler, TestClient(create_app(llm, scheduler, ServeConfig(), MODEL))
+
+
+def test_a_failed_step_fails_its_requests_cleanly_and_the_server_serves_on(llm, monkeypatch):
+    """Fault injection: the forward raises on one step; the whole answer in it gets a 500 JSON, the
+    stream in it an error event then [DONE]; /health stays 200 and the next request is exact."""
+    forward = llm.target.forward_many
+    faults = []
+
+    def faulty(segments):
+        if len(faults) < 2 and any(s.token_ids[:3].tolist() == [77, 78, 79] for s in segments):
+            faults.append(True)  # once for the whole answer, once for the stream
+            raise RuntimeError("injected fault")
+        return forward(segments)
+
+    monkeypatch.setattr(llm.target, "forward_many", faulty)
+    scheduler, client = in_process(llm)
+    body = {"model": MODEL, "prompt": [77, 78, 79, 80], "max_tokens": 5}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert "injected fault" in r.json()["error"]["message"]
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        events = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert r.status_code == 200 and "injected fault" in json.loads(events[-2][len("data: "):])["error"]["message"]
+    assert events[-1] == "data: [DONE]"
+    assert client.get("/health").status_code == 200 and scheduler.alive
+    r = client.post("/v1/completions", json={**body, "max_tokens": 12, "temperature": 0, **EXTRA})
+    assert r.status_code == 200 and r.json()["choices"][0]["token_ids"] == greedy(llm, [77, 78, 79, 80], 12)
+    scheduler.stop(10)
+
+
+def test_health_says_503_and_requests_fail_cleanly_when_the_engine_has_died(llm, monkeypatch):
+    monkeypatch.setattr(llm.target, "new_cache", lambda: 1 / 0)  # the engine cannot recover: no cache fits
+    scheduler, client = in_process(llm)
     r = client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 3})
     assert r.status_code == 500 and "ZeroDivisionError" in r.json()["error"]["message"]
     assert client.get("/health").status_code == 503
     r = client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 3})
     assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
+
+
+def test_a_bad_shutdown_timeout_exits_2_naming_it(folder, capsys):
+    from verispec.cli.main import main
+
+    assert main(["serve", "--model", str(folder), "--shutdown-timeout", "-1"]) == 2
+    assert "shutdown_timeout=-1.0 is not allowed" in capsys.readouterr().err

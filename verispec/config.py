@@ -7,10 +7,29 @@ from dataclasses import dataclass
 
 from verispec.errors import InvalidInputError
 
+# Temperatures below this are greedy, as in vLLM: logits / 1e-40 overflow float32 and give NaN.
+GREEDY_BELOW = 1e-5
+# Seeds seed torch's CPU generator, a Mersenne Twister that keeps only 32 bits: larger seeds would
+# collide (7 and 7 + 2**32 sampled alike), so they are refused.
+MAX_SEED = 2**32 - 1
+# Dividing logits by a smaller repetition penalty (or multiplying by a larger one) overflows float32.
+REPETITION_PENALTY_RANGE = (1e-2, 1e2)
+
 
 def _require(ok: bool, param: str, message: str) -> None:
     if not ok:
         raise InvalidInputError(message, param=param)
+
+
+def _is_text(value: object) -> bool:
+    """A non-empty str that is valid Unicode (JSON can carry lone surrogates such as \ud800)."""
+    if not isinstance(value, str) or not value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _is_real(value: float) -> bool:
@@ -21,7 +40,8 @@ def _is_real(value: float) -> bool:
 class SamplingParams:
     """How one request turns logits into tokens and when it stops.
 
-    temperature 0 means greedy. top_k 0 and top_p 1 and min_p 0 switch those filters off.
+    temperature 0 (or below GREEDY_BELOW) means greedy. top_k 0 and top_p 1 and min_p 0 switch
+    those filters off. seed: 0..MAX_SEED.
     Penalties follow vLLM and OpenAI: repetition_penalty (1 = off) divides positive logits and
     multiplies negative ones of every token seen in the prompt or the output; frequency_penalty and
     presence_penalty (0 = off) subtract count * f + (count > 0) * p for tokens of the output.
@@ -67,24 +87,27 @@ class SamplingParams:
             "min_p", f"min_p={self.min_p!r} is not allowed: it must be in [0, 1) (0 means off)",
         )
         _require(
-            self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0),
-            "seed", f"seed={self.seed!r} is not allowed: it must be an integer >= 0 or None",
+            self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)
+                                  and 0 <= self.seed <= MAX_SEED),
+            "seed", f"seed={self.seed!r} is not allowed: it must be an integer in [0, {MAX_SEED}] (2**32 - 1) or None",
         )
         _require(
-            all(isinstance(s, str) and s for s in self.stop),
-            "stop", f"stop={self.stop!r} is not allowed: stop strings must be non-empty strings",
+            all(_is_text(s) for s in self.stop),
+            "stop", f"stop={self.stop!r} is not allowed: stop strings must be non-empty, valid Unicode strings",
         )
         _require(
-            all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+            all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids),
             "stop_token_ids", f"stop_token_ids={self.stop_token_ids!r} is not allowed: they must be token ids >= 0",
         )
         _require(
             isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
             "min_tokens", f"min_tokens={self.min_tokens!r} is not allowed: it must be an integer in [0, max_tokens={self.max_tokens}]",
         )
+        low, high = REPETITION_PENALTY_RANGE
         _require(
-            _is_real(self.repetition_penalty) and self.repetition_penalty > 0,
-            "repetition_penalty", f"repetition_penalty={self.repetition_penalty!r} is not allowed: it must be a finite number > 0 (1 means off)",
+            _is_real(self.repetition_penalty) and low <= self.repetition_penalty <= high,
+            "repetition_penalty", f"repetition_penalty={self.repetition_penalty!r} is not allowed: it must be in "
+                                  f"[{low}, {high}] (1 means off)",
         )
         for name in ("frequency_penalty", "presence_penalty"):
             value = getattr(self, name)
@@ -93,7 +116,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def penalized(self) -> bool:
@@ -137,7 +160,8 @@ class RuntimeConfig:
 @dataclass(frozen=True)
 class ServeConfig:
     """The OpenAI-compatible server: where it listens, how many requests it runs at once (batched)
-    and queues, the API key it demands (None: none), and the largest request body it reads."""
+    and queues, the API key it demands (None: none), the largest request body it reads, and how long
+    a shutdown waits for open requests before it ends them with an error."""
 
     host: str = "127.0.0.1"
     port: int = 8000
@@ -146,6 +170,7 @@ class ServeConfig:
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
     served_model_name: str | None = None
+    shutdown_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         _require(isinstance(self.port, int) and 0 <= self.port <= 65535, "port",
@@ -154,5 +179,7 @@ class ServeConfig:
             value = getattr(self, name)
             _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
                      f"{name}={value!r} is not allowed: it must be an integer >= 1")
+        _require(_is_real(self.shutdown_timeout) and self.shutdown_timeout >= 0, "shutdown_timeout",
+                 f"shutdown_timeout={self.shutdown_timeout!r} is not allowed: it must be a number of seconds >= 0")
         _require(self.api_key is None or (isinstance(self.api_key, str) and self.api_key != ""), "api_key",
                  "api_key='' is not allowed: give a non-empty key, or none for an open server")

@@ -24,3 +24,7 @@ class ContextOverflowError(InvalidInputError):
 
 class TokenizerMismatchError(InvalidInputError):
     """A draft model whose tokenizer differs from the target's: its token ids would mean other text."""
+
+
+class NumericsError(VerispecError):
+    """Logits or probabilities became NaN or infinite: no token is emitted from them."""

@@ -167,6 +167,11 @@ class LLM:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidInputError(f"params must be a SamplingParams, got {type(params).__name__}")
+        vocab = self.target.config.vocab_size
+        outside = [t for t in params.stop_token_ids if t >= vocab]
+        if outside:
+            raise InvalidInputError(f"stop_token_ids {outside[:5]} are outside the vocabulary [0, {vocab})",
+                                    param="stop_token_ids")
         prompt_ids = self.encode(prompt, chat)
         stops = StopStrings(self.tokenizer, params.stop) if params.stop else None
         return Request(prompt_ids, params, self.eos_ids, self.engine.capacity, stops), Detokenizer(self.tokenizer, stops)

@@ -55,6 +55,7 @@ def eos_ids(tokenizer: Any, source: ModelSource) -> frozenset[int]:
 def encode(tokenizer: Any, prompt: Prompt, vocab_size: int, chat: bool = False) -> list[int]:
     """A string (optionally wrapped in the chat template), token ids, or chat messages -> token ids."""
     if isinstance(prompt, str):
+        _check_unicode(prompt, "the prompt", "prompt")
         if chat:
             return encode(tokenizer, [{"role": "user", "content": prompt}], vocab_size)
         return list(tokenizer(prompt)["input_ids"])
@@ -76,12 +77,22 @@ def _chat(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
             raise InvalidInputError(f"messages[{i}].role={m.get('role')!r} is not allowed; allowed: {', '.join(ROLES)}")
         if not isinstance(m.get("content"), str):
             raise InvalidInputError(f"messages[{i}].content must be a string, got {type(m.get('content')).__name__}")
+        _check_unicode(m["content"], f"messages[{i}].content", f"messages.{i}.content")
     if not tokenizer.chat_template:
         raise InvalidInputError("this model has no chat template; pass a plain prompt instead of chat messages")
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding
         ids = ids["input_ids"]
     return list(ids)
+
+
+def _check_unicode(text: str, name: str, param: str) -> None:
+    """JSON can carry lone surrogates (\\ud800), which are no text a tokenizer can take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidInputError(f"{name} is not valid Unicode: {text[e.start:e.end]!r} at character {e.start} is a "
+                                "lone surrogate; send UTF-8 text", param=param) from None
 
 
 class StopStrings:

@@ -8,8 +8,9 @@ from typing import Any
 
 @dataclass
 class Stats:
-    """What one generation cost: token counts, wall time (prefill, decode; inside decode the drafter's
-    and the verifying target's share), and speculation: per cycle τ drafted, the accepted prefix."""
+    """What one generation cost: token counts, wall times in seconds summed over the request (prefill,
+    decode; inside decode the drafter's and the verifying target's share), and speculation: cycles,
+    drafts (the cycles that drafted), draft tokens verified (`drafted`) and accepted, per position."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -19,6 +20,7 @@ class Stats:
     verify_s: float = 0.0
     target_forwards: int = 0
     cycles: int = 0
+    drafts: int = 0
     drafted: int = 0
     accepted: int = 0
     accepted_per_position: list[int] = field(default_factory=list)
@@ -28,6 +30,7 @@ class Stats:
 
     def record_cycle(self, drafted: int, accepted: int) -> None:
         self.cycles += 1
+        self.drafts += drafted > 0
         self.drafted += drafted
         self.accepted += accepted
         for counts, n in ((self.drafted_per_position, drafted), (self.accepted_per_position, accepted),
@@ -37,9 +40,14 @@ class Stats:
                 counts[i] += 1
 
     @property
-    def position_acceptance(self) -> list[float]:
+    def conditional_acceptance(self) -> list[float]:
         """α_i: the chance that draft i is accepted given that drafts 0..i-1 were."""
         return [a / t for a, t in zip(self.accepted_per_position, self.tried_per_position) if t]
+
+    @property
+    def per_position_acceptance(self) -> list[float]:
+        """vLLM's per-position acceptance: the share of drafts whose token i was accepted."""
+        return [a / self.drafts for a in self.accepted_per_position] if self.drafts else []
 
     @property
     def acceptance_rate(self) -> float:
@@ -47,7 +55,12 @@ class Stats:
 
     @property
     def mean_accepted_length(self) -> float:
-        """Tokens committed per cycle, the recovered or bonus token included (vLLM's convention)."""
+        """vLLM's: 1 + accepted / drafts, over the cycles that drafted (0 when none did)."""
+        return 1 + self.accepted / self.drafts if self.drafts else 0.0
+
+    @property
+    def tokens_per_cycle(self) -> float:
+        """Tokens committed per target forward of decoding, over every cycle, plain ones included."""
         return 1 + self.accepted / self.cycles if self.cycles else 0.0
 
     @property
@@ -57,8 +70,10 @@ class Stats:
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "decode_tokens_per_s": round(self.decode_tokens_per_s, 3),
                 "acceptance_rate": round(self.acceptance_rate, 4),
-                "position_acceptance": [round(a, 4) for a in self.position_acceptance],
-                "mean_accepted_length": round(self.mean_accepted_length, 4)}
+                "mean_accepted_length": round(self.mean_accepted_length, 4),
+                "tokens_per_cycle": round(self.tokens_per_cycle, 4),
+                "per_position_acceptance": [round(a, 4) for a in self.per_position_acceptance],
+                "conditional_acceptance": [round(a, 4) for a in self.conditional_acceptance]}
 
 
 @dataclass

@@ -30,7 +30,7 @@ def write_plots(result: dict[str, Any], folder: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, row in spec.items():
-        ax.plot(range(len(row["position_acceptance"])), row["position_acceptance"], "o-", label=name)
+        ax.plot(range(len(row["conditional_acceptance"])), row["conditional_acceptance"], "o-", label=name)
     ax.set(xlabel="draft position", ylabel="acceptance given the earlier ones accepted", ylim=(0, 1.05),
            title="Acceptance by position")
     ax.legend(fontsize=7)

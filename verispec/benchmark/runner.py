@@ -24,7 +24,7 @@ from verispec.engine.controller import Controller, ControllerConfig
 from verispec.engine.cost import CostModel, VerifyCurve
 from verispec.engine.diagnose import diagnose
 from verispec.engine.request import Request
-from verispec.engine.trace import TraceWriter, parse_trace
+from verispec.engine.trace import SCHEMA, TraceWriter, parse_trace
 from verispec.llm import AUTO, LLM
 from verispec.types import Stats
 
@@ -266,16 +266,17 @@ def _speculation(runs: list[Run], traces: list[tuple[io.StringIO, TraceWriter]],
     total = Stats()
     for r in runs:
         s = r.stats
-        for name in ("cycles", "drafted", "accepted", "decode_s", "draft_s", "verify_s"):
+        for name in ("cycles", "drafts", "drafted", "accepted", "decode_s", "draft_s", "verify_s"):
             setattr(total, name, getattr(total, name) + getattr(s, name))
     lines = [line for buf, _ in traces for line in buf.getvalue().splitlines()]
     curve = {str(k): plain_ms * verify_ms[k] / verify_ms[1] for k in sorted(verify_ms)}
-    run_line = json.dumps({"type": "run", "schema": 1, "target_step_ms": plain_ms, "verify_ms": curve})
+    run_line = json.dumps({"type": "run", "schema": SCHEMA, "target_step_ms": plain_ms, "verify_ms": curve})
     report = diagnose(parse_trace([run_line] + [line for line in lines if '"type": "cycle"' in line]))
     return {
         "acceptance": round(total.acceptance_rate, 4),
         "mean_accepted_length": round(total.mean_accepted_length, 3),
-        "position_acceptance": report.position_acceptance,
+        "tokens_per_cycle": round(total.tokens_per_cycle, 3),
+        "conditional_acceptance": report.conditional_acceptance,
         "time_split": {"draft": round(total.draft_s / total.decode_s, 4), "verify": round(total.verify_s / total.decode_s, 4),
                        "other": round(1 - (total.draft_s + total.verify_s) / total.decode_s, 4)},
         "predicted_speedup": report.predicted_speedup,

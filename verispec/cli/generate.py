@@ -74,8 +74,9 @@ def run(args: argparse.Namespace) -> None:
     print(f"\n[{s.completion_tokens} tokens, finish_reason={out.finish_reason}, prompt {s.prompt_tokens} tokens "
           f"in {s.prefill_s:.2f}s, decode {s.decode_tokens_per_s:.1f} tok/s]", file=sys.stderr)
     if s.drafted:
-        print(f"[drafter {args.drafter}, tau {args.num_draft_tokens}: {s.cycles} cycles, {s.drafted} drafted, acceptance "
-              f"{s.acceptance_rate:.0%}, {s.mean_accepted_length:.2f} tokens per target forward, accepted by "
+        print(f"[drafter {args.drafter}, tau {args.num_draft_tokens}: {s.cycles} cycles, {s.drafts} drafts, "
+              f"{s.drafted} draft tokens, acceptance {s.acceptance_rate:.0%}, mean accepted length "
+              f"{s.mean_accepted_length:.2f}, {s.tokens_per_cycle:.2f} tokens per target forward, accepted by "
               f"position {s.accepted_per_position}/{s.drafted_per_position}]", file=sys.stderr)
     if plain is not None:
         p = plain.stats

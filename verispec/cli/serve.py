@@ -1,13 +1,16 @@
 """`verispec serve`: the OpenAI-compatible server (FastAPI + uvicorn) over a batched engine thread.
 
-SIGTERM (or Ctrl-C) stops accepting connections, lets in-flight requests finish, stops the engine
-thread, then exits the way uvicorn does: by the same signal, re-raised.
+SIGTERM (or Ctrl-C) stops accepting connections and lets in-flight requests finish, for at most
+--shutdown-timeout seconds: then open streams end with an error event and `data: [DONE]`, whole
+answers with a 503. It stops the engine thread, then exits the way uvicorn does: by the same signal,
+re-raised.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+from types import FrameType
 
 from verispec import hub
 from verispec.cli.flags import add_flags, from_flags
@@ -20,6 +23,7 @@ HELP = {
     "api_key": "demand 'Authorization: Bearer KEY' on /v1 (default: open)",
     "max_body_bytes": "larger request bodies are answered 413 (default 1 MiB)",
     "served_model_name": "the model id clients send (default: --model as given)",
+    "shutdown_timeout": "seconds a shutdown waits for open requests before it ends them with an error (default 30)",
 }
 
 
@@ -44,4 +48,13 @@ def run(args: argparse.Namespace) -> None:
     scheduler = llm.scheduler(config.max_concurrency, config.max_queue)
     app = create_app(llm, scheduler, config, config.served_model_name or args.model)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    uvicorn.run(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=None)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if not self.should_exit:  # the first signal starts the clock
+                scheduler.drain(config.shutdown_timeout)
+            super().handle_exit(sig, frame)
+
+    # uvicorn's own bound is a backstop: drain has ended every request by then
+    Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
+                          timeout_graceful_shutdown=int(config.shutdown_timeout) + 5)).run()

@@ -256,8 +256,8 @@ class Controller:
         self.last = {"tau": tau, "why": why, "alphas": [round(a, 3) for a in self.alphas[:4]],
                      "offered": [round(o, 3) for o in self.offered[:4]]}
         if model is not None:
-            self.last.update(draft_ms=round(model.draft_ms, 4), feed_ms=round(model.feed_ms, 4),
-                             t1_ms=round(model.t1, 3))
+            self.last.update(draft_ms_per_token=round(model.draft_ms, 4), feed_ms_per_token=round(model.feed_ms, 4),
+                             target_step_ms=round(model.t1, 3))
         if speedup is not None:
             self.last["predicted_speedup"] = round(speedup, 3)
         return tau

@@ -157,9 +157,9 @@ def offered_by_position(cycles: Iterable[tuple[int, int]]) -> list[float]:
     return [n / a for n, a in zip(longer, asked)]
 
 
-def position_acceptance(cycles: Iterable[tuple[int, int]]) -> list[float]:
+def conditional_acceptance(cycles: Iterable[tuple[int, int]]) -> list[float]:
     """α_i from (drafted, accepted) per cycle."""
     stats = Stats()
     for drafted, accepted in cycles:
         stats.record_cycle(drafted, accepted)
-    return stats.position_acceptance
+    return stats.conditional_acceptance

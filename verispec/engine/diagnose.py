@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import statistics
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from verispec.engine.cost import (MAX_TAU, CostModel, VerifyCurve, at, drafted_rows, expected_tokens,
-                                  offered_by_position, position_acceptance)
+from verispec.engine.controller import DraftCosts
+from verispec.engine.cost import (MAX_TAU, CostModel, VerifyCurve, at, conditional_acceptance, drafted_rows,
+                                  expected_tokens, offered_by_position)
 from verispec.engine.trace import Trace
 from verispec.errors import InvalidInputError
 
@@ -28,11 +29,13 @@ class Report:
     drafting_cycles: int
     tau: int
     accepted_histogram: dict[int, int]  # accepted drafts per drafting cycle -> number of cycles
-    position_acceptance: list[float]
-    mean_accepted_length: float
-    t1_ms: float
+    conditional_acceptance: list[float]  # α_i: draft i accepted given drafts 0..i-1 were
+    mean_accepted_length: float  # vLLM's: 1 + accepted / drafts, over the cycles that drafted
+    tokens_per_cycle: float  # 1 + accepted / cycles, over every cycle
+    target_step_ms: float  # T(1)
     verify_growth: float  # T(τ + 1) / T(1)
-    draft_ms_per_token: float
+    draft_ms_per_token: float  # per draft token, the drafter's intake (`fed`) priced apart
+    feed_ms_per_token: float  # per token the drafter took in before drafting
     c: float
     draft_share: float  # of the cycle time
     offered: list[float]  # P(the drafter proposed more than i tokens | asked for more than i)
@@ -56,15 +59,17 @@ def diagnose(trace: Trace) -> Report:
     drafting = [c for c in cycles if c["drafted"] > 0]
     tau = Counter(int(c["tau"]) for c in cycles).most_common(1)[0][0]
     offered = offered_by_position((int(c["tau"]), int(c["drafted"])) for c in cycles)
-    alphas = position_acceptance((int(c["drafted"]), int(c["accepted"])) for c in drafting)
+    alphas = conditional_acceptance((int(c["drafted"]), int(c["accepted"])) for c in drafting)
 
-    # 2. costs
+    # 2. costs; a draft model's intake of the prompt is priced per token fed, not per draft
     t1 = _t1(trace)
     curve = _curve(trace, t1)
-    drafted = sum(c["drafted"] for c in drafting)
-    draft_ms = sum(c["draft_ms"] for c in drafting) / drafted if drafted else 0.0
-    model = CostModel(curve, draft_ms)
-    total_ms = sum(c["draft_ms"] + c["verify_ms"] for c in cycles)
+    costs = DraftCosts(0.0, 0.0, decay=1.0)
+    for c in drafting:
+        costs.observe(int(c["drafted"]), int(c["fed"]), c["draft_ms_per_cycle"])
+    model = CostModel(curve, *costs.estimate())
+    total_ms = sum(c["draft_ms_per_cycle"] + c["verify_ms_per_cycle"] for c in cycles)
+    accepted = sum(c["accepted"] for c in cycles)
     committed = sum(len(c["tokens"]) if "tokens" in c else c["accepted"] + 1 for c in cycles)
 
     # 3. measured: committed tokens per ms against one token per T(1)
@@ -74,9 +79,12 @@ def diagnose(trace: Trace) -> Report:
     report = Report(
         cycles=len(cycles), drafting_cycles=len(drafting), tau=tau,
         accepted_histogram=dict(sorted(Counter(int(c["accepted"]) for c in drafting).items())),
-        position_acceptance=[round(a, 4) for a in alphas], mean_accepted_length=round(1 + sum(c["accepted"] for c in cycles) / len(cycles), 3),
-        t1_ms=round(t1, 3), verify_growth=round(curve.growth(tau + 1), 3), draft_ms_per_token=round(draft_ms, 4),
-        c=round(model.c, 4), draft_share=round(sum(c["draft_ms"] for c in cycles) / total_ms, 4),
+        conditional_acceptance=[round(a, 4) for a in alphas],
+        mean_accepted_length=round(1 + accepted / len(drafting), 3) if drafting else 0.0,
+        tokens_per_cycle=round(1 + accepted / len(cycles), 3), target_step_ms=round(t1, 3),
+        verify_growth=round(curve.growth(tau + 1), 3), draft_ms_per_token=round(model.draft_ms, 4),
+        feed_ms_per_token=round(model.feed_ms, 4), c=round(model.c, 4),
+        draft_share=round(sum(c["draft_ms_per_cycle"] for c in cycles) / total_ms, 4),
         offered=[round(o, 4) for o in offered],
         measured_speedup=round(measured, 3), predicted_speedup=round(predicted, 3), predicted_by_tau=by_tau)
     _verdicts(report, model, alphas, tau, predicted)
@@ -86,7 +94,7 @@ def diagnose(trace: Trace) -> Report:
 def _t1(trace: Trace) -> float:
     if isinstance(trace.run.get("target_step_ms"), (int, float)) and trace.run["target_step_ms"] > 0:
         return float(trace.run["target_step_ms"])
-    plain = [c["verify_ms"] for c in trace.cycles if c["drafted"] == 0]
+    plain = [c["verify_ms_per_cycle"] for c in trace.cycles if c["drafted"] == 0]
     if not plain:
         raise InvalidInputError("the trace gives no target step time: add target_step_ms to its run line "
                                 "(docs/trace.md) or include cycles that drafted nothing")
@@ -102,7 +110,7 @@ def _curve(trace: Trace, t1: float) -> VerifyCurve:
     rows: dict[int, list[float]] = {}
     for c in trace.cycles:
         if c["drafted"] > 0:
-            rows.setdefault(int(c["drafted"]) + 1, []).append(c["verify_ms"])
+            rows.setdefault(int(c["drafted"]) + 1, []).append(c["verify_ms_per_cycle"])
     if not rows:
         return VerifyCurve.flat(t1)
     # least-squares slope through (1, T(1)) of the per-row medians
@@ -127,22 +135,22 @@ def _verdicts(r: Report, model: CostModel, alphas: list[float], tau: int, predic
                   f"{drafted_rows(cov, tau):.2f} drafts on average and the run gets {model.speedup(alphas, tau, cov):.2f}x.")
     if predicted < 1:
         r.why += (f" Verifying {tau + 1} tokens in one pass costs {r.verify_growth:.2f}x one step, not 1x, and the "
-                  f"drafts must also be made; with only {r.mean_accepted_length:.2f} tokens committed per cycle the "
+                  f"drafts must also be made; with only {r.tokens_per_cycle:.2f} tokens committed per cycle the "
                   "parallel verification cannot pay for itself, so the run is slower than plain decoding.")
     if r.drafting_cycles >= 10 and a0 < 0.05:
         r.verdicts.append(f"acceptance is near 0 from the first position (alpha_0 = {a0:.3f} over "
                           f"{r.drafting_cycles} drafting cycles): the signature of a tokenizer or chat-template "
                           "mismatch between drafter and target, or a drafter of another model family")
     elif a0 < 0.5:
-        r.verdicts.append(f"low consecutive acceptance: alpha_0 = {a0:.2f}, {r.mean_accepted_length:.2f} tokens "
-                          "committed per cycle; most cycles keep 0-1 drafts")
+        r.verdicts.append(f"low consecutive acceptance: alpha_0 = {a0:.2f}, mean accepted length "
+                          f"{r.mean_accepted_length:.2f}; most cycles keep 0-1 drafts")
     fast_drafter = CostModel(model.curve, 0.0).best_tau(alphas, offered=cov)[1]
     if r.draft_share > 0.25 and fast_drafter > 1.15 * max(predicted, 1.0):
         r.verdicts.append(f"the drafter is too slow for its acceptance: drafting takes {r.draft_share:.0%} of the "
                           f"time (c = {model.c:.2f}); a free drafter with the same acceptance would give {fast_drafter:.2f}x")
     if best_tau < tau and best > 1.05 * model.speedup(alphas, tau, cov):
         r.verdicts.append(f"tau={tau} is too large for this acceptance: the best tau is {best_tau}")
-    flat = CostModel(VerifyCurve.flat(model.t1), model.draft_ms).speedup(alphas, tau, cov)
+    flat = replace(model, curve=VerifyCurve.flat(model.t1)).speedup(alphas, tau, cov)
     if r.verify_growth > 1 + 0.1 * tau and flat > 1.15 * max(predicted, 1.0):
         r.verdicts.append(f"verification is not parallel enough on this hardware: T({tau + 1}) = "
                           f"{r.verify_growth:.2f} x T(1); with free verification the speedup would be {flat:.2f}x")
@@ -156,7 +164,7 @@ def _verdicts(r: Report, model: CostModel, alphas: list[float], tau: int, predic
         recs.append(Recommendation(f"turn speculation off for this workload (tau 0, or tau auto, which falls back "
                                    f"to plain steps): predicted {predicted:.2f}x -> 1.00x", 1.0))
     if model.c > 0.02:
-        cheaper = CostModel(model.curve, model.draft_ms / 4)
+        cheaper = replace(model, draft_ms=model.draft_ms / 4, feed_ms=model.feed_ms / 4)
         t, s = cheaper.best_tau(alphas, offered=cov)
         recs.append(Recommendation(f"a cheaper drafter (c {model.c:.2f} -> {cheaper.c:.2f}, same acceptance): "
                                    f"predicted {s:.2f}x at tau {t}", round(s, 3)))
@@ -175,10 +183,12 @@ def explain(r: Report) -> str:
     lines = [f"{r.cycles} cycles ({r.drafting_cycles} drafting), tau {r.tau}",
              "accepted drafts per drafting cycle: " + ", ".join(f"{k}: {v}" for k, v in r.accepted_histogram.items()),
              "acceptance by position (given the earlier ones accepted): "
-             + " ".join(f"{a:.2f}" for a in r.position_acceptance),
-             f"mean accepted length {r.mean_accepted_length:.2f} tokens per cycle",
-             f"target step T(1) {r.t1_ms:.2f} ms; verify T(tau+1)/T(1) {r.verify_growth:.2f}; drafter "
-             f"{r.draft_ms_per_token:.3f} ms per token (c = {r.c:.3f}); drafting is {r.draft_share:.0%} of the time",
+             + " ".join(f"{a:.2f}" for a in r.conditional_acceptance),
+             f"mean accepted length {r.mean_accepted_length:.2f} (1 + accepted / drafts, vLLM's); "
+             f"{r.tokens_per_cycle:.2f} tokens per cycle over all cycles",
+             f"target step T(1) {r.target_step_ms:.2f} ms; verify T(tau+1)/T(1) {r.verify_growth:.2f}; drafter "
+             f"{r.draft_ms_per_token:.3f} ms per draft token (c = {r.c:.3f}) and {r.feed_ms_per_token:.3f} ms per "
+             f"token taken in; drafting is {r.draft_share:.0%} of the time",
              f"speedup over plain decoding: measured {r.measured_speedup:.2f}x, cost model {r.predicted_speedup:.2f}x",
              "predicted by tau: " + "  ".join(f"{t}:{s:.2f}x" for t, s in r.predicted_by_tau.items()),
              "", "Why: " + r.why, "", "Verdict:"]

@@ -156,8 +156,8 @@ def _commit(seq: Sequence, tau: int, drafts: list[int], fed: int, accepted: int,
         seq.controller.observe(tau, len(drafts), accepted, (t1 - t0) * 1e3, (t2 - t1) * 1e3, fed)
     if seq.trace is not None:
         extra = {"controller": seq.controller.last} if seq.controller is not None else {}
-        seq.trace.cycle(tau=tau, drafted=len(drafts), accepted=accepted, draft_ms=(t1 - t0) * 1e3,
-                        verify_ms=(t2 - t1) * 1e3, tokens=kept, **extra)
+        seq.trace.cycle(tau=tau, drafted=len(drafts), accepted=accepted, fed=fed, draft_ms_per_cycle=(t1 - t0) * 1e3,
+                        verify_ms_per_cycle=(t2 - t1) * 1e3, tokens=kept, **extra)
     stats.decode_s = time.perf_counter() - seq._decode_start
     stats.completion_tokens = len(request.output_ids)
     return Cycle(seq, tau, len(drafts), accepted, kept)

@@ -2,9 +2,10 @@
 batched forward; other threads submit requests and hear about each cycle through a listener.
 
 Admission is first come, first served into a fixed number of slots (a cache, a drafter and a
-controller each, made once); waiting requests queue up to a bound, beyond which `submit` refuses.
-A prompt is prefilled in chunks that share the step's forward with the running sequences, so a long
-prompt delays them by at most `prefill_budget` rows a step.
+controller each, made once); waiting requests queue up to a bound (free slots count as room),
+beyond which `submit` refuses. A prompt is prefilled in chunks that share the step's forward with
+the running sequences, so a long prompt delays them by at most `prefill_budget` rows a step. A step
+that raises fails its own requests only; `drain` bounds how long a shutdown waits.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from verispec.engine.request import Request
 from verispec.errors import VerispecError
 from verispec.model.cache import KVCache
 from verispec.model.transformer import Transformer
+
+log = logging.getLogger("verispec")
 
 PREFILL_BUDGET = 256  # prompt rows a step may add to the running sequences' verify rows
 
@@ -82,9 +85,11 @@ class Scheduler:
         with self._wake:
             if not self.alive or self._stopping:
                 raise EngineUnavailableError("the engine is not running" + (f": {self.error!r}" if self.error else ""))
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFullError(f"{self.max_batch} requests are running and {len(self._waiting)} waiting, "
-                                     f"the most this server queues (max_queue={self.max_queue}); retry later")
+            # the waiting requests that free slots are about to take do not count against the queue
+            if len(self._waiting) >= self.max_queue + self.max_batch - self.running:
+                raise QueueFullError(f"{self.running} requests are running (max_concurrency={self.max_batch}) and "
+                                     f"{len(self._waiting)} waiting, the most this server holds "
+                                     f"(max_queue={self.max_queue}); retry later")
             ticket = Ticket(request, listener)
             self._waiting.append(ticket)
             self._wake.notify()
@@ -95,6 +100,24 @@ class Scheduler:
         with self._wake:
             ticket.cancelled = True
             self._wake.notify()
+
+    def drain(self, timeout: float) -> None:
+        """Refuse new requests now; those still running or queued after `timeout` seconds fail with
+        EngineUnavailableError (a shutdown that waits for no request longer than that)."""
+        self._stopping = True  # no lock: this may run in a signal handler, on a thread that holds it
+        timer = threading.Timer(timeout, self._abort, [EngineUnavailableError(
+            f"the server shut down before this request finished (it waits {timeout:g} s for open requests)")])
+        timer.daemon = True
+        timer.start()
+
+    def _abort(self, error: EngineUnavailableError) -> None:
+        with self._wake:
+            tickets = self._open()
+            for ticket in tickets:
+                ticket.cancelled = True  # the engine frees their slots before its next step
+            self._wake.notify()
+        for ticket in tickets:
+            ticket.listener(error)
 
     def stop(self, timeout: float | None = None) -> None:
         """Refuse new requests, finish every admitted and queued one, then end the engine thread."""
@@ -112,25 +135,42 @@ class Scheduler:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    def _open(self) -> list[Ticket]:
+        """Every running and queued ticket (with the lock held)."""
+        return [slot.ticket for slot in self._slots if slot.ticket is not None] + list(self._waiting)
+
     # --- the engine thread ------------------------------------------------------------------------
     def _run(self) -> None:
         try:
             while self._admit():
-                busy = [slot for slot in self._slots if slot.sequence is not None]
-                owners = {id(slot.sequence): slot.ticket for slot in busy}
-                for cycle in step(self.target, [slot.sequence for slot in busy], self.prefill_budget):
-                    owners[id(cycle.sequence)].listener(cycle)
-                for slot in self._slots:
-                    if slot.sequence is not None and slot.sequence.request.finished:
-                        slot.ticket = slot.sequence = None
+                self._step([slot for slot in self._slots if slot.sequence is not None])
         except BaseException as e:  # noqa: BLE001: every waiting client must hear why, then /health says so
             self.error = e
             with self._wake:
-                tickets = [s.ticket for s in self._slots if s.ticket is not None] + list(self._waiting)
+                tickets = self._open()
                 self._waiting.clear()
             for ticket in tickets:
                 ticket.listener(e)
-            logging.getLogger("verispec").exception("the engine thread died; every request in it failed")
+            log.exception("the engine thread died; every request in it failed")
+
+    def _step(self, busy: list[Slot]) -> None:
+        """One step of the running sequences. If it raises (a drafter, the forward, NaN logits), the
+        requests of this step fail with the error and their slots are freed; the next Sequence resets
+        the cache and the drafter, so the engine goes on serving the queue."""
+        owners = {id(slot.sequence): slot.ticket for slot in busy}
+        try:
+            cycles = step(self.target, [slot.sequence for slot in busy], self.prefill_budget)
+        except Exception as e:  # noqa: BLE001: one bad step must not take the engine down
+            log.exception("a step failed; its %d request(s) failed with it", len(busy))
+            for slot in busy:
+                ticket, slot.ticket, slot.sequence = slot.ticket, None, None
+                ticket.listener(e)
+            return
+        for cycle in cycles:
+            owners[id(cycle.sequence)].listener(cycle)
+        for slot in busy:
+            if slot.sequence.request.finished:
+                slot.ticket = slot.sequence = None
 
     def _admit(self) -> bool:
         """Drop cancelled requests, fill free slots from the queue; block while there is nothing to
@@ -142,9 +182,15 @@ class Scheduler:
                     if slot.ticket is not None and slot.ticket.cancelled:
                         slot.ticket = slot.sequence = None
                 while self._waiting and (slot := self._free_slot()) is not None:
-                    slot.ticket = self._waiting.popleft()
-                    slot.sequence = Sequence(slot.ticket.request, slot.cache, slot.drafter, self.num_draft_tokens,
-                                             slot.controller)
+                    ticket = self._waiting.popleft()
+                    try:  # a drafter that cannot reset for this request fails the request, not the engine
+                        slot.sequence = Sequence(ticket.request, slot.cache, slot.drafter, self.num_draft_tokens,
+                                                 slot.controller)
+                    except Exception as e:  # noqa: BLE001
+                        log.exception("a request could not start")
+                        ticket.listener(e)
+                        continue
+                    slot.ticket = ticket
                 if self.running:
                     return True
                 if self._stopping:

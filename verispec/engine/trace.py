@@ -13,8 +13,10 @@ from typing import Any, TextIO
 
 from verispec.errors import InvalidInputError
 
-SCHEMA = 1
-CYCLE_FIELDS = ("tau", "drafted", "accepted", "draft_ms", "verify_ms")
+SCHEMA = 2
+CYCLE_FIELDS = ("tau", "drafted", "accepted", "draft_ms_per_cycle", "verify_ms_per_cycle")
+# schema 1 named a cycle's times draft_ms and verify_ms and did not record `fed`
+SCHEMA_1_NAMES = {"draft_ms": "draft_ms_per_cycle", "verify_ms": "verify_ms_per_cycle"}
 
 
 class TraceWriter:
@@ -68,13 +70,20 @@ def parse_trace(lines: Iterable[str], path: str = "<trace>") -> Trace:
             if kind != "run":
                 raise InvalidInputError(f"trace {path}, line {number}: the first line must be the run line "
                                         f'{{"type": "run", ...}}, got {line[:80]!r}')
+            if record.get("schema", SCHEMA) not in (1, SCHEMA):
+                raise InvalidInputError(f"trace {path}, line {number}: schema {record['schema']!r} is not one this "
+                                        f"version reads (1 or {SCHEMA})")
             trace = Trace(record)
             continue
         if kind != "cycle":
             raise InvalidInputError(f"trace {path}, line {number}: type must be 'cycle', got {kind!r}")
+        if trace.run.get("schema", SCHEMA) == 1:
+            record = {SCHEMA_1_NAMES.get(k, k): v for k, v in record.items()}
         missing = [f for f in CYCLE_FIELDS if not isinstance(record.get(f), (int, float))]
         if missing:
             raise InvalidInputError(f"trace {path}, line {number}: cycle lacks numeric field(s) {', '.join(missing)}")
+        if not isinstance(record.setdefault("fed", 0), int) or record["fed"] < 0:
+            raise InvalidInputError(f"trace {path}, line {number}: fed={record['fed']!r} must be an integer >= 0")
         if not 0 <= record["accepted"] <= record["drafted"]:
             raise InvalidInputError(f"trace {path}, line {number}: accepted={record['accepted']} must be in "
                                     f"[0, drafted={record['drafted']}]")

@@ -7,21 +7,22 @@ import torch
 from verispec.errors import ContextOverflowError, ModelLoadError
 
 # Attention reads the cache in fixed blocks of this many positions (see kernels.attention), so the
-# capacity is a whole number of blocks.
+# storage is a whole number of blocks; the capacity (the positions a sequence may use) is exactly the
+# context asked for, the length of the RoPE tables.
 BLOCK = 64
 
 
 class KVCache:
     """Keys and values of one sequence for every layer.
 
-    k, v: [num_layers, num_kv_heads, capacity, head_dim]. Positions >= length hold stale values that
-    the next forward overwrites; attention never reads them (it masks by position).
+    k, v: [num_layers, num_kv_heads, capacity rounded up to a multiple of BLOCK, head_dim]. Positions
+    >= length hold stale values that the next forward overwrites; attention never reads them (it
+    masks by position).
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int,
                  dtype: torch.dtype, device: torch.device) -> None:
-        capacity = -(-capacity // BLOCK) * BLOCK
-        shape = (num_layers, num_kv_heads, capacity, head_dim)
+        shape = (num_layers, num_kv_heads, -(-capacity // BLOCK) * BLOCK, head_dim)
         need = 2 * torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
         _check_memory(need, capacity, device)
         self.k = torch.zeros(shape, dtype=dtype, device=device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from verispec.config import SamplingParams
+from verispec.errors import NumericsError
 
 
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -19,9 +20,11 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     Penalties and masks are the caller's (Sampler), applied to the logits before.
     """
     x = logits.float()
+    if not params.greedy:
+        x = x / params.temperature
+    _check_finite(x)
     if params.greedy:
         return torch.zeros_like(x).scatter_(-1, x.argmax(-1, keepdim=True), 1.0)
-    x = x / params.temperature
     if 0 < params.top_k < x.shape[-1]:
         kth = torch.topk(x, params.top_k, dim=-1).values[:, -1:]
         x = x.masked_fill(x < kth, float("-inf"))
@@ -34,6 +37,15 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     if params.min_p > 0:
         p = p.masked_fill(p < params.min_p * p.amax(-1, keepdim=True), 0.0)
     return p / p.sum(-1, keepdim=True)
+
+
+def _check_finite(x: torch.Tensor) -> None:
+    """Fail loudly rather than draw a token from NaN: logits may be -inf (masked), never NaN or +inf,
+    and every row must leave some token possible."""
+    if torch.isnan(x).any() or torch.isposinf(x).any() or torch.isneginf(x).all(-1).any():
+        raise NumericsError(f"the logits hold NaN or infinite values ({int(torch.isnan(x).sum())} NaN, "
+                            f"{int(torch.isposinf(x).sum())} +inf, rows with every token masked: "
+                            f"{int(torch.isneginf(x).all(-1).sum())}): no token can be drawn from them")
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

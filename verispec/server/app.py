@@ -12,11 +12,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request as HTTPRequest
+from fastapi import Depends, FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
 
 from verispec import __version__
 from verispec.config import ServeConfig
@@ -66,14 +67,18 @@ def create_app(llm: LLM, scheduler: Scheduler, config: ServeConfig, model_name: 
     metrics = Metrics(lambda: scheduler.waiting, lambda: scheduler.running)
     app.add_middleware(Guard, max_body_bytes=config.max_body_bytes, count=metrics.requests)
 
-    @app.exception_handler(HTTPException)
+    @app.exception_handler(HTTPException)  # starlette's: its 404 and 405 too, not only FastAPI's
     async def http_error(_: HTTPRequest, e: HTTPException) -> JSONResponse:
         body = e.body if isinstance(e, APIError) else error(str(e.detail), "invalid_request_error")
-        return JSONResponse(body, status_code=e.status_code)
+        return JSONResponse(body, status_code=e.status_code, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: HTTPRequest, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0]
+        if first.get("type") == "json_invalid":  # its location is a byte offset, not a field
+            why = first.get("ctx", {}).get("error", "invalid")
+            return JSONResponse(error(f"the body is not valid JSON: {why} at byte {first['loc'][-1]}",
+                                      "invalid_request_error"), status_code=400)
         # pydantic adds union branches ('str', 'list[int]') to the location: not fields, left out
         loc = [str(part) for part in first.get("loc", ())
                if part != "body" and str(part) not in UNION_TAGS and "[" not in str(part)]
@@ -89,12 +94,14 @@ def create_app(llm: LLM, scheduler: Scheduler, config: ServeConfig, model_name: 
     def authorized(request: HTTPRequest) -> None:
         if config.api_key is None:
             return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), config.api_key.encode()):
             raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", "authentication_error",
                            code="invalid_api_key")
 
+    # HEAD as well as GET (load balancers and SDKs probe with it); left out of the schema, as it mirrors GET
     @app.get("/health")
+    @app.head("/health", include_in_schema=False)
     def health() -> JSONResponse:
         if scheduler.alive:
             return JSONResponse({"status": "ok"})
@@ -104,10 +111,24 @@ def create_app(llm: LLM, scheduler: Scheduler, config: ServeConfig, model_name: 
     def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    def card() -> dict[str, Any]:
+        return {"id": model_name, "object": "model", "created": protocol.now(), "owned_by": "verispec"}
+
     @app.get("/v1/models", dependencies=[Depends(authorized)])
+    @app.head("/v1/models", dependencies=[Depends(authorized)], include_in_schema=False)
     def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": protocol.now(),
-                                            "owned_by": "verispec"}]}
+        return {"object": "list", "data": [card()]}
+
+    @app.get("/v1/models/{model:path}", dependencies=[Depends(authorized)])
+    @app.head("/v1/models/{model:path}", dependencies=[Depends(authorized)], include_in_schema=False)
+    def retrieve(model: str) -> dict[str, Any]:
+        if model != model_name:
+            raise not_served(model)
+        return card()
+
+    def not_served(model: str) -> APIError:
+        return APIError(404, f"model {model!r} does not exist; this server serves {model_name!r}", param="model",
+                        code="model_not_found")
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
     async def completions(body: CompletionRequest, http: HTTPRequest) -> Response:
@@ -122,8 +143,7 @@ def create_app(llm: LLM, scheduler: Scheduler, config: ServeConfig, model_name: 
         """Everything that can be refused is refused here, before a stream starts."""
         arrived = time.perf_counter()
         if body.model != model_name:
-            raise APIError(404, f"model {body.model!r} does not exist; this server serves {model_name!r}",
-                           param="model", code="model_not_found")
+            raise not_served(body.model)
         try:
             ids = llm.encode(prompt)
             params = protocol.sampling_params(body, len(ids), llm.engine.capacity)
@@ -186,8 +206,10 @@ class Run:
     async def cycles(self) -> AsyncIterator[Progress]:
         while self.finish_reason is None:
             item = await self.progress.get()
+            if isinstance(item, EngineUnavailableError):  # the server shut down before this request finished
+                raise APIError(503, str(item), "server_error", code="engine_unavailable")
             if isinstance(item, BaseException):
-                raise APIError(500, f"the engine failed: {item!r}", "server_error")
+                raise APIError(500, f"the engine failed on this request: {item!r}", "server_error")
             self.ids += item.tokens
             self.taus.append(item.tau)
             self.finish_reason = item.finish_reason
@@ -248,8 +270,9 @@ class Run:
                     ids = item.tokens if self.body.return_token_ids else None
                     if piece or self.finish_reason is not None or ids:
                         yield event([protocol.choice(self.chat, piece, self.finish_reason, True, ids)])
-            except APIError as e:
+            except APIError as e:  # the stream has begun: the error is its last event
                 yield f"data: {json.dumps(e.body)}\n\n"
+                yield "data: [DONE]\n\n"
                 return
             if with_usage:
                 yield event([], self.usage())

@@ -1,7 +1,11 @@
-"""Prometheus metrics (prometheus-client), one registry per server. Names follow the glossary.
+"""Prometheus metrics (prometheus-client), one registry per server. Names follow the glossary; the
+speculation counters are shaped like vLLM's (`vllm:spec_decode_num_drafts`, ...), so dashboards
+built for vLLM work with the prefix changed.
 
-Per-position acceptance uses vLLM's definition: the share of drafting cycles whose draft i was
-accepted, so it never increases with i (RELIABILITY.md G). All updates happen on the event loop.
+Two per-position acceptances, under two names: vLLM's `per_position_acceptance` (the share of
+drafts whose token i was accepted: it never rises with i, RELIABILITY.md G) and the
+`conditional_acceptance` α_i (draft i accepted given drafts 0..i-1 were). All updates happen on the
+event loop.
 """
 
 from __future__ import annotations
@@ -10,7 +14,10 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from verispec.types import Stats
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+SPEC = "verispec_spec_decode_"
 
 
 class Metrics:
@@ -29,41 +36,46 @@ class Metrics:
                                    registry=r)
         self.latency = Histogram("verispec_request_latency_seconds", "from arrival to the last token",
                                  buckets=LATENCY_BUCKETS, registry=r)
-        self.cycles = Counter("verispec_spec_cycles", "cycles (a plain step is a cycle with tau 0)", registry=r)
-        self.drafted = Counter("verispec_spec_drafted_tokens", "draft tokens verified", registry=r)
-        self.accepted = Counter("verispec_spec_accepted_tokens", "draft tokens accepted", registry=r)
-        self.drafted_at = Counter("verispec_spec_drafted_tokens_per_position", "draft tokens verified at position",
+        self.cycles = Counter(SPEC + "num_cycles", "cycles (a plain step is a cycle with tau 0)", registry=r)
+        self.drafts = Counter(SPEC + "num_drafts", "cycles that drafted (vLLM's drafts)", registry=r)
+        self.drafted = Counter(SPEC + "num_draft_tokens", "draft tokens verified", registry=r)
+        self.accepted = Counter(SPEC + "num_accepted_tokens", "draft tokens accepted", registry=r)
+        self.drafted_at = Counter(SPEC + "num_draft_tokens_per_pos", "draft tokens verified at position",
                                   ["position"], registry=r)
-        self.accepted_at = Counter("verispec_spec_accepted_tokens_per_position",
-                                   "draft tokens accepted at position", ["position"], registry=r)
-        self.tau = Histogram("verispec_spec_tau", "tau chosen per cycle", buckets=tuple(range(16)), registry=r)
-        self.acceptance_rate = Gauge("verispec_spec_acceptance_rate", "accepted / drafted", registry=r)
-        self.mean_accepted_length = Gauge("verispec_spec_mean_accepted_length",
-                                          "tokens committed per cycle: 1 + accepted / cycles", registry=r)
-        self.position_acceptance = Gauge("verispec_spec_position_acceptance",
-                                         "share of drafting cycles whose draft at this position was accepted",
-                                         ["position"], registry=r)
-        self._counts = {"cycles": 0, "drafted": 0, "accepted": 0}
-        self._drafted_at: list[int] = []
-        self._accepted_at: list[int] = []
+        self.accepted_at = Counter(SPEC + "num_accepted_tokens_per_pos", "draft tokens accepted at position",
+                                   ["position"], registry=r)
+        self.tau = Histogram(SPEC + "tau", "tau chosen per cycle", buckets=tuple(range(16)), registry=r)
+        self.acceptance_rate = Gauge(SPEC + "acceptance_rate", "accepted / drafted", registry=r)
+        self.mean_accepted_length = Gauge(SPEC + "mean_accepted_length",
+                                          "vLLM's: 1 + accepted / drafts, over the cycles that drafted", registry=r)
+        self.tokens_per_cycle = Gauge(SPEC + "tokens_per_cycle",
+                                      "tokens committed per target forward of decoding: 1 + accepted / cycles",
+                                      registry=r)
+        self.per_position_acceptance = Gauge(SPEC + "per_position_acceptance",
+                                             "vLLM's: the share of drafts whose token at this position was accepted",
+                                             ["position"], registry=r)
+        self.conditional_acceptance = Gauge(SPEC + "conditional_acceptance",
+                                            "the chance a draft token at this position is accepted given the "
+                                            "earlier ones were", ["position"], registry=r)
+        self._totals = Stats()
 
     def cycle(self, tau: int, drafted: int, accepted: int) -> None:
-        c = self._counts
-        c["cycles"] += 1
-        c["drafted"] += drafted
-        c["accepted"] += accepted
+        totals = self._totals
+        totals.record_cycle(drafted, accepted)
         self.cycles.inc()
+        self.drafts.inc(drafted > 0)
         self.drafted.inc(drafted)
         self.accepted.inc(accepted)
         self.tau.observe(tau)
-        for counts, n, metric in ((self._drafted_at, drafted, self.drafted_at),
-                                  (self._accepted_at, accepted, self.accepted_at)):
-            counts.extend([0] * max(0, n - len(counts)))
-            for i in range(n):
-                counts[i] += 1
-                metric.labels(position=str(i)).inc()
-        if c["drafted"]:
-            self.acceptance_rate.set(c["accepted"] / c["drafted"])
-            for i, kept in enumerate(self._accepted_at):
-                self.position_acceptance.labels(position=str(i)).set(kept / self._drafted_at[0])
-        self.mean_accepted_length.set(1 + c["accepted"] / c["cycles"])
+        for i in range(drafted):
+            self.drafted_at.labels(position=str(i)).inc()
+        for i in range(accepted):
+            self.accepted_at.labels(position=str(i)).inc()
+        self.tokens_per_cycle.set(totals.tokens_per_cycle)
+        if totals.drafts:
+            self.acceptance_rate.set(totals.acceptance_rate)
+            self.mean_accepted_length.set(totals.mean_accepted_length)
+            for gauge, values in ((self.per_position_acceptance, totals.per_position_acceptance),
+                                  (self.conditional_acceptance, totals.conditional_acceptance)):
+                for i, value in enumerate(values):
+                    gauge.labels(position=str(i)).set(value)

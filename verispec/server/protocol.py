@@ -75,10 +75,20 @@ class Message(Body):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
+class ResponseFormat(Body):
+    type: Literal["text"]
+
+
 class ChatRequest(Common):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: Literal[False] = False
+    # what OpenAI's SDKs send and OpenAI documents as no-ops here: accepted, ignored
+    response_format: ResponseFormat | None = None
+    tool_choice: Literal["none"] | None = None
+    parallel_tool_calls: bool | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
 
 
 def sampling_params(body: Common, prompt_tokens: int, capacity: int) -> SamplingParams:
@@ -86,15 +96,21 @@ def sampling_params(body: Common, prompt_tokens: int, capacity: int) -> Sampling
     error naming both; the default is clamped to the room left."""
     given = {f.name: getattr(body, f.name) for f in dataclasses.fields(SamplingParams)
              if getattr(body, f.name) is not None}
+    name = "max_tokens"  # the field the client used, named in errors
     if isinstance(body, ChatRequest) and body.max_completion_tokens is not None:
-        given["max_tokens"] = body.max_completion_tokens
+        given["max_tokens"], name = body.max_completion_tokens, "max_completion_tokens"
     room = capacity - prompt_tokens
     if "max_tokens" in given and isinstance(given["max_tokens"], int) and given["max_tokens"] > room >= 1:
         raise InvalidInputError(
-            f"max_tokens={given['max_tokens']} is not allowed: the prompt has {prompt_tokens} tokens and the context "
-            f"holds {capacity}, so at most {room} can be generated", param="max_tokens")
+            f"{name}={given['max_tokens']} is not allowed: the prompt has {prompt_tokens} tokens and the context "
+            f"holds {capacity}, so at most {room} can be generated", param=name)
     default = COMPLETION_MAX_TOKENS if isinstance(body, CompletionRequest) else room
-    return SamplingParams(**{**OPENAI_DEFAULTS, "max_tokens": max(1, min(default, room)), **given})
+    try:
+        return SamplingParams(**{**OPENAI_DEFAULTS, "max_tokens": max(1, min(default, room)), **given})
+    except InvalidInputError as e:
+        if e.param != "max_tokens" or name == "max_tokens":
+            raise
+        raise InvalidInputError(str(e).replace("max_tokens=", f"{name}=", 1), param=name) from None
 
 
 # --- responses ----------------------------------------------------------------------------------------
@@ -109,10 +125,12 @@ def usage(prompt_tokens: int, completion_tokens: int, stats: Stats, taus: list[i
         "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
         "speculation": {
-            "cycles": stats.cycles, "drafted": stats.drafted, "accepted": stats.accepted,
+            "cycles": stats.cycles, "drafts": stats.drafts, "drafted": stats.drafted, "accepted": stats.accepted,
             "acceptance_rate": round(stats.acceptance_rate, 4),
             "mean_accepted_length": round(stats.mean_accepted_length, 4),
-            "position_acceptance": [round(a, 4) for a in stats.position_acceptance],
+            "tokens_per_cycle": round(stats.tokens_per_cycle, 4),
+            "per_position_acceptance": [round(a, 4) for a in stats.per_position_acceptance],
+            "conditional_acceptance": [round(a, 4) for a in stats.conditional_acceptance],
             "mean_tau": round(sum(taus) / len(taus), 3) if taus else 0.0,
         },
     }
