@@ -42,7 +42,7 @@ class Model(ctypes.Structure):
 class Batch(ctypes.Structure):
     _fields_ = [("rows", c_int32), ("segments", c_int32), ("token_ids", POINTER(c_int32)),
                 ("positions", POINTER(c_int32)), ("first_row", POINTER(c_int32)),
-                ("k_cache", POINTER(c_void_p)), ("v_cache", POINTER(c_void_p)), ("stride", c_int32),
+                ("k_cache", POINTER(c_void_p)), ("v_cache", POINTER(c_void_p)), ("stride", POINTER(c_int32)),
                 ("outputs", c_int32), ("output_rows", POINTER(c_int32)), ("logits", POINTER(c_float)),
                 ("int8", c_int32)]
 

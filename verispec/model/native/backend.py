@@ -94,7 +94,8 @@ class NativeBackend:
                 outputs += range(start, start + n)
             elif seg.logits == "last":
                 outputs.append(start + n - 1)
-        arrays = [int32_array(a) for a in (ids, positions, first_row, outputs)]
+        strides = [seg.cache.k.shape[2] for seg in segments]
+        arrays = [int32_array(a) for a in (ids, positions, first_row, outputs, strides)]
         k = (ctypes.c_void_p * len(segments))(*[seg.cache.k.data_ptr() for seg in segments])
         v = (ctypes.c_void_p * len(segments))(*[seg.cache.v.data_ptr() for seg in segments])
         logits = torch.empty(len(outputs), self.config.vocab_size)  # [wanted rows, vocab]
@@ -102,7 +103,7 @@ class NativeBackend:
         batch = Batch(rows=len(ids), segments=len(segments), token_ids=arrays[0].ctypes.data_as(i32),
                       positions=arrays[1].ctypes.data_as(i32), first_row=arrays[2].ctypes.data_as(i32),
                       k_cache=ctypes.cast(k, ctypes.POINTER(ctypes.c_void_p)),
-                      v_cache=ctypes.cast(v, ctypes.POINTER(ctypes.c_void_p)), stride=segments[0].cache.k.shape[2], outputs=len(outputs),
+                      v_cache=ctypes.cast(v, ctypes.POINTER(ctypes.c_void_p)), stride=arrays[4].ctypes.data_as(i32), outputs=len(outputs),
                       output_rows=arrays[3].ctypes.data_as(i32), logits=float_ptr(logits), int8=int(self.int8))
         native.lib().vs_forward(ctypes.byref(self.model), ctypes.byref(batch))
         parts = iter(logits.split([seg.token_ids.shape[0] if seg.logits == "all" else 1

@@ -34,7 +34,7 @@ struct Batch {  // the new rows of several sequences, each continuing its own ca
   const int32_t* first_row;  // [segments + 1]: segment s owns rows [first_row[s], first_row[s + 1])
   float* const* k_cache;     // [segments], each [layers, kv_heads, stride, head_dim]
   float* const* v_cache;
-  int32_t stride;            // positions per (layer, kv head) in a cache's storage
+  const int32_t* stride;     // [segments]: positions per (layer, kv head) in each cache's storage
   int32_t outputs;           // rows whose logits are wanted
   const int32_t* output_rows;
   float* logits;             // [outputs, vocab]
@@ -73,7 +73,7 @@ static void forward(const Model& m, const Batch& b) {
   for (int L = 0; L < m.layers; L++) {
     const LayerWeights& w = m.layer[L];
     auto cache_at = [&](float* const* caches, int r, int kvh) {
-      return caches[segment[r]] + (static_cast<int64_t>(L * m.kv_heads + kvh) * b.stride) * d;
+      return caches[segment[r]] + (static_cast<int64_t>(L * m.kv_heads + kvh) * b.stride[segment[r]]) * d;
     };
     // 1. attention: norm, q k v, per-head norms, RoPE, the cache, attention, output projection
     each_row(R, [&](int r) { rms_norm(&x[r * H], w.attn_norm, m.eps, H, &h[r * H]); });
