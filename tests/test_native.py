@@ -84,14 +84,3 @@ def test_threads_do_not_change_results():
     native.set_threads(2)
     assert torch.equal(native.matmul(weight, x), one)
 
-
-def test_regions_of_different_sizes_back_to_back_give_the_same_results():
-    """The pool between regions: a worker leaving one region must not take an item of the next (a
-    stale claim once ran a finished region's function: a crash, or a wrong row)."""
-    native.set_threads(2)
-    small, large = random_weight("Q8_0", 40, 64, seed=5), random_weight("Q4_0", 900, 64, seed=6)
-    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(7))
-    expected = native.matmul(small, x), native.matmul(large, x)
-    for _ in range(1500):
-        assert torch.equal(native.matmul(small, x), expected[0])
-        assert torch.equal(native.matmul(large, x), expected[1])
