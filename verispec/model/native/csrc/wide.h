@@ -1,5 +1,6 @@
 // The exact kernels again with 16-lane AVX-512 vectors, for CPUs that have them (chosen at run time,
-// vs_set_wide). The definition is matmul.h's with 16 lanes: y[m][n] = hsum16(acc), acc taking
+// vs_set_wide). A copy rather than one template over the width: the rest of the library is compiled
+// for AVX2, and GCC will not inline AVX-512 intrinsics into a function compiled without them. The definition is matmul.h's with 16 lanes: y[m][n] = hsum16(acc), acc taking
 // fma(w[n][k..k+16], x[m][k..k+16], acc) for k = 0, 16, 32, ... in order; every path runs exactly
 // that sequence, so rows are invariant here as there (the two widths round differently, so one
 // machine uses one width throughout). Weights are decoded in registers up to 8 rows (16 accumulators
