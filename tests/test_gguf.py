@@ -83,6 +83,18 @@ def write_gguf(path: Path, hf, quant: str = "F32", arch: str = "llama") -> Path:
     return path
 
 
+def test_a_format_without_a_kernel_is_dequantized_with_one_warning(tmp_path):
+    hf = tiny_hf_model("llama", hidden_size=256, intermediate_size=512)
+    path = write_gguf(tmp_path / "m.gguf", hf, "Q2_K")
+    with pytest.warns(UserWarning, match="Q2_K weights have no native kernel") as caught:
+        ours = load_model(ModelSource.of(path), 128, torch.device("cpu"), *backend_args("native"))
+    assert sum("no native kernel" in str(w.message) for w in caught) == 1
+    ids = torch.arange(3, 43)
+    with torch.no_grad():
+        expected = hf(ids[None]).logits[0]
+    assert (ours.forward(ids, torch.arange(40), ours.new_cache()) - expected).abs().max() < 1e-4
+
+
 def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 

@@ -42,6 +42,11 @@ class NativeBackend:
         self.config = config
         self.int8 = activations == "int8"
         self._keep: list[object] = []  # what the C structs point into must outlive them
+        without = sorted({w.type.name for w in weights.values()
+                          if isinstance(w, Weight) and int(w.type) not in native.NATIVE_TYPES})
+        if without:
+            warnings.warn(f"{', '.join(without)} weights have no native kernel: they are dequantized to F32 at "
+                          f"load (more memory and slower than the formats with one)", stacklevel=3)
         mats = {name: self._matrix(w) for name, w in weights.items() if isinstance(w, Weight)}
         vecs = {name: self._vector(t) for name, t in weights.items() if not isinstance(t, Weight)}
         rope = {kind: tuple(self._vector(t) for t in tables) for kind, tables in rope.items()}
@@ -68,10 +73,7 @@ class NativeBackend:
         self._head = head
 
     def _matrix(self, w: Weight) -> Weight:
-        if int(w.type) not in native.NATIVE_TYPES:
-            _warn_once(w.type.name)
-            w = Weight.of_tensor(w.name, w.dequantize())
-        return w
+        return w if int(w.type) in native.NATIVE_TYPES else Weight.of_tensor(w.name, w.dequantize())
 
     def _vector(self, t: torch.Tensor) -> ctypes._Pointer:
         t = t.detach().to("cpu", torch.float32).contiguous()
@@ -110,12 +112,3 @@ class NativeBackend:
                                    for seg in segments if seg.logits != "none"]))
         return [None if seg.logits == "none" else next(parts) for seg in segments]
 
-
-_warned: set[str] = set()
-
-
-def _warn_once(type_name: str) -> None:
-    if type_name not in _warned:
-        _warned.add(type_name)
-        warnings.warn(f"{type_name} weights have no native kernel: they are dequantized to F32 at load "
-                      f"(more memory and slower than the formats with one)", stacklevel=3)
