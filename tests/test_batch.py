@@ -10,7 +10,6 @@ import pytest
 
 from verispec.config import SamplingParams
 from verispec.drafters import DraftModelDrafter, NgramDrafter
-from verispec.engine import generate as engine_module
 from verispec.engine.controller import Controller
 from verispec.engine.generate import Engine, Sequence, step
 from verispec.engine.request import Request

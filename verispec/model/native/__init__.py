@@ -60,8 +60,6 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     lib.vs_matmul.argtypes = [POINTER(Matrix), c_int32, c_void_p, c_void_p, c_int32]
     lib.vs_decode_rows.argtypes = [POINTER(Matrix), c_int32, c_int32, c_void_p]
     lib.vs_set_threads.argtypes = [c_int32]
-    lib.vs_row_bytes.argtypes = [c_int32, c_int64]
-    lib.vs_row_bytes.restype = c_int64
     lib.vs_plant_order_bug.argtypes = [c_int32]
     lib.vs_set_wide.argtypes = [c_int32]
     return lib, None

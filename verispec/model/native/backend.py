@@ -16,7 +16,6 @@ from verispec.model.native import Batch, LayerWeights, Model, float_ptr, int32_a
 from verispec.model.segment import Segment
 from verispec.model.weights import Weight
 
-ACTIVATIONS = ("exact", "int8")
 MATRICES = ("q", "k", "v", "o", "gate", "up", "down")
 VECTORS = ("attn_norm", "mlp_norm", "q_norm", "k_norm", "post_attn_norm", "post_mlp_norm", "q_bias", "k_bias",
            "v_bias")

@@ -169,8 +169,6 @@ VS_API void vs_decode_rows(const vs::Matrix* W, int first, int count, float* out
   for (int r = 0; r < count; r++) vs::decode_row(*W, first + r, out + static_cast<int64_t>(r) * W->cols);
 }
 
-VS_API int64_t vs_row_bytes(int type, int64_t cols) { return vs::row_bytes(type, cols); }
-
 VS_API void vs_plant_order_bug(int on) { vs::planted_order_bug = on; }
 
 // Use the 16-lane exact kernels (where the CPU has them); returns whether they are used now.

@@ -197,23 +197,6 @@ struct DBF16 {
   }
 };
 
-// Bytes of one row of `cols` weights (cols a multiple of 32; of 256 for the K formats).
-static inline int64_t row_bytes(int32_t type, int64_t cols) {
-  switch (type) {
-    case F32: return cols * 4;
-    case F16: case BF16: return cols * 2;
-    case Q8_0: return cols / 32 * 34;
-    case Q4_0: return cols / 32 * 18;
-    case Q4_1: return cols / 32 * 20;
-    case Q5_0: return cols / 32 * 22;
-    case Q5_1: return cols / 32 * 24;
-    case Q4_K: return cols / 256 * 144;
-    case Q5_K: return cols / 256 * 176;
-    case Q6_K: return cols / 256 * 210;
-    default: return -1;
-  }
-}
-
 static inline bool quantized(int32_t type) { return type != F32 && type != F16 && type != BF16; }
 
 }  // namespace vs
