@@ -192,3 +192,36 @@ def test_drafter_equal_to_target_accepts_everything():
     logits = torch.randn(10)
     _, _, accepted = first_token_law(logits, logits, 1.0, 4)
     assert accepted.min().item() == 4
+
+
+def test_greedy_verification_equals_verify_on_point_masses():
+    """verify_greedy is verify for greedy targets: every row the one-hot of its id, drafts as point
+    masses (n-gram) or one-hot q (a greedy draft model), out-of-range drafts included (A6)."""
+    from verispec.sampling import verify_greedy
+
+    gen = torch.Generator().manual_seed(11)
+    vocab = 6
+    for _ in range(400):
+        k = int(torch.randint(0, 5, (1,), generator=gen))
+        target = torch.randint(0, vocab, (k + 1,), generator=gen).tolist()
+        # drafts that follow the target for a while, then anything, sometimes out of range
+        draft = [t if torch.rand(1, generator=gen) < 0.6 else int(torch.randint(-1, vocab + 1, (1,), generator=gen))
+                 for t in target[:k]]
+        p = torch.zeros(k + 1, vocab).scatter_(1, torch.tensor(target)[:, None], 1.0)
+        q = torch.zeros(k, vocab).scatter_(1, torch.tensor(draft).clamp(0, vocab - 1)[:, None], 1.0)
+        expected = verify(torch.tensor(draft, dtype=torch.long), None, p, torch.Generator().manual_seed(1))
+        assert verify_greedy(draft, target) == expected, (draft, target)
+        if all(0 <= x < vocab for x in draft):
+            assert verify(torch.tensor(draft, dtype=torch.long), q, p, torch.Generator().manual_seed(2)) == expected
+
+
+def test_a_samplers_greedy_choice_is_where_its_greedy_distribution_puts_its_mass():
+    from verispec.sampling import Sampler
+
+    params = SamplingParams(max_tokens=8, min_tokens=3, repetition_penalty=1.7, frequency_penalty=0.5,
+                            presence_penalty=0.3)
+    sampler = Sampler(params, prompt_ids=[1, 2, 3], stop_ids=[0, 4])
+    logits = torch.randn(5, 10, generator=torch.Generator().manual_seed(12))
+    logits[:, 0] = 10.0  # a stop id on top: masked while min_tokens is not reached
+    history, drafts = [2, 5], [5, 0, 7, 7]
+    assert sampler.greedy(logits, history, drafts) == sampler.probs(logits, history, drafts).argmax(-1).tolist()

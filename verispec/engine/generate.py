@@ -25,7 +25,7 @@ from verispec.engine.request import Request
 from verispec.engine.trace import TraceWriter
 from verispec.model.cache import KVCache
 from verispec.model.transformer import Segment, Transformer
-from verispec.sampling.rejection import verify
+from verispec.sampling.rejection import verify, verify_greedy
 from verispec.types import Stats
 
 
@@ -105,8 +105,11 @@ def step(target: Transformer, sequences: Seq[Sequence], prefill_budget: int | No
     results = []
     for seq, d, q, rows, base in zip(decoding, drafts, draft_probs, logits, bases):
         sampler = seq.request.sampler
-        target_probs = sampler.probs(rows, seq.request.output_ids, d)  # [k + 1, V]
-        accepted, tokens = verify(torch.tensor(d, dtype=torch.long), q, target_probs, sampler.generator)
+        if sampler.params.greedy:  # point masses: no [k + 1, V] rows to build (a tenth of a plain step)
+            accepted, tokens = verify_greedy(d, sampler.greedy(rows, seq.request.output_ids, d))
+        else:
+            target_probs = sampler.probs(rows, seq.request.output_ids, d)  # [k + 1, V]
+            accepted, tokens = verify(torch.tensor(d, dtype=torch.long), q, target_probs, sampler.generator)
         seq.cache.truncate(base + 1 + accepted)
         results.append((accepted, tokens))
     t2 = time.perf_counter()

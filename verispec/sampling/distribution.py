@@ -22,7 +22,7 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     x = logits.float()
     if not params.greedy:
         x = x / params.temperature
-    _check_finite(x)
+    check_finite(x)
     if params.greedy:
         return torch.zeros_like(x).scatter_(-1, x.argmax(-1, keepdim=True), 1.0)
     if 0 < params.top_k < x.shape[-1]:
@@ -39,7 +39,7 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return p / p.sum(-1, keepdim=True)
 
 
-def _check_finite(x: torch.Tensor) -> None:
+def check_finite(x: torch.Tensor) -> None:
     """Fail loudly rather than draw a token from NaN: logits may be -inf (masked), never NaN or +inf,
     and every row must leave some token possible."""
     if torch.isnan(x).any() or torch.isposinf(x).any() or torch.isneginf(x).all(-1).any():

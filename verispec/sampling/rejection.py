@@ -25,6 +25,17 @@ def verify(draft_token_ids: torch.Tensor, draft_probs: torch.Tensor | None, targ
     return n, tokens[0, : n + 1].tolist()
 
 
+def verify_greedy(draft_token_ids: list[int], target_ids: list[int]) -> tuple[int, list[int]]:
+    """draft_token_ids [k], target_ids [k + 1]: a greedy target's choice after each draft. What verify
+    gives when every target row is the point mass at its id, without building the rows: drafts are
+    accepted while they equal the target's choice, then the target's own choice is emitted (the
+    recovered token, or the bonus)."""
+    accepted = 0
+    while accepted < len(draft_token_ids) and draft_token_ids[accepted] == target_ids[accepted]:
+        accepted += 1
+    return accepted, list(draft_token_ids[:accepted]) + [target_ids[accepted]]
+
+
 def uniforms_for(batch: int, k: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
     """[batch, k + 1] uniforms in [0, 1): one per draft position, the last for the emitted token."""
     return torch.rand(batch, k + 1, generator=generator, device=generator.device).to(device)

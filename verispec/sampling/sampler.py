@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from verispec.config import SamplingParams
-from verispec.sampling.distribution import new_generator, probabilities, sample
+from verispec.sampling.distribution import check_finite, new_generator, probabilities, sample
 
 
 class Sampler:
@@ -27,6 +27,16 @@ class Sampler:
 
     def probs(self, logits: torch.Tensor, history: Sequence[int], drafts: Sequence[int] = ()) -> torch.Tensor:
         """logits [rows, V] -> [rows, V]; row i follows output `history` + drafts[:i]."""
+        return probabilities(self._processed(logits, history, drafts), self.params)
+
+    def greedy(self, logits: torch.Tensor, history: Sequence[int], drafts: Sequence[int] = ()) -> list[int]:
+        """logits [rows, V] -> the id each row's greedy distribution (probs) puts all its mass on."""
+        x = self._processed(logits, history, drafts).float()
+        check_finite(x)
+        return x.argmax(-1).tolist()
+
+    def _processed(self, logits: torch.Tensor, history: Sequence[int], drafts: Sequence[int]) -> torch.Tensor:
+        """The logits with min_tokens' masks and the penalties applied."""
         x = logits.float()
         rows, vocab = x.shape
         masked = [i for i in range(rows) if len(history) + i < self.params.min_tokens]
@@ -36,7 +46,7 @@ class Sampler:
             x[torch.tensor(masked)[:, None], torch.tensor(self.stop_ids)[None, :]] = float("-inf")
         if self.params.penalized:
             x = self._penalize(x, history, drafts)
-        return probabilities(x, self.params)
+        return x
 
     def sample(self, probs: torch.Tensor) -> torch.Tensor:
         """probs [rows, V] -> ids [rows], from this request's stream."""
