@@ -199,4 +199,31 @@ struct DBF16 {
 
 static inline bool quantized(int32_t type) { return type != F32 && type != F16 && type != BF16; }
 
+// fn(F{}) with F the quantized format of `type`: the one place a type number becomes a format.
+template <class Fn>
+static void with_format(int32_t type, Fn&& fn) {
+  switch (type) {
+    case Q8_0: return fn(FQ8_0{});
+    case Q4_0: return fn(FQ4_0{});
+    case Q4_1: return fn(FQ4_1{});
+    case Q5_0: return fn(FQ5_0{});
+    case Q5_1: return fn(FQ5_1{});
+    case Q4_K: return fn(FQ4_K{});
+    case Q5_K: return fn(FQ5_K{});
+    case Q6_K: return fn(FQ6_K{});
+  }
+}
+
+// fn(R{}) with R the float reader of `type` in one vector width: the dense readers given, and
+// AsFloatT<F> for a quantized format F.
+template <template <class> class AsFloatT, class DenseF32, class DenseF16, class DenseBF16, class Fn>
+static void with_reader(int32_t type, Fn&& fn) {
+  switch (type) {
+    case F32: return fn(DenseF32{});
+    case F16: return fn(DenseF16{});
+    case BF16: return fn(DenseBF16{});
+    default: return with_format(type, [&](auto format) { fn(AsFloatT<decltype(format)>{}); });
+  }
+}
+
 }  // namespace vs

@@ -268,54 +268,23 @@ static void exact_columns(const Matrix& W, int n0, int n1, int M, const float* x
 // Columns [n0, n1) of W for all M rows; xq non-null selects the int8 kernels for quantized formats.
 static void matmul_columns(const Matrix& W, int n0, int n1, int M, const float* x, int64_t ldx,
                            const QuantRows* xq, float* y, int64_t ldy) {
-  if (xq != nullptr && quantized(W.type)) {
-    switch (W.type) {
-      case Q8_0: return columns_int8<FQ8_0>(W, n0, n1, M, *xq, y, ldy);
-      case Q4_0: return columns_int8<FQ4_0>(W, n0, n1, M, *xq, y, ldy);
-      case Q4_1: return columns_int8<FQ4_1>(W, n0, n1, M, *xq, y, ldy);
-      case Q5_0: return columns_int8<FQ5_0>(W, n0, n1, M, *xq, y, ldy);
-      case Q5_1: return columns_int8<FQ5_1>(W, n0, n1, M, *xq, y, ldy);
-      case Q4_K: return columns_int8<FQ4_K>(W, n0, n1, M, *xq, y, ldy);
-      case Q5_K: return columns_int8<FQ5_K>(W, n0, n1, M, *xq, y, ldy);
-      case Q6_K: return columns_int8<FQ6_K>(W, n0, n1, M, *xq, y, ldy);
-    }
-  }
+  if (xq != nullptr && quantized(W.type))
+    return with_format(W.type, [&](auto format) { columns_int8<decltype(format)>(W, n0, n1, M, *xq, y, ldy); });
   if (use_wide) return wide::exact_columns(W, n0, n1, M, x, ldx, y, ldy);
-  switch (W.type) {
-    case F32: return columns<DF32>(W, n0, n1, M, x, ldx, y, ldy);
-    case F16: return columns<DF16>(W, n0, n1, M, x, ldx, y, ldy);
-    case BF16: return columns<DBF16>(W, n0, n1, M, x, ldx, y, ldy);
-    case Q8_0: return columns<AsFloat<FQ8_0>>(W, n0, n1, M, x, ldx, y, ldy);
-    case Q4_0: return columns<AsFloat<FQ4_0>>(W, n0, n1, M, x, ldx, y, ldy);
-    case Q4_1: return columns<AsFloat<FQ4_1>>(W, n0, n1, M, x, ldx, y, ldy);
-    case Q5_0: return columns<AsFloat<FQ5_0>>(W, n0, n1, M, x, ldx, y, ldy);
-    case Q5_1: return columns<AsFloat<FQ5_1>>(W, n0, n1, M, x, ldx, y, ldy);
-    case Q4_K: return columns<AsFloat<FQ4_K>>(W, n0, n1, M, x, ldx, y, ldy);
-    case Q5_K: return columns<AsFloat<FQ5_K>>(W, n0, n1, M, x, ldx, y, ldy);
-    case Q6_K: return columns<AsFloat<FQ6_K>>(W, n0, n1, M, x, ldx, y, ldy);
-  }
+  with_reader<AsFloat, DF32, DF16, DBF16>(W.type,
+                                          [&](auto reader) { columns<decltype(reader)>(W, n0, n1, M, x, ldx, y, ldy); });
 }
 
 // Weights of one row as floats (an embedding lookup).
 static void decode_row(const Matrix& W, int row, float* out) {
   const uint8_t* p = W.data + row * W.row_bytes;
-  __m256 w[4];
-  for (int g = 0; g < W.cols / 32; g++) {
-    switch (W.type) {
-      case F32: DF32::decode(p, g, w); break;
-      case F16: DF16::decode(p, g, w); break;
-      case BF16: DBF16::decode(p, g, w); break;
-      case Q8_0: AsFloat<FQ8_0>::decode(p, g, w); break;
-      case Q4_0: AsFloat<FQ4_0>::decode(p, g, w); break;
-      case Q4_1: AsFloat<FQ4_1>::decode(p, g, w); break;
-      case Q5_0: AsFloat<FQ5_0>::decode(p, g, w); break;
-      case Q5_1: AsFloat<FQ5_1>::decode(p, g, w); break;
-      case Q4_K: AsFloat<FQ4_K>::decode(p, g, w); break;
-      case Q5_K: AsFloat<FQ5_K>::decode(p, g, w); break;
-      case Q6_K: AsFloat<FQ6_K>::decode(p, g, w); break;
+  with_reader<AsFloat, DF32, DF16, DBF16>(W.type, [&](auto reader) {
+    __m256 w[4];
+    for (int g = 0; g < W.cols / 32; g++) {
+      decltype(reader)::decode(p, g, w);
+      for (int j = 0; j < 4; j++) _mm256_storeu_ps(out + 32 * g + 8 * j, w[j]);
     }
-    for (int j = 0; j < 4; j++) _mm256_storeu_ps(out + 32 * g + 8 * j, w[j]);
-  }
+  });
 }
 
 // Several matrices over the same input side by side in y (q, k and v; gate and up): one parallel

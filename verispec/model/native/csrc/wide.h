@@ -160,19 +160,8 @@ static void columns(const Matrix& W, int n0, int n1, int M, const float* x, int6
 }
 
 static void exact_columns(const Matrix& W, int n0, int n1, int M, const float* x, int64_t ldx, float* y, int64_t ldy) {
-  switch (W.type) {
-    case F32: return wide::columns<DF32>(W, n0, n1, M, x, ldx, y, ldy);
-    case F16: return wide::columns<DF16>(W, n0, n1, M, x, ldx, y, ldy);
-    case BF16: return wide::columns<DBF16>(W, n0, n1, M, x, ldx, y, ldy);
-    case Q8_0: return wide::columns<AsFloat<FQ8_0>>(W, n0, n1, M, x, ldx, y, ldy);
-    case Q4_0: return wide::columns<AsFloat<FQ4_0>>(W, n0, n1, M, x, ldx, y, ldy);
-    case Q4_1: return wide::columns<AsFloat<FQ4_1>>(W, n0, n1, M, x, ldx, y, ldy);
-    case Q5_0: return wide::columns<AsFloat<FQ5_0>>(W, n0, n1, M, x, ldx, y, ldy);
-    case Q5_1: return wide::columns<AsFloat<FQ5_1>>(W, n0, n1, M, x, ldx, y, ldy);
-    case Q4_K: return wide::columns<AsFloat<FQ4_K>>(W, n0, n1, M, x, ldx, y, ldy);
-    case Q5_K: return wide::columns<AsFloat<FQ5_K>>(W, n0, n1, M, x, ldx, y, ldy);
-    case Q6_K: return wide::columns<AsFloat<FQ6_K>>(W, n0, n1, M, x, ldx, y, ldy);
-  }
+  with_reader<wide::AsFloat, wide::DF32, wide::DF16, wide::DBF16>(
+      W.type, [&](auto reader) { wide::columns<decltype(reader)>(W, n0, n1, M, x, ldx, y, ldy); });
 }
 
 }  // namespace wide
