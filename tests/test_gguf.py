@@ -9,14 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BACKENDS, backend_args, tiny_hf_model
+from conftest import EXACT_BACKENDS, backend_args, tiny_hf_model
 from quant import FORMATS, blocks
 from verispec.errors import ModelLoadError
 from verispec.model.gguf_file import GGUFModel
 from verispec.model.load import ModelSource, load_model
 from verispec.model.weights import Weight
 
-EXACT = [b for b in BACKENDS if not b.endswith("int8")]
 NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
          "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
          "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
@@ -99,7 +98,7 @@ def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-@pytest.mark.parametrize("backend", EXACT)
+@pytest.mark.parametrize("backend", EXACT_BACKENDS)
 @pytest.mark.parametrize("quant", FORMATS)
 def test_every_format_gives_the_logits_of_its_dequantized_model(tmp_path, quant, backend):
     """The file's weights as they are (native) or dequantized (torch) give transformers' logits of the

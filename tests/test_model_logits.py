@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import BACKENDS, backend_args
+from conftest import EXACT_BACKENDS, backend_args
 from verispec.model.load import ModelSource, load_model
 
 ARCHS = ["llama", "qwen2", "qwen3", "gemma3"]
 
 
-EXACT = [b for b in BACKENDS if not b.endswith("int8")]
 
 
 def ours_and_expected(hf_folder, architecture, n, seed, backend):
@@ -23,7 +22,7 @@ def ours_and_expected(hf_folder, architecture, n, seed, backend):
         return ours, ids, hf(ids[None]).logits[0]
 
 
-@pytest.mark.parametrize("backend", EXACT)
+@pytest.mark.parametrize("backend", EXACT_BACKENDS)
 @pytest.mark.parametrize("architecture", ARCHS)
 def test_logits_match_transformers(hf_folder, architecture, backend):
     ours, ids, expected = ours_and_expected(hf_folder, architecture, 40, 1, backend)
@@ -31,7 +30,7 @@ def test_logits_match_transformers(hf_folder, architecture, backend):
     assert (got - expected).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("backend", EXACT)
+@pytest.mark.parametrize("backend", EXACT_BACKENDS)
 @pytest.mark.parametrize("architecture", ARCHS)
 def test_incremental_decode_matches_transformers(hf_folder, architecture, backend):
     """Prefill then one token at a time (sliding windows included) equals one full pass of transformers."""

@@ -59,9 +59,8 @@ class LLM:
         self.tokenizer = load_tokenizer(self.source, hub.cache_dir())
         self.target = load_model(self.source, runtime.max_context, resolve_device(runtime.device), runtime.backend,
                                  runtime.activations)
-        if self.target.backend_name == "native":
-            native.set_threads(runtime.threads or native.lib().vs_threads())
-            native.ensure_threads()
+        if self.target.backend_name == "native" and runtime.threads:  # the backend took torch's count once
+            native.set_threads(runtime.threads)
         self.eos_ids = eos_ids(self.tokenizer, self.source)
         self.drafter_name = drafter or "none"
         self.engine = Engine(self.target, self.make_drafter(drafter))

@@ -66,12 +66,7 @@ class Weight:
 
     def dequantize(self) -> torch.Tensor:
         """fp32 [rows, cols], as gguf.quants computes it."""
-        if self.type == Q.F32:
-            values = self.data.view(np.float32)
-        elif self.type == Q.F16:
-            values = self.data.view(np.float16).astype(np.float32)
-        else:
-            values = dequantize(self.data, self.type)
+        values = dequantize(self.data, self.type)
         return torch.from_numpy(np.array(values, dtype=np.float32).reshape(self.rows, self.cols))
 
     def take_rows(self, order: np.ndarray) -> Weight:

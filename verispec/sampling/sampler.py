@@ -31,7 +31,7 @@ class Sampler:
 
     def greedy(self, logits: torch.Tensor, history: Sequence[int], drafts: Sequence[int] = ()) -> list[int]:
         """logits [rows, V] -> the id each row's greedy distribution (probs) puts all its mass on."""
-        x = self._processed(logits, history, drafts).float()
+        x = self._processed(logits, history, drafts)
         check_finite(x)
         return x.argmax(-1).tolist()
 

@@ -104,8 +104,9 @@ class NativeBackend:
         batch = Batch(rows=len(ids), segments=len(segments), token_ids=arrays[0].ctypes.data_as(i32),
                       positions=arrays[1].ctypes.data_as(i32), first_row=arrays[2].ctypes.data_as(i32),
                       k_cache=ctypes.cast(k, ctypes.POINTER(ctypes.c_void_p)),
-                      v_cache=ctypes.cast(v, ctypes.POINTER(ctypes.c_void_p)), stride=arrays[4].ctypes.data_as(i32), outputs=len(outputs),
-                      output_rows=arrays[3].ctypes.data_as(i32), logits=float_ptr(logits), int8=int(self.int8))
+                      v_cache=ctypes.cast(v, ctypes.POINTER(ctypes.c_void_p)), stride=arrays[4].ctypes.data_as(i32),
+                      outputs=len(outputs), output_rows=arrays[3].ctypes.data_as(i32), logits=float_ptr(logits),
+                      int8=int(self.int8))
         native.lib().vs_forward(ctypes.byref(self.model), ctypes.byref(batch))
         parts = iter(logits.split([seg.token_ids.shape[0] if seg.logits == "all" else 1
                                    for seg in segments if seg.logits != "none"]))
