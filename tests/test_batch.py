@@ -96,8 +96,21 @@ class Collector:
             self.done.set()
 
 
-def scheduler_for(llm, draft, **kwargs):
-    s = Scheduler(llm.target, lambda: DraftModelDrafter(draft), 3, lambda: None, **kwargs)
+class Paced(DraftModelDrafter):
+    """A draft model that takes at least 10 ms a proposal, so that a 1500-token request runs for
+    seconds on any machine (the native kernels write it in a fraction of the tests' waits)."""
+
+    def fork(self):
+        return Paced(self.model)
+
+    @staticmethod
+    def propose_many(jobs):
+        threading.Event().wait(0.01)
+        return DraftModelDrafter.propose_many(jobs)
+
+
+def scheduler_for(llm, draft, drafter=DraftModelDrafter, **kwargs):
+    s = Scheduler(llm.target, lambda: drafter(draft), 3, lambda: None, **kwargs)
     s.start()
     return s
 
@@ -126,7 +139,7 @@ def test_the_scheduler_serves_concurrent_requests_each_as_alone(draft_pair):
 
 def test_a_full_queue_refuses_and_a_cancelled_request_frees_its_slot(draft_pair):
     llm, draft = draft_pair
-    scheduler = scheduler_for(llm, draft, max_batch=1, max_queue=1)
+    scheduler = scheduler_for(llm, draft, Paced, max_batch=1, max_queue=1)
     try:
         long = SamplingParams(max_tokens=1500, ignore_eos=True)
         first, second = Collector(), Collector()
@@ -262,7 +275,7 @@ def test_free_slots_count_as_room_so_a_burst_is_not_refused_while_slots_are_free
 
 def test_drain_ends_what_is_still_open_after_its_timeout(draft_pair):
     llm, draft = draft_pair
-    scheduler = scheduler_for(llm, draft, max_batch=1)
+    scheduler = scheduler_for(llm, draft, Paced, max_batch=1)
     long = SamplingParams(max_tokens=1500, ignore_eos=True)
     running, queued = Collector(), Collector()
     scheduler.submit(Request(llm.encode("the"), long, llm.eos_ids, llm.engine.capacity), running)

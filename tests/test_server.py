@@ -522,7 +522,9 @@ def test_sigterm_finishes_in_flight_requests_then_exits(folder):
 
 
 def test_sigterm_ends_what_is_still_open_after_the_shutdown_timeout(folder):
-    s = Server(folder, "--api-key", KEY, "--max-concurrency", "2", "--shutdown-timeout", "1")
+    # the torch backend and a short timeout: two 2000-token requests take seconds there, so both
+    # are still open when the timeout ends them (the native kernels could finish them first)
+    s = Server(folder, "--api-key", KEY, "--max-concurrency", "2", "--shutdown-timeout", "0.3", "--backend", "torch")
     long = {"model": MODEL, "prompt": "the", "max_tokens": 2000, "ignore_eos": True}
     with ThreadPoolExecutor(1) as pool, s.http.stream("POST", "/v1/completions", json={**long, "stream": True}) as r:
         lines = r.iter_lines()
