@@ -45,12 +45,31 @@ def test_exact_matmul_matches_dequantize_then_matmul(weight):
         assert (got.double() - reference[:m]).abs().max() <= 1e-5 * reference.abs().max(), f"{m} rows"
 
 
-def test_int8_matmul_is_close_to_exact(weight):
-    """int8 quantizes activations per 32 (~0.4 % error each): close to exact, not equal (for F32, F16 and
-    BF16 weights the int8 mode computes exactly)."""
-    x = torch.randn(16, COLS, generator=torch.Generator().manual_seed(2))
-    exact, int8 = native.matmul(weight, x), native.matmul(weight, x, int8=True)
-    assert (int8 - exact).abs().max() <= 0.02 * exact.abs().max()
+def quantized_activations(x: torch.Tensor) -> torch.Tensor:
+    """x as the int8 kernels see it: per row and group of 32, d = max|x| / 127 and q = round(x / d)
+    (to nearest even, through x * (1 / d) in float32), back as d * q."""
+    g = x.reshape(x.shape[0], -1, 32)
+    d = g.abs().amax(-1, keepdim=True) / 127
+    q = torch.round(g * torch.where(d == 0, 0, 1 / d))
+    return (q.double() * d.double()).reshape(x.shape)
+
+
+@pytest.mark.parametrize("cols", [COLS, 480], ids=["even groups", "odd groups"])
+def test_int8_matmul_is_the_dot_of_the_weights_and_quantized_activations(weight, cols):
+    """Per group the kernels take an integer dot and scale it: in exact arithmetic that is
+    sum_k w_k * d q_k, so they equal it up to float32 rounding (a wrong scale or lane is far off).
+    F32, F16 and BF16 weights keep the activations as they are."""
+    if cols != COLS:
+        if weight.type.name.endswith("_K"):
+            pytest.skip("K formats need whole 256-weight blocks")
+        weight = random_weight(weight.type.name, ROWS, cols, seed=7)
+    x = torch.randn(20, cols, generator=torch.Generator().manual_seed(2))
+    seen = quantized_activations(x) if weight.type.name[0] == "Q" else x.double()
+    w = weight.dequantize().double()
+    reference, scale = seen @ w.T, seen.abs() @ w.abs().T
+    for m in (1, 2, 5, 16, 20):
+        got = native.matmul(weight, x[:m], int8=True).double()
+        assert ((got - reference[:m]).abs() <= 1e-5 * scale[:m]).all(), f"{m} rows"
 
 
 def rows_alone_equal_rows_together(weight, int8: bool) -> bool:

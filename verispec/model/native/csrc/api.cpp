@@ -7,6 +7,7 @@
 
 #include "matmul.h"
 #include "ops.h"
+#include "vnni.h"
 #include "wide.h"
 
 namespace vs {
@@ -171,10 +172,11 @@ VS_API void vs_decode_rows(const vs::Matrix* W, int first, int count, float* out
 
 VS_API void vs_plant_order_bug(int on) { vs::planted_order_bug = on; }
 
-// Use the 16-lane exact kernels (where the CPU has them); returns whether they are used now.
+// Use the 16-lane kernels (exact; int8 where the CPU has VNNI too); returns whether they are used now.
 VS_API int vs_set_wide(int on) {
   std::lock_guard<std::mutex> lock(vs::busy);
   vs::use_wide = on && vs::has_wide();
+  vs::use_vnni = on && vs::has_vnni();
   return vs::use_wide;
 }
 

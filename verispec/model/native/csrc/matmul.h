@@ -38,7 +38,28 @@ struct QuantRows {  // activations quantized for the int8 kernels: per row cols 
   std::vector<int8_t> q;
   std::vector<float> d, s;
   int cols = 0;
+  // the same in pairs of groups, for the VNNI kernels (vnni.h prepare)
+  std::vector<int8_t> qp;
+  std::vector<int32_t> start;
+  std::vector<float> dv, sv;
+  int pairs = 0;
 };
+
+// The 16-lane kernels (wide.h: exact; vnni.h: int8), used where the CPU has AVX-512 (and VNNI)
+// unless vs_set_wide(0) said not.
+static bool has_wide() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+}
+static bool has_vnni() { return has_wide() && __builtin_cpu_supports("avx512vnni"); }
+static bool use_wide = has_wide(), use_vnni = has_vnni();
+namespace wide {
+static void exact_columns(const Matrix& W, int n0, int n1, int M, const float* x, int64_t ldx, float* y, int64_t ldy);
+}
+namespace vnni {
+static void prepare(QuantRows& x);
+static void int8_columns(const Matrix& W, int n0, int n1, int M, const QuantRows& x, float* y, int64_t ldy);
+}
 
 // The rows of the next tile, asked for while this one computes: a decode step reads every weight once,
 // from memory, and a tile's compute is about as long as memory's latency.
@@ -199,6 +220,7 @@ static void quantize_rows(const float* x, int M, int64_t ldx, int K, QuantRows& 
       out.d[m * G + g] = d;
       out.s[m * G + g] = d * static_cast<float>(_mm_cvtsi128_si32(s4));
     }
+  if (use_vnni) vnni::prepare(out);
 }
 
 template <class F, int R, int C>
@@ -255,19 +277,10 @@ static void columns_int8(const Matrix& W, int n0, int n1, int M, const QuantRows
 
 // --- dispatch --------------------------------------------------------------------------------------
 
-// The 16-lane exact kernels (wide.h), used where the CPU has AVX-512 unless vs_set_wide(0) said not.
-static bool has_wide() {
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-}
-static bool use_wide = has_wide();
-namespace wide {
-static void exact_columns(const Matrix& W, int n0, int n1, int M, const float* x, int64_t ldx, float* y, int64_t ldy);
-}
-
 // Columns [n0, n1) of W for all M rows; xq non-null selects the int8 kernels for quantized formats.
 static void matmul_columns(const Matrix& W, int n0, int n1, int M, const float* x, int64_t ldx,
                            const QuantRows* xq, float* y, int64_t ldy) {
+  if (xq != nullptr && quantized(W.type) && use_vnni) return vnni::int8_columns(W, n0, n1, M, *xq, y, ldy);
   if (xq != nullptr && quantized(W.type))
     return with_format(W.type, [&](auto format) { columns_int8<decltype(format)>(W, n0, n1, M, *xq, y, ldy); });
   if (use_wide) return wide::exact_columns(W, n0, n1, M, x, ldx, y, ldy);
