@@ -189,3 +189,55 @@ def test_rows_that_are_not_whole_blocks_or_bytes_are_refused_naming_the_tensor()
         Weight.of("blk.0.attn_q.weight", np.zeros(2 * 51, np.uint8), gguf.GGMLQuantizationType.Q8_0, rows=2, cols=48)
     with pytest.raises(ModelLoadError, match="'output.weight': 60 bytes where a 2 x 32 Q8_0 tensor has 68"):
         Weight.of("output.weight", np.zeros(60, np.uint8), gguf.GGMLQuantizationType.Q8_0, rows=2, cols=32)
+
+
+def header_of_the_gguf_package(path: Path) -> tuple[dict, list]:
+    """gguf.GGUFReader's view of a file in gguf_header's terms: scalars and strings as they are,
+    numeric arrays as lists, string arrays as their length."""
+    reader = gguf.GGUFReader(path)
+    fields = {}
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF."):  # the reader's own entries for the header's counts
+            continue
+        array = f.types[0] == gguf.GGUFValueType.ARRAY
+        strings = array and f.types[-1] == gguf.GGUFValueType.STRING
+        fields[key] = len(f.data) if strings else list(f.contents()) if array else f.contents()
+    tensors = [(t.name, tuple(int(d) for d in t.shape), t.tensor_type, bytes(t.data.view(np.uint8).reshape(-1)))
+               for t in reader.tensors]
+    return fields, tensors
+
+
+def header_of_ours(path: Path) -> tuple[dict, list]:
+    from verispec.model.gguf_header import Strings, read_header
+
+    fields, tensors = read_header(path)
+    fields = {k: v.count if isinstance(v, Strings) else list(v) if isinstance(v, np.ndarray) else v
+              for k, v in fields.items()}
+    return fields, [(t.name, t.dims, t.type, bytes(t.data)) for t in tensors]
+
+
+@pytest.mark.parametrize("quant", ["F32", "Q4_1", "Q8_0"])
+def test_the_header_reader_reads_what_the_gguf_package_reads(tmp_path, quant):
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
+    w.add_uint32("test.count", 7)
+    w.add_array("test.numbers", [1, 2, 3])
+    w.add_array("test.words", ["a", "bc", "déf"])
+    w.add_float32("test.real", 0.25)
+    w.add_bool("test.flag", True)
+    _finish(w)
+    path = write_gguf(tmp_path / f"{quant}.gguf", tiny_hf_model("llama"), quant)
+    for p in (tmp_path / "m.gguf", path):
+        assert header_of_ours(p) == header_of_the_gguf_package(p)
+
+
+def test_the_header_reader_reads_the_built_in_models_as_the_gguf_package_does():
+    from verispec import hub
+
+    paths = [hub.model_path(name) for name in hub.BUILTINS if hub.is_fetched(name)]
+    if not paths:
+        pytest.skip("no built-in model is cached")
+    for path in paths:
+        ours, theirs = header_of_ours(path), header_of_the_gguf_package(path)
+        assert ours[0] == theirs[0]
+        assert [t[:3] for t in ours[1]] == [t[:3] for t in theirs[1]]
+        assert all(a[3][:4096] == b[3][:4096] for a, b in zip(ours[1], theirs[1])), "the same bytes"

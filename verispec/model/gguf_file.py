@@ -1,5 +1,5 @@
-"""GGUF files through the `gguf` package: metadata -> ModelConfig; matrices kept in their blocks (a
-memory map of the file), vectors as fp32."""
+"""GGUF files: metadata -> ModelConfig; matrices kept in their blocks (a memory map of the file),
+vectors as fp32 (gguf.quants dequantizes them)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from verispec.errors import ModelLoadError
 from verispec.model.config import ARCHITECTURES, ModelConfig, RopeScaling
+from verispec.model.gguf_header import Tensor, read_header
 from verispec.model.weights import Weight
 
 # Quant types the loader accepts: those of the built-in models and the common ones.
@@ -37,17 +38,16 @@ class GGUFModel:
 
     def __init__(self, path: Path) -> None:
         try:
-            self.reader = GGUFReader(path)
+            self.fields, self.tensors = read_header(path)
         except FileNotFoundError:
             raise ModelLoadError(f"GGUF file {path} does not exist") from None
-        except Exception as e:  # the gguf package raises ValueError/IndexError/struct errors on bad files
+        except ValueError as e:  # GGUFFormatError, or a file too short to map
             raise ModelLoadError(f"{path} is not a readable GGUF file (truncated or corrupt?): {e}") from None
         self.path = path
         self.arch = str(self.field("general.architecture"))
 
     def field(self, key: str, default: Any = None) -> Any:
-        f = self.reader.fields.get(key)
-        return default if f is None else f.contents()
+        return self.fields.get(key, default)
 
     def config(self) -> ModelConfig:
         a = self.arch
@@ -58,8 +58,8 @@ class GGUFModel:
         hidden = self.field(f"{a}.embedding_length")
         heads = self.field(f"{a}.attention.head_count")
         layers = self.field(f"{a}.block_count")
-        names = {t.name for t in self.reader.tensors}
-        embed = next(t for t in self.reader.tensors if t.name == "token_embd.weight")
+        names = {t.name for t in self.tensors}
+        embed = next(t for t in self.tensors if t.name == "token_embd.weight")
         window = self.field(f"{a}.attention.sliding_window") if a == "gemma3" else None
         scaling_kind = self.field(f"{a}.rope.scaling.type")
         scaling = None
@@ -69,7 +69,7 @@ class GGUFModel:
             raise ModelLoadError(f"{self.path}: rope scaling {scaling_kind!r} is not supported; supported: linear")
         return ModelConfig(
             architecture=a,
-            vocab_size=int(embed.shape[1]),
+            vocab_size=int(embed.dims[1]),
             hidden_size=hidden,
             intermediate_size=self.field(f"{a}.feed_forward_length"),
             num_layers=layers,
@@ -91,7 +91,7 @@ class GGUFModel:
         )
 
     def weights(self, config: ModelConfig) -> dict[str, Weight | torch.Tensor]:
-        tensors = {t.name: t for t in self.reader.tensors}
+        tensors = {t.name: t for t in self.tensors}
         w = {"embed": self._tensor(tensors, "token_embd.weight"), "final_norm": self._tensor(tensors, "output_norm.weight")}
         if "output.weight" in tensors:
             w["lm_head"] = self._tensor(tensors, "output.weight")
@@ -107,20 +107,20 @@ class GGUFModel:
                 w[f"layers.{i}.k"] = _unpermute(w[f"layers.{i}.k"], config.num_kv_heads)
         return w
 
-    def _tensor(self, tensors: dict[str, Any], name: str) -> Weight | torch.Tensor:
+    def _tensor(self, tensors: dict[str, Tensor], name: str) -> Weight | torch.Tensor:
         t = tensors.get(name)
         if t is None:
             raise ModelLoadError(f"{self.path}: tensor {name!r} is missing")
-        if t.tensor_type not in SUPPORTED_QUANTS:
+        if t.type not in SUPPORTED_QUANTS:
             raise ModelLoadError(
-                f"{self.path}: tensor {name!r} has quant type {t.tensor_type.name}, which is not supported; "
+                f"{self.path}: tensor {name!r} has quant type {t.type.name}, which is not supported; "
                 f"supported: {', '.join(sorted(q.name for q in SUPPORTED_QUANTS))}"
             )
-        dims = [int(d) for d in t.shape]  # GGUF lists dimensions innermost first
+        dims = t.dims  # innermost first
         if len(dims) == 2:
-            return Weight.of(f"{self.path.name}: {name}", t.data, t.tensor_type, rows=dims[1], cols=dims[0])
+            return Weight.of(f"{self.path.name}: {name}", t.data, t.type, rows=dims[1], cols=dims[0])
         try:
-            data = dequantize(t.data, t.tensor_type)
+            data = dequantize(t.data, t.type)
         except Exception as e:
             raise ModelLoadError(f"{self.path}: tensor {name!r} cannot be dequantized (corrupt file?): {e}") from None
         return torch.from_numpy(np.array(data, dtype=np.float32).reshape(tuple(reversed(dims))))  # a writable copy
