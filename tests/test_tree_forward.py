@@ -37,10 +37,13 @@ def prefilled(model, history):
 def chain_logits(model, history, tokens):
     """Each node's row when its path (root included) is verified as a chain after `history`."""
     rows = [None] * len(tokens)
-    for node in range(len(tokens)):
-        path = [0] + tree.path(PARENTS, node)
+    leaves = [node for node, below in enumerate(tree.children(PARENTS)) if not below]
+    for leaf in leaves:  # a leaf's chain gives the rows of every node on its path
+        path = [0] + tree.path(PARENTS, leaf)
         cache = prefilled(model, history)
-        rows[node] = model.forward(tokens[path], torch.arange(len(history), len(history) + len(path)), cache)[-1]
+        logits = model.forward(tokens[path], torch.arange(len(history), len(history) + len(path)), cache)
+        for node, row in zip(path, logits):
+            rows[node] = row
     return torch.stack(rows)
 
 
@@ -101,3 +104,19 @@ def test_parents_that_do_not_precede_their_children_are_refused(model):
 
     with pytest.raises(DraftProposalError, match=r"parents\[1\] = 2"):
         model.forward_many([Segment(torch.tensor([1, 2, 3]), model.new_cache(), "all", [0, 2])])
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_on_the_real_model_a_nodes_logits_equal_its_path_as_a_chain_bitwise(backend):
+    from conftest import backend_args
+    from verispec import hub
+
+    if not hub.is_fetched("smollm2-135m-instruct"):
+        pytest.skip("run `verispec models fetch smollm2-135m-instruct`")
+    real = load_model(hub.resolve("smollm2-135m-instruct"), 256, torch.device("cpu"), *backend_args(backend))
+    gen = torch.Generator().manual_seed(4)
+    history = torch.randint(0, 49152, (60,), generator=gen)  # the tree crosses the first attention block
+    tokens = torch.randint(0, 49152, (len(PARENTS) + 1,), generator=gen)
+    got = real.forward_many([Segment(tokens, prefilled(real, history), "all", PARENTS)])[0]
+    assert torch.equal(got, chain_logits(real, history, tokens))
