@@ -54,7 +54,8 @@ class Drafter(Protocol):
         DraftProposal.fed): the whole context for a cold draft model, 0 for n-gram lookup."""
 
     def observe(self, num_accepted: int) -> None:
-        """How many of the last proposal's tokens the target kept (a drafter rolls back its own state)."""
+        """How many of the last proposal's tokens the target kept (a drafter rolls back its own state);
+        for a tree, the depth of the kept path (its tokens are those committed next)."""
 
     def fork(self) -> Drafter:
         """A fresh drafter of the same kind and settings for another sequence (weights shared)."""
