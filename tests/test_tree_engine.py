@@ -128,6 +128,21 @@ def test_a_batch_of_trees_chains_and_prefill_gives_each_what_it_gets_alone(llm):
     assert expected[0] == plain(llm, prompts[0])
 
 
+def test_replay_runs_the_tree_cycles_the_engine_runs(llm):
+    from verispec.benchmark.replay import replay
+    from verispec.engine.cost import CostModel, VerifyCurve
+
+    prompt = llm.encode("the quick brown fox jumps over")
+    want = plain(llm, prompt)
+    engine = Engine(llm.target, OracleTree(prompt + want, llm.target.config.vocab_size), 18)
+    request = Request(prompt, GREEDY, llm.eos_ids, engine.capacity)
+    stats = engine.run(request)
+    model = CostModel(VerifyCurve(tuple(10.0 + i for i in range(20))), draft_ms=0.5)
+    replayed = replay(OracleTree(prompt + want, llm.target.config.vocab_size), request.sampler, prompt, want, 18,
+                      model)
+    assert (len(replayed.taus), replayed.drafted, replayed.accepted) == (stats.cycles, stats.drafted, stats.accepted)
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(token_ids=[1, 2], parents=[0, 2]), r"parents\[1\] = 2"),
     (dict(token_ids=[1, 2], parents=[0]), "1 parents for 2 draft nodes"),
