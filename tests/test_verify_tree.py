@@ -166,3 +166,26 @@ def test_negative_controls_fail_the_same_test(monkeypatch, bug):
         monkeypatch.setattr(verify_module, "_normalised", lambda weights: weights)
         counts = law("sampled")
     assert pvalue(counts) < 1e-10
+
+
+# --- the target rows of a tree ------------------------------------------------------------------------
+
+def test_a_tree_rows_penalties_and_min_tokens_see_its_own_path():
+    """Row j of a tree is processed as a row whose history is the output plus the drafts on j's path."""
+    from verispec.config import SamplingParams
+    from verispec.sampling import Sampler
+
+    params = SamplingParams(temperature=0.8, repetition_penalty=1.4, frequency_penalty=0.3, presence_penalty=0.2,
+                            min_tokens=4)
+    sampler = Sampler(params, [1, 2], stop_ids=[3])
+    g = torch.Generator().manual_seed(5)
+    parents = [0, 0, 1, 1, 3, 2]
+    drafts = [3, 5, 5, 2, 3, 7]
+    history = [5, 1]
+    logits = torch.randn(len(parents) + 1, 8, generator=g)
+    got = sampler.probs(logits, history, drafts, parents)
+    for j in range(len(parents) + 1):
+        path = [drafts[node - 1] for node in tree.path(parents, j)]
+        assert torch.equal(got[j], sampler.probs(logits[j: j + 1], history + path)[0]), f"row {j}"
+    chain = sampler.probs(logits, history, drafts)
+    assert torch.equal(chain, sampler.probs(logits, history, drafts, tree.chain(len(drafts))))
