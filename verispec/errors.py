@@ -28,3 +28,8 @@ class TokenizerMismatchError(InvalidInputError):
 
 class NumericsError(VerispecError):
     """Logits or probabilities became NaN or infinite: no token is emitted from them."""
+
+
+class DraftProposalError(VerispecError, ValueError):
+    """A drafter proposed something malformed (a tree whose parents do not precede their children,
+    probabilities of the wrong shape): a bug in the drafter, refused before the target runs."""

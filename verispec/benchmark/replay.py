@@ -2,7 +2,7 @@
 
 Greedy speculation commits the target's own tokens whatever τ is, so once the target's output for a
 prompt is known, the cycles any τ policy would run follow without the target: the drafter proposes
-after the committed tokens, the accepted drafts are the longest prefix that matches the output, and
+after the committed tokens, the accepted drafts are the longest prefix (a tree's path) that matches the output, and
 the cycle costs drafted·d + fed·g + T(drafted + 1). Priced by one verify curve, a fixed τ and the controller are
 compared without the machine's timing noise, which on a shared CPU is larger than the 5 % the
 controller is judged by. `noise` perturbs the timings the controller sees (not the price) to show
@@ -15,10 +15,11 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from verispec import tree
 from verispec.drafters.base import DraftProposal, Drafter
 from verispec.engine.controller import Controller
 from verispec.engine.cost import CostModel
-from verispec.sampling import Sampler
+from verispec.sampling import Sampler, verify_tree_greedy
 
 
 @dataclass(frozen=True)
@@ -46,21 +47,21 @@ def replay(drafter: Drafter, sampler: Sampler, prompt_ids: Sequence[int], output
         tau = (policy.choose(drafter.backlog(context), len(output_ids) - done) if isinstance(policy, Controller)
                else policy)
         k = min(tau, len(output_ids) - done - 1)  # as the engine: never draft past max_tokens
-        proposal = drafter.propose(context, k) if k > 0 else DraftProposal([])
-        drafts = proposal.token_ids[:k]
-        accepted = 0
-        while accepted < len(drafts) and drafts[accepted] == output_ids[done + accepted]:
-            accepted += 1
+        proposal = (drafter.propose(context, k) if k > 0 else DraftProposal([])).head(k)
+        drafts, parents = proposal.token_ids, proposal.parents or tree.chain(len(proposal.token_ids))
+        # the greedy target chooses output_ids: after a node of depth d, output_ids[done + d]
+        path, _ = verify_tree_greedy(drafts, parents, [output_ids[done + d] for d in tree.depths(parents)])
+        accepted, positions = len(path), max(tree.depths(parents))  # positions: the engine's `drafted`
         if drafts:
             drafter.observe(accepted)
         draft_ms = len(drafts) * model.draft_ms + proposal.fed * model.feed_ms
         verify_ms = model.curve(len(drafts) + 1)
         if isinstance(policy, Controller):
-            policy.observe(tau, len(drafts), accepted, draft_ms, verify_ms * max(0.1, 1 + rng.gauss(0, noise)),
+            policy.observe(tau, positions, accepted, draft_ms, verify_ms * max(0.1, 1 + rng.gauss(0, noise)),
                            proposal.fed)
         ms += draft_ms + verify_ms
         context += output_ids[done: done + accepted + 1]
         done += accepted + 1
         taus.append(tau)
-        drafted, kept = drafted + len(drafts), kept + accepted
+        drafted, kept = drafted + positions, kept + accepted
     return Replayed(len(output_ids), ms, tuple(taus), drafted, kept)

@@ -8,6 +8,8 @@ from typing import Protocol
 
 import torch
 
+from verispec import tree
+from verispec.errors import DraftProposalError
 from verispec.sampling import Sampler
 
 
@@ -17,11 +19,30 @@ class DraftProposal:
     (a point mass: the verifier treats each draft as proposed with probability 1); fed, the tokens
     the drafter had to take in before drafting (a draft model's cache catching up on the context:
     the whole prompt first, then the tokens committed since its last proposal), whose cost the
-    controller learns apart from the cost per draft."""
+    controller learns apart from the cost per draft.
+
+    parents [k] or None (a chain): a tree (verispec/tree.py), parents[i] the parent of draft node
+    i + 1, 0 the root (the last committed token). In a sampled tree probs row i is the q node i + 1
+    was drawn from, the same for siblings; deterministic children (n-gram, suffix, top-k) come with
+    probs None."""
 
     token_ids: list[int]
     probs: torch.Tensor | None = None
     fed: int = 0
+    parents: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        k = len(self.token_ids)
+        if self.parents is not None:
+            tree.check(self.parents, k)
+        if self.probs is not None and (self.probs.dim() != 2 or self.probs.shape[0] != k):
+            raise DraftProposalError(f"probs of shape {tuple(self.probs.shape)} for {k} drafts: one row of "
+                                     f"[{k}, vocab] per draft")
+
+    def head(self, k: int) -> DraftProposal:
+        """The first k nodes (a tree stays a tree: parents precede their children)."""
+        return DraftProposal(self.token_ids[:k], None if self.probs is None else self.probs[:k], self.fed,
+                             None if self.parents is None else self.parents[:k])
 
 
 class Drafter(Protocol):
@@ -33,7 +54,8 @@ class Drafter(Protocol):
         DraftProposal.fed): the whole context for a cold draft model, 0 for n-gram lookup."""
 
     def observe(self, num_accepted: int) -> None:
-        """How many of the last proposal's tokens the target kept (a drafter rolls back its own state)."""
+        """How many of the last proposal's tokens the target kept (a drafter rolls back its own state);
+        for a tree, the depth of the kept path (its tokens are those committed next)."""
 
     def fork(self) -> Drafter:
         """A fresh drafter of the same kind and settings for another sequence (weights shared)."""

@@ -3,12 +3,14 @@
 A sequence's cache holds every committed token but the last one (`pending`). A step, for all the
 sequences of a batch at once:
 1. prompts not yet in their cache take a chunk of it (prefill joins the batch, within a budget);
-2. each decoding sequence's drafter proposes up to τ tokens after its committed sequence;
+2. each decoding sequence's drafter proposes up to τ tokens after its committed sequence, a chain or
+   a tree (τ nodes; verispec/tree.py);
 3. the target runs each sequence's [pending] + drafts in ONE forward (`forward_many`): row i is the
-   sequence's distribution after draft i;
-4. per sequence, the verifier keeps the longest accepted prefix and adds the recovered or bonus
-   token; the request commits them (stop rules apply inside the chunk); the cache rolls back to
-   pending + accepted drafts; the emitted token becomes the new pending.
+   sequence's distribution after draft i (in a tree, after the path to node i);
+4. per sequence, the verifier keeps the longest accepted prefix (in a tree, path) and adds the
+   recovered or bonus token; the request commits them (stop rules apply inside the chunk); the cache
+   rolls back to pending + accepted drafts (a tree's path first moves into place); the emitted token
+   becomes the new pending.
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from verispec.drafters.base import Drafter, propose_all
+from verispec import tree
+from verispec.drafters.base import DraftProposal, Drafter, propose_all
 from verispec.engine.controller import Controller
 from verispec.engine.request import Request
 from verispec.engine.trace import TraceWriter
 from verispec.model.cache import KVCache
 from verispec.model.transformer import Segment, Transformer
-from verispec.sampling.rejection import verify, verify_greedy
+from verispec.sampling.rejection import uniforms_for, verify, verify_greedy, verify_tree, verify_tree_greedy
 from verispec.types import Stats
 
 
@@ -64,13 +67,15 @@ class Sequence:
 
 @dataclass
 class Cycle:
-    """What one step did for one decoding sequence; `tokens` are those the request kept."""
+    """What one step did for one decoding sequence; `tokens` are those the request kept. drafted: draft
+    positions (a tree's depth); nodes: draft tokens the forward verified (a chain's drafted)."""
 
     sequence: Sequence
     tau: int
     drafted: int
     accepted: int
     tokens: list[int]
+    nodes: int
 
 
 def step(target: Transformer, sequences: Seq[Sequence], prefill_budget: int | None = None) -> list[Cycle]:
@@ -94,37 +99,56 @@ def step(target: Transformer, sequences: Seq[Sequence], prefill_budget: int | No
     # 2. drafts
     contexts = [seq.request.all_ids for seq in decoding]  # built once: the controller and drafter both read it
     taus = [seq.choose_tau(context) for seq, context in zip(decoding, contexts)]
-    drafts, draft_probs, fed = _draft(decoding, taus, contexts)
+    proposals = _draft(decoding, taus, contexts)
     t1 = time.perf_counter()
     # 3. one forward: prefill chunks and [pending] + drafts of every decoding sequence
-    verifying = [Segment(torch.tensor([seq.request.last_id] + d, device=device), seq.cache)
-                 for seq, d in zip(decoding, drafts)]
+    verifying = [Segment(torch.tensor([seq.request.last_id] + p.token_ids, device=device), seq.cache, "all", p.parents)
+                 for seq, p in zip(decoding, proposals)]
     bases = [seq.cache.length for seq in decoding]
     logits = target.forward_many(prefill + verifying)[len(prefill):]
     # 4. accept, roll back, commit
     results = []
-    for seq, d, q, rows, base in zip(decoding, drafts, draft_probs, logits, bases):
-        sampler = seq.request.sampler
-        if sampler.params.greedy:  # point masses: no [k + 1, V] rows to build (a tenth of a plain step)
-            accepted, tokens = verify_greedy(d, sampler.greedy(rows, seq.request.output_ids, d))
+    for seq, proposal, rows, base in zip(decoding, proposals, logits, bases):
+        if proposal.parents is None:
+            accepted, tokens = _verify_chain(seq, proposal, rows)
+            seq.cache.truncate(base + 1 + accepted)
         else:
-            target_probs = sampler.probs(rows, seq.request.output_ids, d)  # [k + 1, V]
-            accepted, tokens = verify(torch.tensor(d, dtype=torch.long), q, target_probs, sampler.generator)
-        seq.cache.truncate(base + 1 + accepted)
+            path, tokens = _verify_tree(seq, proposal, rows)
+            seq.cache.keep(base, [0] + path)
+            accepted = len(path)
         results.append((accepted, tokens))
     t2 = time.perf_counter()
     for seq in filling:
         seq.request.stats.prefill_s += t2 - t0
         seq.request.stats.target_forwards += 1
-    return [_commit(seq, tau, d, n, accepted, tokens, t0, t1, t2)
-            for seq, tau, d, n, (accepted, tokens) in zip(decoding, taus, drafts, fed, results)]
+    return [_commit(seq, tau, proposal, accepted, tokens, t0, t1, t2)
+            for seq, tau, proposal, (accepted, tokens) in zip(decoding, taus, proposals, results)]
 
 
-def _draft(sequences: list[Sequence], taus: list[int], contexts: list[list[int]]
-           ) -> tuple[list[list[int]], list[torch.Tensor | None], list[int]]:
-    """Drafts, their distributions and the tokens each drafter took in first. Never draft past
-    max_tokens or the context: a cycle commits at most k + 1 tokens and the forward writes k + 1
-    cache positions."""
+def _verify_chain(seq: Sequence, proposal: DraftProposal, rows: torch.Tensor) -> tuple[int, list[int]]:
+    """rows [k + 1, V] -> (drafts accepted, the tokens to commit)."""
+    d, sampler, history = proposal.token_ids, seq.request.sampler, seq.request.output_ids
+    if sampler.params.greedy:  # point masses: no [k + 1, V] rows to build (a tenth of a plain step)
+        return verify_greedy(d, sampler.greedy(rows, history, d))
+    target_probs = sampler.probs(rows, history, d)  # [k + 1, V]
+    return verify(torch.tensor(d, dtype=torch.long), proposal.probs, target_probs, sampler.generator)
+
+
+def _verify_tree(seq: Sequence, proposal: DraftProposal, rows: torch.Tensor) -> tuple[list[int], list[int]]:
+    """rows [n + 1, V], the root's first -> (the accepted path's nodes, the tokens to commit)."""
+    d, parents = proposal.token_ids, proposal.parents
+    sampler, history = seq.request.sampler, seq.request.output_ids
+    if sampler.params.greedy:
+        return verify_tree_greedy(d, parents, sampler.greedy(rows, history, d, parents))
+    target_probs = sampler.probs(rows, history, d, parents)  # [n + 1, V]
+    uniforms = uniforms_for(1, len(d), sampler.generator, target_probs.device)[0].tolist()
+    return verify_tree(d, parents, proposal.probs, target_probs, uniforms)
+
+
+def _draft(sequences: list[Sequence], taus: list[int], contexts: list[list[int]]) -> list[DraftProposal]:
+    """Each sequence's proposal, cut to its k (a tree to its first k nodes; one whose parents form a
+    chain is read as the chain). Never draft past max_tokens or the context: a cycle commits at most
+    k + 1 tokens and the forward writes k + 1 cache positions."""
     jobs, owners = [], []
     for idx, (seq, tau, context) in enumerate(zip(sequences, taus, contexts)):
         request = seq.request
@@ -133,37 +157,41 @@ def _draft(sequences: list[Sequence], taus: list[int], contexts: list[list[int]]
         if k > 0 and seq.drafter is not None:
             jobs.append((seq.drafter, context, k))
             owners.append(idx)
-    drafts: list[list[int]] = [[] for _ in sequences]
-    probs: list[torch.Tensor | None] = [None] * len(sequences)
-    fed = [0] * len(sequences)
+    proposals = [DraftProposal([]) for _ in sequences]
     for idx, (_, _, k), proposal in zip(owners, jobs, propose_all(jobs)):
-        drafts[idx] = proposal.token_ids[:k]
-        probs[idx] = None if proposal.probs is None else proposal.probs[: len(drafts[idx])]
-        fed[idx] = proposal.fed
-    return drafts, probs, fed
+        proposal = proposal.head(k)
+        proposals[idx] = proposal if not tree.is_chain(proposal.parents) else DraftProposal(
+            proposal.token_ids, proposal.probs, proposal.fed)
+    return proposals
 
 
-def _commit(seq: Sequence, tau: int, drafts: list[int], fed: int, accepted: int, tokens: list[int],
+def _commit(seq: Sequence, tau: int, proposal: DraftProposal, accepted: int, tokens: list[int],
             t0: float, t1: float, t2: float) -> Cycle:
+    """drafted: the draft positions (a tree's depth), so that per-position acceptance and the
+    controller read a tree as the chain of its accepted path; a tree's node count goes to the trace."""
     request, stats = seq.request, seq.request.stats
+    nodes, fed = len(proposal.token_ids), proposal.fed
+    drafted = nodes if proposal.parents is None else max(tree.depths(proposal.parents))
     if seq._decode_start is None:
         seq._decode_start = t0
-    if drafts:
+    if nodes:
         seq.drafter.observe(accepted)
     kept = tokens[: request.commit(tokens)]
     stats.draft_s += t1 - t0
     stats.verify_s += t2 - t1
     stats.target_forwards += 1
-    stats.record_cycle(len(drafts), accepted)
+    stats.record_cycle(drafted, accepted)
     if seq.controller is not None:
-        seq.controller.observe(tau, len(drafts), accepted, (t1 - t0) * 1e3, (t2 - t1) * 1e3, fed)
+        seq.controller.observe(tau, drafted, accepted, (t1 - t0) * 1e3, (t2 - t1) * 1e3, fed)
     if seq.trace is not None:
         extra = {"controller": seq.controller.last} if seq.controller is not None else {}
-        seq.trace.cycle(tau=tau, drafted=len(drafts), accepted=accepted, fed=fed, draft_ms_per_cycle=(t1 - t0) * 1e3,
+        if proposal.parents is not None:
+            extra["nodes"] = nodes
+        seq.trace.cycle(tau=tau, drafted=drafted, accepted=accepted, fed=fed, draft_ms_per_cycle=(t1 - t0) * 1e3,
                         verify_ms_per_cycle=(t2 - t1) * 1e3, tokens=kept, **extra)
     stats.decode_s = time.perf_counter() - seq._decode_start
     stats.completion_tokens = len(request.output_ids)
-    return Cycle(seq, tau, len(drafts), accepted, kept)
+    return Cycle(seq, tau, drafted, accepted, kept, nodes)
 
 
 class Engine:

@@ -36,6 +36,18 @@ class KVCache:
             raise ValueError(f"truncate({length}) outside [0, {self.length}]")
         self.length = length
 
+    def keep(self, start: int, rows: list[int]) -> None:
+        """After a draft tree's forward, keep its path: the entries at slots start + rows[i] (rows
+        increasing, rows[0] = 0 the root) move to start + i in every layer, and the cache ends there,
+        so it holds what a chain of the kept tokens would have written and rollback stays a length change."""
+        if rows != sorted(set(rows)) or not rows or rows[0] != 0 or start + rows[-1] >= self.length:
+            raise ValueError(f"keep({start}, {rows}): rows must rise from 0 and lie below {self.length - start}")
+        if rows[-1] != len(rows) - 1:  # a chain is already in place
+            src = torch.tensor(rows, device=self.k.device) + start
+            for t in (self.k, self.v):
+                t[:, :, start: start + len(rows)] = t[:, :, src]  # the gather copies before the write
+        self.truncate(start + len(rows))
+
     def reserve(self, num_new: int) -> None:
         if self.length + num_new > self.capacity:
             raise ContextOverflowError(

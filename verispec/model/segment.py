@@ -7,6 +7,7 @@ from typing import Literal
 
 import torch
 
+from verispec import tree
 from verispec.model.cache import KVCache
 
 
@@ -16,8 +17,19 @@ class Segment:
 
     logits: which rows to return, "all" (verify), "last" (the end of a draft model's feed) or
     "none" (a prefill chunk).
+
+    parents: None (a chain: row j at position cache.length + j) or a tree over the rows (verispec/tree.py,
+    row 0 the root, parents[j - 1] row j's parent): row j sees the cache, its ancestors and itself, at
+    position cache.length + its depth, so its logits are those of its path verified as a chain. Its key
+    and value still go to slot cache.length + j; the caller moves the kept path into place.
     """
 
     token_ids: torch.Tensor  # [n]
     cache: KVCache
     logits: Literal["all", "last", "none"] = "all"
+    parents: list[int] | None = None  # [n - 1]
+
+    def positions(self) -> list[int]:
+        """[n]: each row's position (its RoPE angle; the length of the chain it ends)."""
+        start, n = self.cache.length, self.token_ids.shape[0]
+        return list(range(start, start + n)) if self.parents is None else [start + d for d in tree.depths(self.parents)]

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from verispec import tree
 from verispec.model import kernels
 from verispec.model.config import ModelConfig
 from verispec.model.segment import Segment
@@ -90,13 +91,17 @@ class TorchBackend:
         c = self.config
         spans: list[tuple[int, int]] = []  # each segment's rows in the batch, its padding included
         ids, positions = [], []
+        paths: list[list[list[int]] | None] = []  # per tree segment, each padded row's slots from the root
         row = 0
         for seg in segments:
             n = seg.token_ids.shape[0]
-            pad = -n % ROWS  # copies of the last row: same token and position, so the same cache entry
-            pos = torch.arange(seg.cache.length, seg.cache.length + n, device=self.device)
+            pad = -n % ROWS  # copies of the last row: same token, position and path, so the same cache entry
+            pos = torch.tensor(seg.positions(), device=self.device)
             ids.append(torch.cat([seg.token_ids, seg.token_ids[-1:].repeat(pad)]))
             positions.append(torch.cat([pos, pos[-1:].repeat(pad)]))
+            paths.append(None if seg.parents is None else
+                         [[seg.cache.length + j for j in [0] + tree.path(seg.parents, min(r, n - 1))]
+                          for r in range(n + pad)])
             spans.append((row, row + n + pad))
             row += n + pad
         pos_all = torch.cat(positions)  # [rows]
@@ -108,7 +113,7 @@ class TorchBackend:
         x = self.embed[torch.cat(ids)] * c.embed_scale  # [rows, hidden]
         for i, layer in enumerate(self.layers):
             x = x + self._attention(layer, i, x, rope[layer.sliding], [m[layer.sliding] for m in masks], segments,
-                                    spans)
+                                    spans, paths)
             x = x + self._mlp(layer, x)
         outputs = []
         for seg, (first, _) in zip(segments, spans):
@@ -128,7 +133,7 @@ class TorchBackend:
 
     def _attention(self, layer: Layer, i: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                    masks: list[list[tuple[int, torch.Tensor]]], segments: Sequence[Segment],
-                   spans: list[tuple[int, int]]) -> torch.Tensor:
+                   spans: list[tuple[int, int]], paths: list[list[list[int]] | None]) -> torch.Tensor:
         c = self.config
         rows, heads = x.shape[0], c.num_heads
         qkv = layer.qkv(kernels.rms_norm(x, layer.attn_norm, c.rms_norm_eps))
@@ -141,12 +146,16 @@ class TorchBackend:
         qk = kernels.rope(qk, *rope)  # queries and keys rotated in one pass
         q, k = qk[:, :heads], qk[:, heads:]
         parts = []
-        for seg, (first, last), seg_masks in zip(segments, spans, masks):
+        for seg, (first, last), seg_masks, seg_paths in zip(segments, spans, masks, paths):
             # padding rows equal the last row bit for bit: the first n rows hold every new entry
             cache, start, n = seg.cache, seg.cache.length, seg.token_ids.shape[0]
             cache.k[i][:, start: start + n] = k[first: first + n].transpose(0, 1)
             cache.v[i][:, start: start + n] = v[first: first + n].transpose(0, 1)
-            parts.append(kernels.attention(q[first:last], cache.k[i], cache.v[i], seg_masks, c.query_scale))
+            if seg_paths is None:
+                parts.append(kernels.attention(q[first:last], cache.k[i], cache.v[i], seg_masks, c.query_scale))
+            else:
+                parts.append(kernels.tree_attention(q[first:last], cache.k[i], cache.v[i], seg_masks, c.query_scale,
+                                                    start, seg_paths))
         a = layer.o(parts[0] if len(parts) == 1 else torch.cat(parts))
         return a if layer.post_attn_norm is None else kernels.rms_norm(a, layer.post_attn_norm, c.rms_norm_eps)
 

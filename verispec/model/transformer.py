@@ -12,6 +12,7 @@ from typing import Protocol
 
 import torch
 
+from verispec import tree
 from verispec.model.cache import KVCache
 from verispec.model.config import ModelConfig, RopeScaling
 from verispec.model.segment import Segment
@@ -88,6 +89,8 @@ class Transformer:
         """
         for seg in segments:
             seg.cache.reserve(seg.token_ids.shape[0])
+            if seg.parents is not None:
+                tree.check(seg.parents, seg.token_ids.shape[0] - 1)
         logits = self.backend.forward_many(segments)
         for seg in segments:
             seg.cache.length += seg.token_ids.shape[0]

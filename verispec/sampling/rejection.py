@@ -4,12 +4,21 @@ draft draw the bonus token from p. A drafter without a distribution (q=None) is 
 
 `verify_batch` is the one implementation (ragged batches, each row its own τ); `verify` serves one
 request; `verify_reference` is the slow, obviously-correct twin the tests hold it equal to.
+
+Trees (verispec/tree.py): `verify_tree` walks down from the root. At a node with target row r it tries
+the children in node order, child x_i with its q_i: accepted with probability min(1, r(x_i)/q_i(x_i)),
+else r <- norm(max(0, r - q_i)) (SpecInfer's multi-round rule, for children drawn from q with
+replacement). A deterministic child (q None) is the point mass q_i = one-hot(x_i): accepted with
+probability r(x_i) over the mass not yet rejected, which is "draw x from r; descend if it is a child".
+When every child is rejected the emitted token is drawn from what is left of r. `verify_tree_greedy`
+follows the child equal to the target's choice; `verify_tree_reference` is the slow twin.
 """
 
 from __future__ import annotations
 
 import torch
 
+from verispec import tree
 from verispec.sampling.distribution import inverse_cdf, new_generator
 
 
@@ -112,3 +121,71 @@ def verify_reference(draft: list[int], draft_probs: torch.Tensor | None, target_
 
 def _draw(weights: torch.Tensor, u: float) -> int:
     return int(inverse_cdf(weights[None], torch.tensor([u], dtype=weights.dtype))[0])
+
+
+def verify_tree_greedy(draft_token_ids: list[int], parents: list[int], target_ids: list[int]
+                       ) -> tuple[list[int], list[int]]:
+    """draft_token_ids [n], parents [n], target_ids [n + 1]: the greedy target's choice after each node
+    (the root first) -> (the accepted nodes, root's child first; their tokens, then the target's choice
+    after the deepest). Follows the first child equal to the target's choice, as deep as it goes."""
+    below = tree.children(parents)
+    node, path = 0, []
+    while (child := next((c for c in below[node] if draft_token_ids[c - 1] == target_ids[node]), None)) is not None:
+        path.append(child)
+        node = child
+    return path, [draft_token_ids[c - 1] for c in path] + [target_ids[node]]
+
+
+def verify_tree(draft_token_ids: list[int], parents: list[int], draft_probs: torch.Tensor | None,
+                target_probs: torch.Tensor, uniforms: list[float]) -> tuple[list[int], list[int]]:
+    """draft_token_ids [n], parents [n], draft_probs [n, V] (row i: the q node i + 1 was drawn from) or
+    None (deterministic children), target_probs [n + 1, V] (row j: after node j, the root first),
+    uniforms [n + 1] (node j's coin at j - 1, the emitted token's last) -> (the accepted nodes, root's
+    child first; their tokens, then the recovered or bonus token). On a chain it is `verify`."""
+    vocab = target_probs.shape[-1]
+    below = tree.children(parents)
+    node, path = 0, []
+    r = target_probs[0]
+    while True:
+        for child in below[node]:
+            x = draft_token_ids[child - 1]
+            if not 0 <= x < vocab:  # never accepted, never an index; it holds no mass of r
+                continue
+            q_x = 1.0 if draft_probs is None else draft_probs[child - 1, x]
+            if uniforms[child - 1] * q_x < r[x]:
+                path.append(child)
+                node, r = child, target_probs[child]
+                break
+            r = _normalised(_residual(r, _one_hot(x, r) if draft_probs is None else draft_probs[child - 1]))
+        else:
+            return path, [draft_token_ids[c - 1] for c in path] + [_draw(r, uniforms[-1])]
+
+
+def _one_hot(x: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like).index_fill_(0, torch.tensor(x), 1.0)
+
+
+def _normalised(weights: torch.Tensor) -> torch.Tensor:
+    """The next child's coin compares with r itself, so the residual must be a distribution again."""
+    return weights / weights.sum(-1, keepdim=True)
+
+
+def verify_tree_reference(draft: list[int], parents: list[int], draft_probs: torch.Tensor | None,
+                          target_probs: torch.Tensor, uniforms: list[float]) -> tuple[list[int], list[int]]:
+    """verify_tree written to be read: every child gets its q as a row (one-hot for a point mass), the
+    children are found by scanning the parents, and the walk recurses."""
+    vocab = target_probs.shape[-1]
+
+    def walk(node: int, r: torch.Tensor) -> tuple[list[int], list[int]]:
+        for child in [c for c in range(1, len(draft) + 1) if parents[c - 1] == node]:
+            x = draft[child - 1]
+            if not 0 <= x < vocab:
+                continue
+            q = torch.zeros(vocab).index_fill_(0, torch.tensor(x), 1.0) if draft_probs is None else draft_probs[child - 1]
+            if uniforms[child - 1] * q[x] < r[x]:  # accepted with probability min(1, r(x) / q(x))
+                path, tokens = walk(child, target_probs[child])
+                return [child] + path, [x] + tokens
+            r = _normalised(_residual(r[None], q[None])[0])  # r <- norm(max(0, r - q))
+        return [], [_draw(r, uniforms[-1])]
+
+    return walk(0, target_probs[0])

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
+from verispec import tree
 from verispec.config import SamplingParams
 from verispec.sampling.distribution import check_finite, new_generator, probabilities, sample
 
@@ -25,40 +26,52 @@ class Sampler:
         self.stop_ids = sorted(stop_ids)
         self.generator = new_generator(params.seed)
 
-    def probs(self, logits: torch.Tensor, history: Sequence[int], drafts: Sequence[int] = ()) -> torch.Tensor:
-        """logits [rows, V] -> [rows, V]; row i follows output `history` + drafts[:i]."""
-        return probabilities(self._processed(logits, history, drafts), self.params)
+    def probs(self, logits: torch.Tensor, history: Sequence[int], drafts: Sequence[int] = (),
+              parents: Sequence[int] | None = None) -> torch.Tensor:
+        """logits [rows, V] -> [rows, V]; row i follows output `history` + drafts[:i], or in a draft tree
+        (parents, verispec/tree.py) `history` + the drafts on the path to node i."""
+        return probabilities(self._processed(logits, history, drafts, parents), self.params)
 
-    def greedy(self, logits: torch.Tensor, history: Sequence[int], drafts: Sequence[int] = ()) -> list[int]:
+    def greedy(self, logits: torch.Tensor, history: Sequence[int], drafts: Sequence[int] = (),
+               parents: Sequence[int] | None = None) -> list[int]:
         """logits [rows, V] -> the id each row's greedy distribution (probs) puts all its mass on."""
-        x = self._processed(logits, history, drafts)
+        x = self._processed(logits, history, drafts, parents)
         check_finite(x)
         return x.argmax(-1).tolist()
 
-    def _processed(self, logits: torch.Tensor, history: Sequence[int], drafts: Sequence[int]) -> torch.Tensor:
+    def _processed(self, logits: torch.Tensor, history: Sequence[int], drafts: Sequence[int],
+                   parents: Sequence[int] | None) -> torch.Tensor:
         """The logits with min_tokens' masks and the penalties applied."""
         x = logits.float()
         rows, vocab = x.shape
-        masked = [i for i in range(rows) if len(history) + i < self.params.min_tokens]
+        depths = range(rows) if parents is None else tree.depths(parents[: rows - 1])
+        masked = [i for i in range(rows) if len(history) + depths[i] < self.params.min_tokens]
         if masked or self.params.penalized:
             x = x.clone()
         if masked and self.stop_ids:
             x[torch.tensor(masked)[:, None], torch.tensor(self.stop_ids)[None, :]] = float("-inf")
         if self.params.penalized:
-            x = self._penalize(x, history, drafts)
+            x = self._penalize(x, history, drafts, tree.chain(rows - 1) if parents is None else parents)
         return x
 
     def sample(self, probs: torch.Tensor) -> torch.Tensor:
         """probs [rows, V] -> ids [rows], from this request's stream."""
         return sample(probs, self.generator)
 
-    def _penalize(self, x: torch.Tensor, history: Sequence[int], drafts: Sequence[int]) -> torch.Tensor:
+    def _penalize(self, x: torch.Tensor, history: Sequence[int], drafts: Sequence[int], parents: Sequence[int]
+                  ) -> torch.Tensor:
         rows, vocab = x.shape
         p = self.params
         counts = _bincount(history, vocab, x.device).repeat(rows, 1)  # [rows, V]
-        for i, token in enumerate(drafts[: rows - 1]):  # row i sees drafts[:i]
+        # row i sees the drafts on its path: ancestry [rows, rows - 1] @ the drafts' one-hots [rows - 1, V]
+        ancestry = torch.zeros(rows, rows - 1, device=x.device)
+        for i in range(1, rows):
+            ancestry[i, [node - 1 for node in tree.path(parents, i)]] = 1.0
+        drafted = torch.zeros(rows - 1, vocab, device=x.device)
+        for j, token in enumerate(drafts[: rows - 1]):
             if 0 <= token < vocab:
-                counts[i + 1:, token] += 1
+                drafted[j, token] = 1.0
+        counts = counts + ancestry @ drafted  # sums of 0/1: exact
         if p.repetition_penalty != 1:
             seen = (counts > 0) | (_bincount(self.prompt_ids, vocab, x.device) > 0)
             x = torch.where(seen, torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty), x)

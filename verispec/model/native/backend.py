@@ -86,17 +86,21 @@ class NativeBackend:
 
     def forward_many(self, segments: Sequence[Segment]) -> list[torch.Tensor | None]:
         ids, positions, first_row, outputs = [], [], [0], []
+        parent, slot = [], []  # rows of trees: the parent row in the batch (-1: a chain row) and the cache slot
         for seg in segments:
             n, start = seg.token_ids.shape[0], first_row[-1]
             ids += seg.token_ids.tolist()
-            positions += range(seg.cache.length, seg.cache.length + n)
+            positions += seg.positions()
+            parent += [-1] * n if seg.parents is None else [-1] + [start + p for p in seg.parents]
+            slot += range(seg.cache.length, seg.cache.length + n)
             first_row.append(start + n)
             if seg.logits == "all":
                 outputs += range(start, start + n)
             elif seg.logits == "last":
                 outputs.append(start + n - 1)
         strides = [seg.cache.k.shape[2] for seg in segments]
-        arrays = [int32_array(a) for a in (ids, positions, first_row, outputs, strides)]
+        trees = any(seg.parents is not None for seg in segments)
+        arrays = [int32_array(a) for a in (ids, positions, first_row, outputs, strides, parent, slot)]
         k = (ctypes.c_void_p * len(segments))(*[seg.cache.k.data_ptr() for seg in segments])
         v = (ctypes.c_void_p * len(segments))(*[seg.cache.v.data_ptr() for seg in segments])
         logits = torch.empty(len(outputs), self.config.vocab_size)  # [wanted rows, vocab]
@@ -106,7 +110,8 @@ class NativeBackend:
                       k_cache=ctypes.cast(k, ctypes.POINTER(ctypes.c_void_p)),
                       v_cache=ctypes.cast(v, ctypes.POINTER(ctypes.c_void_p)), stride=arrays[4].ctypes.data_as(i32),
                       outputs=len(outputs), output_rows=arrays[3].ctypes.data_as(i32), logits=float_ptr(logits),
-                      int8=int(self.int8))
+                      int8=int(self.int8), parent=arrays[5].ctypes.data_as(i32) if trees else None,
+                      slot=arrays[6].ctypes.data_as(i32) if trees else None)
         native.lib().vs_forward(ctypes.byref(self.model), ctypes.byref(batch))
         parts = iter(logits.split([seg.token_ids.shape[0] if seg.logits == "all" else 1
                                    for seg in segments if seg.logits != "none"]))

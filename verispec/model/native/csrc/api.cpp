@@ -40,6 +40,9 @@ struct Batch {  // the new rows of several sequences, each continuing its own ca
   const int32_t* output_rows;
   float* logits;             // [outputs, vocab]
   int32_t int8;              // activations quantized for the int8 kernels
+  // Draft trees; both null when every row is a chain (row r at slot positions[r], seeing slots 0..it).
+  const int32_t* parent;     // [rows]: row r's parent row in the batch; -1: r sees its cache's slots 0..its own
+  const int32_t* slot;       // [rows]: where row r's key and value go in its cache
 };
 
 static Pool pool;
@@ -64,6 +67,17 @@ static void forward(const Model& m, const Batch& b) {
     for (int r = b.first_row[s]; r < b.first_row[s + 1]; r++) segment[r] = s;
   QuantRows xq;
   const bool int8 = b.int8 != 0;
+  // keys[r]: the slots a tree node reads, in the order of the chain that ends at it (empty: a chain row)
+  std::vector<std::vector<int32_t>> keys(R);
+  for (int r = 0; b.parent != nullptr && r < R; r++) {
+    const int p = b.parent[r];
+    if (p < 0) continue;
+    if (keys[p].empty())
+      for (int t = 0; t <= b.slot[p]; t++) keys[r].push_back(t);
+    else
+      keys[r] = keys[p];
+    keys[r].push_back(b.slot[r]);
+  }
 
   each_row(R, [&](int r) {
     float* xr = &x[static_cast<size_t>(r) * H];
@@ -87,7 +101,7 @@ static void forward(const Model& m, const Batch& b) {
       for (int p = 0; p < 3; p++)
         if (biases[p] != nullptr)
           for (int i = 0; i < sizes[p]; i++) row[offsets[p] + i] += biases[p][i];
-      const int pos = b.positions[r];
+      const int pos = b.positions[r], slot = b.slot != nullptr ? b.slot[r] : pos;
       for (int hh = 0; hh < m.heads + m.kv_heads; hh++) {  // query heads, then key heads
         float* head = row + hh * d;
         const float* norm = hh < m.heads ? w.q_norm : w.k_norm;
@@ -95,8 +109,8 @@ static void forward(const Model& m, const Batch& b) {
         rope(head, w.rope_cos + static_cast<int64_t>(pos) * d, w.rope_sin + static_cast<int64_t>(pos) * d, d);
       }
       for (int kvh = 0; kvh < m.kv_heads; kvh++) {
-        memcpy(cache_at(b.k_cache, r, kvh) + static_cast<int64_t>(pos) * d, row + qn + kvh * d, d * sizeof(float));
-        memcpy(cache_at(b.v_cache, r, kvh) + static_cast<int64_t>(pos) * d, row + qn + kvn + kvh * d,
+        memcpy(cache_at(b.k_cache, r, kvh) + static_cast<int64_t>(slot) * d, row + qn + kvh * d, d * sizeof(float));
+        memcpy(cache_at(b.v_cache, r, kvh) + static_cast<int64_t>(slot) * d, row + qn + kvn + kvh * d,
                d * sizeof(float));
       }
     });
@@ -105,8 +119,14 @@ static void forward(const Model& m, const Batch& b) {
       const int first = w.window > 0 && pos - w.window + 1 > 0 ? pos - w.window + 1 : 0;
       thread_local std::vector<float> scores;
       scores.resize(pos + 1);
-      attend(&qkv[static_cast<size_t>(r) * qkvn + hh * d], cache_at(b.k_cache, r, kvh), cache_at(b.v_cache, r, kvh),
-             first, pos, d, m.query_scale, scores.data(), &att[static_cast<size_t>(r) * qn + hh * d]);
+      const float *q = &qkv[static_cast<size_t>(r) * qkvn + hh * d], *k = cache_at(b.k_cache, r, kvh),
+                  *v = cache_at(b.v_cache, r, kvh);
+      float* out = &att[static_cast<size_t>(r) * qn + hh * d];
+      const std::vector<int32_t>& tree_keys = keys[r];
+      if (tree_keys.empty())
+        attend(q, k, v, first, pos, d, m.query_scale, scores.data(), out, [](int t) { return t; });
+      else
+        attend(q, k, v, first, pos, d, m.query_scale, scores.data(), out, [&](int t) { return tree_keys[t]; });
     });
     matmul(pool, &w.o, 1, R, att.data(), qn, quantize(int8, att, R, qn, xq), o.data(), H);
     each_row(R, [&](int r) {

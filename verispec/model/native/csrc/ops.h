@@ -84,14 +84,16 @@ static inline float dot(const float* a, const float* b, int d) {
   return hsum(acc);
 }
 
-// One query head q [d] over keys and values [first, last] of its kv head (k, v: [positions, d]):
-// softmax(q.k * scale) v -> out [d]. scores: room for last - first + 1 floats.
+// One query head q [d] over keys and values [first, last] of its kv head (k, v: [slots, d]):
+// softmax(q.k * scale) v -> out [d]. scores: room for last - first + 1 floats. slot(t): where key t
+// lies (t itself for a chain; a tree node reads its ancestors' slots, in the same order and grouping).
+template <class Slot>
 static void attend(const float* q, const float* k, const float* v, int first, int last, int d, float scale,
-                   float* scores, float* out) {
+                   float* scores, float* out, Slot slot) {
   const int n = last - first + 1;
   float top = -INFINITY;
   for (int t = 0; t < n; t++) {
-    scores[t] = dot(q, k + static_cast<int64_t>(first + t) * d, d) * scale;
+    scores[t] = dot(q, k + static_cast<int64_t>(slot(first + t)) * d, d) * scale;
     top = scores[t] > top ? scores[t] : top;
   }
   const __m256 m = _mm256_set1_ps(top);
@@ -111,7 +113,7 @@ static void attend(const float* q, const float* k, const float* v, int first, in
     for (int j = 0; j < w / 8; j++) acc[j] = _mm256_setzero_ps();
     for (t = 0; t < n; t++) {
       const __m256 e = _mm256_set1_ps(scores[t]);
-      const float* vt = v + static_cast<int64_t>(first + t) * d + j0;
+      const float* vt = v + static_cast<int64_t>(slot(first + t)) * d + j0;
       for (int j = 0; j < w / 8; j++) acc[j] = _mm256_fmadd_ps(e, _mm256_loadu_ps(vt + 8 * j), acc[j]);
     }
     for (int j = 0; j < w / 8; j++) _mm256_storeu_ps(out + j0 + 8 * j, _mm256_mul_ps(acc[j], _mm256_set1_ps(inv)));
