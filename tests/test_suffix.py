@@ -283,3 +283,151 @@ def test_a_bad_budget_is_refused(bad):
 def test_a_bad_suffix_global_is_refused():
     with pytest.raises(InvalidInputError, match="suffix_global"):
         SamplingParams(suffix_global="no")
+
+
+# --- end to end -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def long_llm(tmp_path_factory):
+    from conftest import save_tiny_tokenizer, tiny_hf_model
+    from verispec.llm import LLM
+
+    folder = tmp_path_factory.mktemp("tiny-suffix")
+    tiny_hf_model("llama", max_position_embeddings=2048, seed=3).save_pretrained(folder)
+    save_tiny_tokenizer(folder)
+    return LLM(str(folder), drafter="suffix")
+
+
+PROMPTS = ["the stop the end the stop", "a b c a b c", "the end the end", "stop the stop", "x y x y x"]
+
+
+def run(llm, engine, prompt, params):
+    from verispec.engine.request import Request
+
+    request = Request(llm.encode(prompt), params, llm.eos_ids, engine.capacity)
+    stats = engine.run(request)
+    return request.output_ids, stats
+
+
+@pytest.mark.parametrize("tau", [1, 3, 8])
+def test_greedy_with_the_suffix_drafter_equals_plain_request_after_request(long_llm, tau):
+    """C1: every request of a run equals plain decoding, while the global tree learns from the
+    earlier ones (the engine calls finish when a request ends)."""
+    from verispec.engine.generate import Engine
+
+    drafter = long_llm.make_drafter("suffix")
+    engine = Engine(long_llm.target, drafter, tau)
+    params = SamplingParams(max_tokens=300, ignore_eos=True)
+    accepted = drafted = 0
+    for n, prompt in enumerate(PROMPTS):
+        spec, stats = run(long_llm, engine, prompt, params)
+        plain = long_llm.generate(prompt, params, speculative=False).token_ids
+        assert spec == plain, f"request {n} diverged at tau {tau}"
+        accepted, drafted = accepted + stats.accepted, drafted + stats.drafted
+        assert drafter.history.tokens == min(300 * (n + 1), drafter.history.budget)
+    assert 0 < accepted < drafted, "the test must see accepted and rejected drafts"
+
+
+def test_the_scheduler_feeds_finished_requests_not_cancelled_ones_and_stays_exact(long_llm):
+    import threading
+
+    from verispec.engine.request import Request
+
+    scheduler = long_llm.scheduler(max_batch=3)
+    drafter = long_llm.engine.drafter
+    try:
+        params = SamplingParams(max_tokens=80, ignore_eos=True)
+        requests = [Request(long_llm.encode(p), params, long_llm.eos_ids, long_llm.engine.capacity) for p in PROMPTS]
+        done = [threading.Event() for _ in requests]
+        for request, event in zip(requests, done):
+            scheduler.submit(request, lambda c, e=event: e.set() if isinstance(c, BaseException)
+                             or c.sequence.request.finished else None)
+        assert all(e.wait(60) for e in done)
+        for request, prompt in zip(requests, PROMPTS):
+            assert request.output_ids == long_llm.generate(prompt, params, speculative=False).token_ids
+        assert drafter.history.tokens == 80 * len(PROMPTS), "the slots' forks share one global tree"
+        heard = threading.Event()
+        long = Request(long_llm.encode("the"), SamplingParams(max_tokens=1500, ignore_eos=True), long_llm.eos_ids,
+                       long_llm.engine.capacity)
+        ticket = scheduler.submit(long, lambda c: heard.set())
+        assert heard.wait(30)
+        scheduler.cancel(ticket)
+    finally:
+        scheduler.stop(30)
+    assert not long.finished and drafter.history.tokens == 80 * len(PROMPTS), "a cancelled request is not learned"
+
+
+def test_cli_generate_with_the_suffix_drafter_and_the_global_tree_off(long_llm, capsys):
+    import json
+
+    from verispec.cli.main import main
+
+    folder = str(long_llm.source.folder)
+    assert main(["generate", "--model", folder, "--prompt", "the end the end", "--max-tokens", "40", "--ignore-eos",
+                 "--drafter", "suffix", "--suffix-global", "off", "--num-draft-tokens", "3", "--compare",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["token_ids"] == out["plain"]["token_ids"] and out["stats"]["drafted"] > 0
+    with pytest.raises(SystemExit, match="2"):
+        main(["generate", "--model", folder, "--prompt", "x", "--suffix-global", "maybe"])
+    assert "'maybe' is not allowed: use on or off" in capsys.readouterr().err
+
+
+def test_llm_suffix_global_off_makes_drafters_without_history(long_llm):
+    from verispec.llm import LLM
+
+    assert long_llm.make_drafter("suffix").history is not None
+    with pytest.raises(InvalidInputError, match="suffix_global"):
+        LLM(str(long_llm.source.folder), suffix_global="off")
+
+
+def test_bench_gives_each_config_and_round_its_own_global_tree(long_llm):
+    """No config may draft from the answer another config (or round, or the warm-up) gave to the
+    same prompt: each sees the outputs of the prompts before this one only."""
+    from verispec.benchmark.prompts import BenchPrompt
+    from verispec.benchmark.runner import run_bench
+    from verispec.drafters import SuffixDrafter
+
+    made = []
+    original = SuffixDrafter.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        made.append(self)
+
+    prompts = [BenchPrompt("a", str(n), p) for n, p in enumerate(PROMPTS[:3])]
+    SuffixDrafter.__init__ = spy
+    try:
+        result = run_bench(long_llm, prompts, ["suffix"], [2, 4], 12, progress=False, rounds=2)
+    finally:
+        SuffixDrafter.__init__ = original
+    assert not result["divergences"]
+    learned = sorted(d.history.tokens for d in made if d.history is not None and d.history.tokens)
+    # two configs x two rounds learned all three prompts; the warm-up's two learned one 8-token answer
+    assert learned == [8, 8] + [36] * 4, learned
+
+
+REAL = pytest.mark.skipif(not __import__("verispec.hub", fromlist=["hub"]).is_fetched("smollm2-135m-instruct"),
+                          reason="SmolLM2 not fetched")
+
+
+@pytest.mark.real
+@REAL
+def test_real_smollm2_greedy_with_the_suffix_drafter_equals_plain():
+    from verispec.engine.generate import Engine
+    from verispec.llm import LLM
+
+    llm = LLM("smollm2-135m-instruct", drafter="suffix", num_draft_tokens=4)
+    engine = Engine(llm.target, llm.make_drafter("suffix"), 4)
+    params = SamplingParams(max_tokens=120, min_tokens=120)
+    accepted = 0
+    for passage in ("Ada Novak founded Kalo Labs in Lisbon in 1990.", "Bruno Costa founded Mira Works in Perth in 2004."):
+        prompt = f"Return JSON with keys name, company, city, year for: {passage}"
+        from verispec.engine.request import Request
+
+        request = Request(llm.encode(prompt, chat=True), params, llm.eos_ids, engine.capacity)
+        stats = engine.run(request)
+        plain = llm.generate(prompt, params, chat=True, speculative=False).token_ids
+        assert request.output_ids == plain
+        accepted += stats.accepted
+    assert accepted > 0
