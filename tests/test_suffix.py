@@ -173,8 +173,8 @@ def test_speculation_from_past_responses_matches_scanned_counts(seed):
 def test_best_path_follows_the_most_probable_child():
     from verispec.drafters.suffix_tree import Speculation
 
-    spec = Speculation([7, 8, 9, 4], [0, 0, 1, 3], [0.5, 0.4, 0.3, 0.2])
-    assert spec.best_path() == [7, 9, 4]
+    spec = Speculation([7, 8, 9, 4, 5], [0, 0, 2, 2, 3], [0.3, 0.5, 0.2, 0.25, 0.1])
+    assert spec.best_path() == [8, 4]
 
 
 def test_a_repeated_phrase_is_proposed_with_a_draft_as_long_as_the_match():
