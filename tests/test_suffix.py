@@ -185,6 +185,14 @@ def test_a_repeated_phrase_is_proposed_with_a_draft_as_long_as_the_match():
     assert drafter.propose(context, 2).token_ids == phrase[4:6]
 
 
+def test_of_equally_likely_continuations_the_latest_is_proposed():
+    assert SuffixDrafter().propose([1, 2, 3, 1, 2, 4, 1, 2], 2).token_ids == [4, 1]
+    assert SuffixDrafter().propose([1, 2, 4, 1, 2, 3, 1, 2], 2).token_ids == [3, 1]
+    # counted nodes too: 3 and 4 follow "1 2" three times each, 3 last
+    context = [7, 1, 2, 3, 8, 1, 2, 3, 9, 1, 2, 4, 10, 1, 2, 4, 11, 1, 2, 4, 12, 1, 2, 3, 13, 1, 2]
+    assert SuffixDrafter().propose(context, 1).token_ids == [3]
+
+
 def test_appending_is_incremental_and_a_new_context_restarts():
     drafter = SuffixDrafter()
     context = [1, 2, 3, 4, 1, 2]

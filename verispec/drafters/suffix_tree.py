@@ -14,7 +14,8 @@ global tree evicts its oldest responses): every count on their paths drops by on
 
 A speculation tree (SuffixDecoding, Oliaro et al. 2025) grows from the place matching the
 context's longest suffix, best first by estimated path probability, the product of count(child) /
-count(parent) along the path; nodes below `floor` are never added.
+count(parent) along the path; nodes below `floor` are never added. Of equally probable nodes the
+most recently seen comes first (prompt lookup's rule: the latest occurrence).
 """
 
 from __future__ import annotations
@@ -28,23 +29,24 @@ from dataclasses import dataclass
 
 
 class Node:
-    """An explicit node: a string with `count` occurrences, `depth` tokens long."""
+    """An explicit node: a string with `count` occurrences, `depth` tokens long, last seen at
+    append number `last` (eviction does not lower it: it only breaks ties)."""
 
-    __slots__ = ("count", "depth", "children")
+    __slots__ = ("count", "depth", "last", "children")
 
-    def __init__(self, count: int, depth: int) -> None:
-        self.count = count
-        self.depth = depth
+    def __init__(self, count: int, depth: int, last: int) -> None:
+        self.count, self.depth, self.last = count, depth, last
         self.children: dict[int, Node | Tail] = {}
 
 
 class Tail:
-    """The one occurrence of the strings below `parent` that go on as tokens[pos:]: count 1."""
+    """The one occurrence of the strings below `parent` that go on as tokens[pos:]: count 1, seen
+    at append number `last`."""
 
-    __slots__ = ("tokens", "pos", "parent")
+    __slots__ = ("tokens", "pos", "parent", "last")
 
-    def __init__(self, tokens: list[int], pos: int, parent: Node) -> None:
-        self.tokens, self.pos, self.parent = tokens, pos, parent
+    def __init__(self, tokens: list[int], pos: int, parent: Node, last: int) -> None:
+        self.tokens, self.pos, self.parent, self.last = tokens, pos, parent, last
 
 
 # A place in the tree: an explicit node, or `offset` (>= 1) tokens into a tail.
@@ -86,13 +88,15 @@ EMPTY = Speculation([], [], [])
 class SuffixTree:
     def __init__(self, depth: int) -> None:
         self.depth = depth
-        self.root = Node(0, 0)
+        self.root = Node(0, 0, 0)
+        self._clock = 0  # appends so far: when a node was last seen
         self._active: dict[int, deque[Node | Tail]] = {}  # sequence id -> its active suffixes, oldest first
 
     # --- growing and shrinking --------------------------------------------------------------------
     def append(self, tokens: list[int]) -> None:
         """tokens (a sequence's own list, already holding the new token) gained one token at its end."""
         active = self._active.setdefault(id(tokens), deque())
+        self._clock += 1
         pos = len(tokens) - 1
         token = tokens[pos]
         active.append(self.root)  # the suffix that starts at the new token
@@ -126,14 +130,15 @@ class SuffixTree:
         """One more occurrence of node's string followed by `token` (at tokens[pos])."""
         child = node.children.get(token)
         if child is None:
-            tail = Tail(tokens, pos, node)
+            tail = Tail(tokens, pos, node, self._clock)
             node.children[token] = tail
             return tail
         if type(child) is Node:
             child.count += 1
+            child.last = self._clock
             return child
         # the one earlier occurrence goes on with `token` too: that token becomes a shared node
-        shared = Node(2, node.depth + 1)
+        shared = Node(2, node.depth + 1, self._clock)
         node.children[token] = shared
         child.pos += 1
         child.parent = shared
@@ -144,6 +149,10 @@ class SuffixTree:
     # --- reading ----------------------------------------------------------------------------------
     def count(self, place: Place) -> int:
         return place.count if type(place) is Node else 1
+
+    @staticmethod
+    def last(place: Place) -> int:
+        return place.last if type(place) is Node else place[0].last
 
     def children(self, place: Place) -> Iterator[tuple[int, Place]]:
         if type(place) is Node:
@@ -203,18 +212,19 @@ class SuffixTree:
         token_ids: list[int] = []
         parents: list[int] = []
         scores: list[float] = []
-        heap: list[tuple[float, int, int, int, Place]] = []  # (-probability, order, parent, token, place)
-        order = itertools.count()  # equal probabilities: the first found first
+        # (-probability, -last seen, order, parent, token, place): the most probable, then the most recent
+        heap: list[tuple[float, int, int, int, int, Place]] = []
+        order = itertools.count()
 
         def grow(parent: int, place: Place, probability: float, denominator: int) -> None:
             for token, child in self.children(place):
                 p = probability * self.count(child) / denominator
                 if p >= floor:
-                    heapq.heappush(heap, (-p, next(order), parent, token, child))
+                    heapq.heappush(heap, (-p, -self.last(child), next(order), parent, token, child))
 
         grow(0, place, 1.0, self.count(place) - own)  # the context's own occurrence has no continuation
         while heap and len(token_ids) < size:
-            negative, _, parent, token, child = heapq.heappop(heap)
+            negative, _, _, parent, token, child = heapq.heappop(heap)
             token_ids.append(token)
             parents.append(parent)
             scores.append(-negative)
