@@ -51,7 +51,7 @@ class History:
                 self.tree.remove(oldest)
                 self.tokens -= len(oldest)
 
-    def speculate(self, context: Sequence[int], max_match: int, factor: float, floor: float, limit: int
+    def speculate(self, context: Sequence[int], max_match: int, factor: float, floor: float, limit: int | None
                   ) -> Speculation:
         with self._lock:
             return self.tree.speculate(context, max_match, factor, floor, limit)
@@ -99,10 +99,13 @@ class SuffixDrafter:
             self.history.add(output_ids)
 
     def propose(self, context: Sequence[int], k: int) -> DraftProposal:
-        return DraftProposal(self.speculate(context, k).best_path()[:k])
+        """The best path of the speculation tree: a tree as large as the match allows, so that
+        siblings above the floor do not shorten the chain."""
+        return DraftProposal(self.speculate(context).best_path()[:k])
 
-    def speculate(self, context: Sequence[int], limit: int) -> Speculation:
-        """The better speculation tree (at most `limit` nodes) of the request's and the global one."""
+    def speculate(self, context: Sequence[int], limit: int | None = None) -> Speculation:
+        """The better speculation tree (at most `limit` nodes; None: as many as the match earns)
+        of the request's and the global one."""
         self._extend(context)
         max_match = self.depth // 2
         mine = self._tree.speculate(self._context, max_match, self.factor, self.floor, limit, own=1)

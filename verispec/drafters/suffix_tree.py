@@ -201,12 +201,12 @@ class SuffixTree:
                 low, found = mid, place
         return low, found
 
-    def speculate(self, context: Sequence[int], max_match: int, factor: float, floor: float, limit: int,
+    def speculate(self, context: Sequence[int], max_match: int, factor: float, floor: float, limit: int | None,
                   own: int = 0) -> Speculation:
-        """The speculation tree after context: at most min(limit, ceil(factor * match length)) nodes,
-        best first by path probability, none below floor."""
+        """The speculation tree after context: at most ceil(factor * match length) nodes (and at
+        most limit, unless None), best first by path probability, none below floor."""
         match, place = self.match(context, max_match, own)
-        size = min(limit, math.ceil(factor * match))
+        size = math.ceil(factor * match) if limit is None else min(limit, math.ceil(factor * match))
         if place is None or size <= 0:
             return EMPTY
         token_ids: list[int] = []
