@@ -440,3 +440,35 @@ def test_real_smollm2_greedy_with_the_suffix_drafter_equals_plain():
         assert request.output_ids == plain
         accepted += stats.accepted
     assert accepted > 0
+
+
+def test_the_repetitive_workload_is_bundled_in_order_and_its_script_writes_it_again(tmp_path, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    from verispec.benchmark.prompts import load_prompts
+
+    prompts = load_prompts("repetitive")
+    assert [p.category for p in prompts] == ["extraction-json"] * 40 + ["agent-edit"] * 20
+    assert [p.question_id for p in prompts[:2]] == ["extraction-00", "extraction-01"]
+    assert len({p.text for p in prompts}) == 60, "different passages, the same question"
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "repetitive.py"
+    spec = importlib.util.spec_from_file_location("repetitive", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "OUT", tmp_path / "again.jsonl")
+    module.main()
+    bundled = Path(__file__).resolve().parent.parent / "verispec" / "data" / "repetitive.jsonl"
+    assert (tmp_path / "again.jsonl").read_text() == bundled.read_text(), "run benchmarks/repetitive.py and commit"
+
+
+def test_cli_bench_runs_every_prompt_of_a_bundled_workload_with_the_suffix_drafter(long_llm, capsys):
+    import json
+
+    from verispec.cli.main import main
+
+    assert main(["bench", "--model", str(long_llm.source.folder), "--prompts", "repetitive", "--categories",
+                 "agent-edit", "--drafter", "suffix", "--num-draft-tokens", "2", "--max-tokens", "3",
+                 "--suffix-global", "off"]) == 0
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["categories"]["overall"]
+    assert rows["suffix/2"]["prompts"] == 20 and rows["suffix/2"]["identical"] == 20
