@@ -9,7 +9,7 @@ import random
 import pytest
 
 from verispec.config import SamplingParams
-from verispec.drafters.suffix import History, SuffixDrafter
+from verispec.drafters.suffix import START, History, SuffixDrafter
 from verispec.drafters.suffix_tree import Node, SuffixTree
 from verispec.errors import InvalidInputError
 from verispec.sampling import Sampler
@@ -267,14 +267,27 @@ def tree_size(tree: SuffixTree) -> int:
 
 
 def test_eviction_drops_the_oldest_whole_responses():
-    history = History(budget=10)
+    history = History(budget=11)
     for response in ([1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]):
-        history.add(response)
-    assert history.tokens == 8
-    assert counts_in_tree(history.tree) == counts_by_scan([[5, 6, 7, 8], [9, 10, 11, 12]], history.tree.depth)
-    history.add(list(range(100, 130)))  # longer than the budget: its last 10 tokens
+        history.add(response)  # START and the response: 5 tokens each
     assert history.tokens == 10
-    assert counts_in_tree(history.tree) == counts_by_scan([list(range(120, 130))], history.tree.depth)
+    assert counts_in_tree(history.tree) == counts_by_scan([[START, 5, 6, 7, 8], [START, 9, 10, 11, 12]],
+                                                          history.tree.depth)
+    history.add(list(range(100, 130)))  # longer than the budget: its last 11 tokens, without START
+    assert history.tokens == 11
+    assert counts_in_tree(history.tree) == counts_by_scan([list(range(119, 130))], history.tree.depth)
+
+
+def test_a_response_is_drafted_from_its_first_token_on_from_how_past_responses_began():
+    history = History()
+    drafter = SuffixDrafter(history)
+    for n in range(3):
+        drafter.reset(Sampler(SamplingParams(), [n, 1, 2], frozenset()))
+        drafter.finish([50, 51, 52, 53, 60 + n])
+    drafter.reset(Sampler(SamplingParams(), [9, 8, 7], frozenset()))
+    assert drafter.propose([9, 8, 7], 3).token_ids == [50]  # START matched: 1 token earns 1 draft
+    assert drafter.propose([9, 8, 7, 50, 51], 2).token_ids == [52, 53]
+    assert START not in drafter.speculate([9, 8, 7, 50, 51, 52, 53]).token_ids
 
 
 @pytest.mark.parametrize("bad", [dict(depth=1), dict(factor=0), dict(floor=1.5), dict(depth="8")])
@@ -333,7 +346,7 @@ def test_greedy_with_the_suffix_drafter_equals_plain_request_after_request(long_
         plain = long_llm.generate(prompt, params, speculative=False).token_ids
         assert spec == plain, f"request {n} diverged at tau {tau}"
         accepted, drafted = accepted + stats.accepted, drafted + stats.drafted
-        assert drafter.history.tokens == min(300 * (n + 1), drafter.history.budget)
+        assert drafter.history.tokens == 301 * (n + 1)  # START + each output
     assert 0 < accepted < drafted, "the test must see accepted and rejected drafts"
 
 
@@ -354,7 +367,7 @@ def test_the_scheduler_feeds_finished_requests_not_cancelled_ones_and_stays_exac
         assert all(e.wait(60) for e in done)
         for request, prompt in zip(requests, PROMPTS):
             assert request.output_ids == long_llm.generate(prompt, params, speculative=False).token_ids
-        assert drafter.history.tokens == 80 * len(PROMPTS), "the slots' forks share one global tree"
+        assert drafter.history.tokens == 81 * len(PROMPTS), "the slots' forks share one global tree"
         heard = threading.Event()
         long = Request(long_llm.encode("the"), SamplingParams(max_tokens=1500, ignore_eos=True), long_llm.eos_ids,
                        long_llm.engine.capacity)
@@ -363,7 +376,7 @@ def test_the_scheduler_feeds_finished_requests_not_cancelled_ones_and_stays_exac
         scheduler.cancel(ticket)
     finally:
         scheduler.stop(30)
-    assert not long.finished and drafter.history.tokens == 80 * len(PROMPTS), "a cancelled request is not learned"
+    assert not long.finished and drafter.history.tokens == 81 * len(PROMPTS), "a cancelled request is not learned"
 
 
 def test_cli_generate_with_the_suffix_drafter_and_the_global_tree_off(long_llm, capsys):
@@ -413,7 +426,7 @@ def test_bench_gives_each_config_and_round_its_own_global_tree(long_llm):
     assert not result["divergences"]
     learned = sorted(d.history.tokens for d in made if d.history is not None and d.history.tokens)
     # two configs x two rounds learned all three prompts; the warm-up's two learned one 8-token answer
-    assert learned == [8, 8] + [36] * 4, learned
+    assert learned == [1 + 8] * 2 + [3 * (1 + 12)] * 4, learned
 
 
 REAL = pytest.mark.skipif(not __import__("verispec.hub", fromlist=["hub"]).is_fetched("smollm2-135m-instruct"),

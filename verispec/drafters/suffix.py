@@ -17,6 +17,10 @@ DEPTH = 32
 FACTOR = 1.0  # speculation size per matched token: a longer match earns a longer draft
 FLOOR = 0.1  # the least estimated path probability a drafted node may have
 BUDGET = 20_000  # tokens of past responses the global tree keeps
+# Where a response begins, in the global tree and in the query for it: so a response's first tokens
+# can be drafted from how past responses began. Never a token id, and never proposed: nothing
+# precedes it, so it is no node's child.
+START = -1
 
 
 class History:
@@ -35,15 +39,17 @@ class History:
         self._lock = threading.Lock()
 
     def add(self, output_ids: Sequence[int]) -> None:
-        """Learn one finished response (its last `budget` tokens), then evict down to the budget."""
+        """Learn one finished response, START first (of a response longer than the budget, its last
+        `budget` tokens without START), then evict whole responses down to the budget."""
+        if not output_ids:
+            return
+        kept = [START, *output_ids] if len(output_ids) < self.budget else output_ids[len(output_ids) - self.budget:]
         response: list[int] = []
         with self._lock:
-            for token in output_ids[len(output_ids) - self.budget:] if len(output_ids) > self.budget else output_ids:
+            for token in kept:
                 response.append(int(token))
                 self.tree.append(response)
             self.tree.close(response)
-            if not response:
-                return
             self._responses.append(response)
             self.tokens += len(response)
             while self.tokens > self.budget:
@@ -82,6 +88,7 @@ class SuffixDrafter:
     def reset(self, sampler: Sampler | None = None) -> None:
         self._restart()
         self._shared = self.history is not None and (sampler is None or sampler.params.suffix_global)
+        self._prompt_len = None if sampler is None else len(sampler.prompt_ids)  # None: output unknown
 
     def _restart(self) -> None:
         self._tree = SuffixTree(self.depth)
@@ -111,8 +118,16 @@ class SuffixDrafter:
         mine = self._tree.speculate(self._context, max_match, self.factor, self.floor, limit, own=1)
         if not self._shared:
             return mine
-        past = self.history.speculate(self._context, max_match, self.factor, self.floor, limit)
+        past = self.history.speculate(self._query(max_match), max_match, self.factor, self.floor, limit)
         return past if past.score > mine.score else mine
+
+    def _query(self, max_match: int) -> list[int]:
+        """What the global tree matches: the context's tail, or START + the output while the output is
+        shorter than a match (the tree holds responses, not prompts)."""
+        start = len(self._context) - max_match
+        if self._prompt_len is not None and start < self._prompt_len:
+            return [START, *self._context[self._prompt_len:]]
+        return self._context[max(0, start):]
 
     def _extend(self, context: Sequence[int]) -> None:
         known = len(self._context)
