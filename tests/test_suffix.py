@@ -401,6 +401,11 @@ def test_llm_suffix_global_off_makes_drafters_without_history(long_llm):
     assert long_llm.make_drafter("suffix").history is not None
     with pytest.raises(InvalidInputError, match="suffix_global"):
         LLM(str(long_llm.source.folder), suffix_global="off")
+    with pytest.raises(InvalidInputError, match="budget=0"):
+        LLM(str(long_llm.source.folder), suffix_budget=0)
+    small = LLM(str(long_llm.source.folder), drafter="suffix", suffix_budget=50)
+    assert small.make_drafter("suffix").history.budget == 50
+    assert LLM(str(long_llm.source.folder), suffix_global=False).make_drafter("suffix").history is None
 
 
 def test_bench_gives_each_config_and_round_its_own_global_tree(long_llm):

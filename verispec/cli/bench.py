@@ -67,7 +67,8 @@ def run(args: argparse.Namespace) -> None:
         raise InvalidInputError(f"rounds={args.rounds} is not allowed: it must be >= 1")
     per_category = args.per_category if args.per_category is not None else 2 if args.prompts == "spec-bench" else None
     prompts = load_prompts(args.prompts, args.categories.split(",") if args.categories else None, per_category)
-    llm = LLM(args.model, from_flags(RuntimeConfig, args), suffix_global=args.suffix_global)
+    llm = LLM(args.model, from_flags(RuntimeConfig, args), suffix_global=args.suffix_global,
+              suffix_budget=args.suffix_budget)
     result = run_bench(llm, prompts, args.drafter.split(","), taus, args.max_tokens, baselines, rounds=args.rounds)
     traces = result.pop("traces")
     result["model"] = args.model

@@ -11,6 +11,7 @@ from contextlib import ExitStack
 from verispec import hub
 from verispec.cli.flags import add_flags, from_flags, on_off
 from verispec.config import RuntimeConfig, SamplingParams
+from verispec.drafters.suffix import BUDGET
 from verispec.types import Output
 
 
@@ -42,6 +43,9 @@ def add_suffix_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--suffix-global", type=on_off, default=True, metavar="on|off",
                    help="suffix drafter: learn from past responses in a tree shared by all requests (default on); "
                         "off: no request's outputs shape another's drafts")
+    p.add_argument("--suffix-budget", type=int, default=BUDGET, metavar="TOKENS",
+                   help=f"suffix drafter: tokens of past responses the global tree keeps, oldest evicted first "
+                        f"(default {BUDGET})")
 
 
 def tau_flag(text: str) -> int | str:
@@ -55,7 +59,8 @@ def run(args: argparse.Namespace) -> None:
 
     params = from_flags(SamplingParams, args)
     llm = LLM(args.model, from_flags(RuntimeConfig, args), drafter=args.drafter,
-              num_draft_tokens=args.num_draft_tokens, suffix_global=args.suffix_global)
+              num_draft_tokens=args.num_draft_tokens, suffix_global=args.suffix_global,
+              suffix_budget=args.suffix_budget)
     with ExitStack() as stack:
         trace = None
         if args.trace:
