@@ -408,7 +408,7 @@ def test_llm_suffix_global_off_makes_drafters_without_history(long_llm):
     assert LLM(str(long_llm.source.folder), suffix_global=False).make_drafter("suffix").history is None
 
 
-def test_bench_gives_each_config_and_round_its_own_global_tree(long_llm):
+def test_bench_gives_each_config_and_round_its_own_global_tree(long_llm, monkeypatch):
     """No config may draft from the answer another config (or round, or the warm-up) gave to the
     same prompt: each sees the outputs of the prompts before this one only."""
     from verispec.benchmark.prompts import BenchPrompt
@@ -422,12 +422,9 @@ def test_bench_gives_each_config_and_round_its_own_global_tree(long_llm):
         original(self, *args, **kwargs)
         made.append(self)
 
+    monkeypatch.setattr(SuffixDrafter, "__init__", spy)
     prompts = [BenchPrompt("a", str(n), p) for n, p in enumerate(PROMPTS[:3])]
-    SuffixDrafter.__init__ = spy
-    try:
-        result = run_bench(long_llm, prompts, ["suffix"], [2, 4], 12, progress=False, rounds=2)
-    finally:
-        SuffixDrafter.__init__ = original
+    result = run_bench(long_llm, prompts, ["suffix"], [2, 4], 12, progress=False, rounds=2)
     assert not result["divergences"]
     learned = sorted(d.history.tokens for d in made if d.history is not None and d.history.tokens)
     # two configs x two rounds learned all three prompts; the warm-up's two learned one 8-token answer
