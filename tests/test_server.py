@@ -233,6 +233,7 @@ BAD = [
     ("completions", {"prompt": "x", "max_tokens": -5}, 400, "max_tokens", ">= 1"),
     ("completions", {"prompt": "x", "n": 2}, 400, "n", "1"),
     ("completions", {"prompt": "x", "frobnicate": 1}, 400, "frobnicate", "not permitted"),
+    ("completions", {"prompt": "x", "suffix_global": "off"}, 400, "suffix_global", "boolean"),
     ("completions", {"prompt": "x", "model": "gpt-9"}, 404, "model", "gpt-9"),
     ("chat", {"messages": [{"role": "user", "content": "x"}], "model": "gpt-9", "stream": True}, 404, "model", ""),
     ("completions", {"prompt": "x", "temperature": 0.5, "stream": True, "top_p": 2}, 400, "top_p", ""),
@@ -400,6 +401,22 @@ def test_fields_that_sdks_send_as_no_ops_are_accepted_and_typos_still_refused(se
         assert r.status_code == 400 and r.json()["error"]["param"] == typo
     r = server.http.post("/v1/chat/completions", json={**chat, "response_format": {"type": "json_object"}})
     assert r.status_code == 400 and r.json()["error"]["param"].startswith("response_format")
+
+
+@pytest.mark.parametrize("global_tree", ["on", "off"])
+def test_the_suffix_drafter_serves_plain_greedy_outputs_with_and_without_its_global_tree(folder, llm, global_tree):
+    """Requests that read the global tree, and one that opts out (suffix_global false), all answer
+    what plain decoding does; a server with --suffix-global off takes the field too."""
+    s = Server(folder, "--drafter", "suffix", "--suffix-global", global_tree, "--num-draft-tokens", "3",
+               "--api-key", KEY)
+    try:
+        for prompt, opt in (("the end the end", {}), ("the end the end", {}), ("the stop", {"suffix_global": False})):
+            r = s.client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, temperature=0,
+                                            extra_body={**EXTRA, **opt})
+            assert r.choices[0].model_extra["token_ids"] == greedy(llm, prompt, 40)
+            assert r.usage.model_extra["speculation"]["drafted"] > 0
+    finally:
+        s.stop()
 
 
 # --- values that used to kill the engine or answer 500 ------------------------------------------------

@@ -45,6 +45,9 @@ class SamplingParams:
     Penalties follow vLLM and OpenAI: repetition_penalty (1 = off) divides positive logits and
     multiplies negative ones of every token seen in the prompt or the output; frequency_penalty and
     presence_penalty (0 = off) subtract count * f + (count > 0) * p for tokens of the output.
+    suffix_global (the suffix drafter): False keeps this request out of the global tree over past
+    responses, so that it neither reads other requests' outputs nor adds its own (drafts only:
+    outputs never depend on it).
     """
 
     max_tokens: int = 128
@@ -60,6 +63,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    suffix_global: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -113,6 +117,8 @@ class SamplingParams:
             value = getattr(self, name)
             _require(_is_real(value) and -2 <= value <= 2, name,
                      f"{name}={value!r} is not allowed: it must be in [-2, 2] (0 means off)")
+        _require(isinstance(self.suffix_global, bool), "suffix_global",
+                 f"suffix_global={self.suffix_global!r} is not allowed: it must be true or false")
 
     @property
     def greedy(self) -> bool:

@@ -9,7 +9,8 @@ import torch
 
 from verispec import hub
 from verispec.config import RuntimeConfig, SamplingParams
-from verispec.drafters import DraftModelDrafter, Drafter, NgramDrafter
+from verispec.drafters import DraftModelDrafter, Drafter, NgramDrafter, SuffixDrafter
+from verispec.drafters.suffix import BUDGET, History
 from verispec.drafters.select import parse_drafter
 from verispec.engine.calibrate import (Calibration, calibration_path, drafter_costs_ms, load_calibration,
                                        save_calibration, verify_curve_ms)
@@ -45,12 +46,21 @@ class LLM:
 
     >>> llm = LLM("smollm2-135m-instruct")
     >>> llm.generate([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=32)).text
+
+    suffix_global (drafter 'suffix'): keep a global tree over past responses, shared by every
+    request of this LLM and its scheduler, of at most suffix_budget tokens (oldest responses
+    evicted first); False gives each request only its own prompt and output.
     """
 
     def __init__(self, model: str = hub.DEFAULT_MODEL, runtime: RuntimeConfig | None = None, *,
-                 drafter: str | None = None, num_draft_tokens: int | str = AUTO) -> None:
+                 drafter: str | None = None, num_draft_tokens: int | str = AUTO, suffix_global: bool = True,
+                 suffix_budget: int = BUDGET) -> None:
         runtime = runtime or RuntimeConfig()
         check_num_draft_tokens(num_draft_tokens)
+        if not isinstance(suffix_global, bool):
+            raise InvalidInputError(f"suffix_global={suffix_global!r} is not allowed: it must be True or False")
+        History(suffix_budget)  # a bad budget fails before any model loads
+        self.suffix_global, self.suffix_budget = suffix_global, suffix_budget
         parse_drafter(drafter)  # a bad name fails before any model loads
         if runtime.threads:
             torch.set_num_threads(runtime.threads)
@@ -93,10 +103,13 @@ class LLM:
         return scheduler
 
     def make_drafter(self, name: str | None) -> Drafter | None:
-        """A drafter for this target from its name: 'none', 'ngram' or 'draft:MODEL'."""
+        """A drafter for this target from its name: 'none', 'ngram', 'suffix' or 'draft:MODEL'. Each
+        suffix drafter made here has a global tree of its own (its forks share it)."""
         kind, draft_model = parse_drafter(name)
         if kind == "ngram":
             return NgramDrafter()
+        if kind == "suffix":
+            return SuffixDrafter(History(self.suffix_budget) if self.suffix_global else None)
         if kind == "draft":
             return DraftModelDrafter(self._load_draft_model(draft_model))
         return None

@@ -1,4 +1,5 @@
-"""Benchmark prompts: the bundled Spec-Bench questions (data/NOTICE.md) or a JSONL file of the same shape."""
+"""Benchmark prompts: the bundled Spec-Bench questions (data/NOTICE.md), the bundled repetitive
+workload (benchmarks/repetitive.py), or a JSONL file of the same shape."""
 
 from __future__ import annotations
 
@@ -17,15 +18,20 @@ class BenchPrompt:
     text: str  # the first turn
 
 
+BUNDLED = {"spec-bench": "spec_bench.jsonl", "repetitive": "repetitive.jsonl"}
+
+
 def load_prompts(source: str, categories: list[str] | None = None, per_category: int | None = None
                  ) -> list[BenchPrompt]:
-    """source: 'spec-bench' or a JSONL file with {"category", "turns": [...]} (or "prompt") per line."""
-    if source == "spec-bench":
-        text = resources.files("verispec.data").joinpath("spec_bench.jsonl").read_text()
+    """source: a bundled set (BUNDLED) or a JSONL file with {"category", "turns": [...]} (or "prompt")
+    per line. The prompts keep the file's order."""
+    if source in BUNDLED:
+        text = resources.files("verispec.data").joinpath(BUNDLED[source]).read_text()
     else:
         path = Path(source)
         if not path.is_file():
-            raise InvalidInputError(f"prompts={source!r} is not allowed: use 'spec-bench' or a JSONL file path")
+            raise InvalidInputError(f"prompts={source!r} is not allowed: use {', '.join(map(repr, BUNDLED))} "
+                                    "or a JSONL file path")
         text = path.read_text()
     prompts = []
     for number, line in enumerate(text.splitlines(), 1):

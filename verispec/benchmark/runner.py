@@ -18,7 +18,7 @@ from verispec.benchmark import baselines
 from verispec.benchmark.llamacpp import LlamaCpp
 from verispec.benchmark.prompts import BenchPrompt
 from verispec.config import SamplingParams
-from verispec.drafters.base import Drafter
+from verispec.drafters.base import Drafter, learns_across_requests
 from verispec.engine.calibrate import verify_curve_ms
 from verispec.engine.controller import Controller, ControllerConfig
 from verispec.engine.cost import CostModel, VerifyCurve
@@ -89,15 +89,28 @@ def run_bench(llm: LLM, prompts: list[BenchPrompt], drafters: list[str], taus: l
     external = _external_decoders(llm, configs, llamacpp)
     params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens)
     traces: dict[tuple[str, str], tuple[io.StringIO, TraceWriter]] = {}
+    learning: dict[tuple[str, int], Drafter | None] = {}
 
-    def one(config: Config, prompt: BenchPrompt, ids: list[int], tokens: int, record: bool, round_: int = 0) -> Run:
+    def drafter_of(config: Config, round_: int) -> Drafter | None:
+        """A drafter that learns from past outputs (suffix) learns once per config and round, from
+        the prompts before this one in file order: no config reads the answer another config, an
+        earlier round or the warm-up (round -1) gave to the same prompt."""
+        drafter = made.get(config.drafter)
+        if not learns_across_requests(drafter):
+            return drafter
+        if (config.name, round_) not in learning:
+            learning[config.name, round_] = llm.make_drafter(config.drafter)
+        return learning[config.name, round_]
+
+    def one(config: Config, prompt: BenchPrompt, ids: list[int], tokens: int, record: bool, round_: int) -> Run:
         if config.external:
             tok_s, output_ids = external[config.name](ids, tokens)
             return Run(config.name, prompt.category, prompt.question_id, tok_s, round_, None, output_ids or [])
+        drafter = drafter_of(config, round_)
         if config.tau == AUTO:
-            llm.engine.use(made.get(config.drafter), 0, controllers[config.drafter])
+            llm.engine.use(drafter, 0, controllers[config.drafter])
         else:
-            llm.engine.use(made.get(config.drafter), int(config.tau))
+            llm.engine.use(drafter, int(config.tau))
         request = Request(ids, SamplingParams(max_tokens=tokens, min_tokens=tokens), llm.eos_ids, llm.engine.capacity)
         trace = None
         if record:
@@ -115,7 +128,7 @@ def run_bench(llm: LLM, prompts: list[BenchPrompt], drafters: list[str], taus: l
                    list(request.output_ids))
 
     for config in configs:  # warm-up: first calls allocate and fill caches
-        one(config, prompts[0], encoded[0], 8, record=False)
+        one(config, prompts[0], encoded[0], 8, False, -1)
     runs: list[Run] = []
     jobs = [(r, prompt, ids) for r in range(rounds) for prompt, ids in zip(prompts, encoded)]
     for n, (r, prompt, ids) in enumerate(tqdm(jobs, desc="bench", disable=not progress)):

@@ -10,6 +10,7 @@ from typing import Any
 
 from verispec import hub
 from verispec.cli.flags import add_flags, from_flags
+from verispec.cli.generate import add_suffix_flag
 from verispec.config import RuntimeConfig
 from verispec.errors import InvalidInputError
 
@@ -17,10 +18,14 @@ from verispec.errors import InvalidInputError
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="speedup, acceptance and time split per prompt category")
     p.add_argument("--model", default=hub.DEFAULT_MODEL)
-    p.add_argument("--drafter", default="ngram", help="comma-separated: ngram,draft:MODEL")
-    p.add_argument("--prompts", default="spec-bench", help="spec-bench or a JSONL file")
+    p.add_argument("--drafter", default="ngram", help="comma-separated: ngram,suffix,draft:MODEL")
+    add_suffix_flag(p)
+    p.add_argument("--prompts", default="spec-bench",
+                   help="spec-bench, repetitive (benchmarks/repetitive.py: requests that repeat each other's "
+                        "answers), or a JSONL file; prompts run in file order")
     p.add_argument("--categories", default=None, help="comma-separated categories (default: all)")
-    p.add_argument("--per-category", type=int, default=2, help="prompts per category")
+    p.add_argument("--per-category", type=int, default=None,
+                   help="prompts per category (default: 2 of spec-bench, all of the others)")
     p.add_argument("--num-draft-tokens", default="1,2,4,8,auto", help="comma-separated taus; auto = the controller")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=1,
@@ -60,8 +65,10 @@ def run(args: argparse.Namespace) -> None:
         raise InvalidInputError(f"max_tokens={args.max_tokens} is not allowed: it must be >= 2")
     if args.rounds < 1:
         raise InvalidInputError(f"rounds={args.rounds} is not allowed: it must be >= 1")
-    prompts = load_prompts(args.prompts, args.categories.split(",") if args.categories else None, args.per_category)
-    llm = LLM(args.model, from_flags(RuntimeConfig, args))
+    per_category = args.per_category if args.per_category is not None else 2 if args.prompts == "spec-bench" else None
+    prompts = load_prompts(args.prompts, args.categories.split(",") if args.categories else None, per_category)
+    llm = LLM(args.model, from_flags(RuntimeConfig, args), suffix_global=args.suffix_global,
+              suffix_budget=args.suffix_budget)
     result = run_bench(llm, prompts, args.drafter.split(","), taus, args.max_tokens, baselines, rounds=args.rounds)
     traces = result.pop("traces")
     result["model"] = args.model

@@ -21,10 +21,21 @@ _KINDS: dict[str, dict[str, Any]] = {
 }
 
 
-def add_flags(parser: argparse.ArgumentParser, cls: type, help: dict[str, str] | None = None) -> None:
-    """One --flag per field of the dataclass cls; defaults stay the dataclass's."""
+def on_off(text: str) -> bool:
+    """A switch as flags write it: on or off."""
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed: use on or off")
+    return text == "on"
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type, help: dict[str, str] | None = None,
+              skip: tuple[str, ...] = ()) -> None:
+    """One --flag per field of the dataclass cls but those in skip (another flag sets them);
+    defaults stay the dataclass's."""
     group = parser.add_argument_group(cls.__name__)
     for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
         kind = _KINDS[str(f.type)]
         group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
                            help=(help or {}).get(f.name, f"default {f.default!r}"), **kind)

@@ -9,8 +9,9 @@ import sys
 from contextlib import ExitStack
 
 from verispec import hub
-from verispec.cli.flags import add_flags, from_flags
+from verispec.cli.flags import add_flags, from_flags, on_off
 from verispec.config import RuntimeConfig, SamplingParams
+from verispec.drafters.suffix import BUDGET
 from verispec.types import Output
 
 
@@ -24,15 +25,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="also run plain decoding and print the speedup and whether the outputs are identical")
     g.add_argument("--trace", metavar="FILE", help="write one JSON line per cycle (docs/trace.md)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
-    add_flags(g, SamplingParams)
+    add_flags(g, SamplingParams, skip=("suffix_global",))  # a drafter flag here: one request, one LLM
     add_flags(g, RuntimeConfig)
     g.set_defaults(run=run)
 
 
 def add_drafter_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--drafter", default="none", help="none | ngram (prompt lookup) | draft:MODEL (a draft model)")
+    p.add_argument("--drafter", default="none",
+                   help="none | ngram (prompt lookup) | suffix (suffix trees over the request and past "
+                        "responses) | draft:MODEL (a draft model)")
     p.add_argument("--num-draft-tokens", type=tau_flag, default="auto",
                    help="tokens drafted per cycle (tau): 1..15, or auto (a controller picks tau every cycle)")
+    add_suffix_flag(p)
+
+
+def add_suffix_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--suffix-global", type=on_off, default=True, metavar="on|off",
+                   help="suffix drafter: learn from past responses in a tree shared by all requests (default on); "
+                        "off: no request's outputs shape another's drafts")
+    p.add_argument("--suffix-budget", type=int, default=BUDGET, metavar="TOKENS",
+                   help=f"suffix drafter: tokens of past responses the global tree keeps, oldest evicted first "
+                        f"(default {BUDGET})")
 
 
 def tau_flag(text: str) -> int | str:
@@ -46,7 +59,8 @@ def run(args: argparse.Namespace) -> None:
 
     params = from_flags(SamplingParams, args)
     llm = LLM(args.model, from_flags(RuntimeConfig, args), drafter=args.drafter,
-              num_draft_tokens=args.num_draft_tokens)
+              num_draft_tokens=args.num_draft_tokens, suffix_global=args.suffix_global,
+              suffix_budget=args.suffix_budget)
     with ExitStack() as stack:
         trace = None
         if args.trace:

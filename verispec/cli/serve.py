@@ -44,7 +44,8 @@ def run(args: argparse.Namespace) -> None:
 
     config = from_flags(ServeConfig, args)
     llm = LLM(args.model, from_flags(RuntimeConfig, args), drafter=args.drafter,
-              num_draft_tokens=args.num_draft_tokens)
+              num_draft_tokens=args.num_draft_tokens, suffix_global=args.suffix_global,
+              suffix_budget=args.suffix_budget)
     scheduler = llm.scheduler(config.max_concurrency, config.max_queue)
     app = create_app(llm, scheduler, config, config.served_model_name or args.model)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")

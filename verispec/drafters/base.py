@@ -65,6 +65,17 @@ class Drafter(Protocol):
         random stream), so that q is shaped like the target's p."""
 
 
+def learns_across_requests(drafter: Drafter | None) -> bool:
+    return hasattr(drafter, "finish")
+
+
+def finish(drafter: Drafter, output_ids: Sequence[int]) -> None:
+    """A request ended with these outputs (stop or length; not when cancelled or failed). The
+    optional `finish(output_ids)` of a cross-request drafter (suffix) hears it; others have none."""
+    if learns_across_requests(drafter):
+        drafter.finish(output_ids)  # type: ignore[attr-defined]
+
+
 def propose_all(jobs: Sequence[tuple[Drafter, Sequence[int], int]]) -> list[DraftProposal]:
     """Proposals for several sequences: (drafter, context, k) each. Drafters with the same
     `batch_key` (draft models sharing weights) draft together through their class's propose_many."""

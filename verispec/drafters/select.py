@@ -1,18 +1,18 @@
-"""Drafter names as users write them: 'none', 'ngram' or 'draft:MODEL'."""
+"""Drafter names as users write them: 'none', 'ngram', 'suffix' or 'draft:MODEL'."""
 
 from __future__ import annotations
 
 from verispec.errors import InvalidInputError
 
-DRAFTERS = ("none", "ngram", "draft:MODEL")
+DRAFTERS = ("none", "ngram", "suffix", "draft:MODEL")
 
 
 def parse_drafter(name: str | None) -> tuple[str, str | None]:
-    """-> (kind, model): ('none', None), ('ngram', None) or ('draft', MODEL)."""
+    """-> (kind, model): ('none', None), ('ngram', None), ('suffix', None) or ('draft', MODEL)."""
     if name in (None, "none"):
         return "none", None
-    if name == "ngram":
-        return "ngram", None
+    if name in ("ngram", "suffix"):
+        return name, None
     if isinstance(name, str) and name.startswith("draft:") and name[len("draft:"):]:
         return "draft", name[len("draft:"):]
     raise InvalidInputError(f"drafter={name!r} is not allowed; allowed: {', '.join(DRAFTERS)} "

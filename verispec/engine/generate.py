@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from verispec import tree
-from verispec.drafters.base import DraftProposal, Drafter, propose_all
+from verispec.drafters.base import DraftProposal, Drafter, finish, propose_all
 from verispec.engine.controller import Controller
 from verispec.engine.request import Request
 from verispec.engine.trace import TraceWriter
@@ -177,6 +177,8 @@ def _commit(seq: Sequence, tau: int, proposal: DraftProposal, accepted: int, tok
     if nodes:
         seq.drafter.observe(accepted)
     kept = tokens[: request.commit(tokens)]
+    if request.finished and seq.drafter is not None:
+        finish(seq.drafter, request.output_ids)
     stats.draft_s += t1 - t0
     stats.verify_s += t2 - t1
     stats.target_forwards += 1
