@@ -90,7 +90,7 @@ def test_cli_compare_runs_speculation_beside_plain(tiny_llm_folder, capsys):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--drafter", "oracle"], "drafter='oracle' is not allowed; allowed: none, ngram, suffix, draft:MODEL"),
+    (["--drafter", "oracle"], "drafter='oracle' is not allowed; allowed: none, ngram, ngram-tree, suffix, suffix-tree, draft:MODEL"),
     (["--drafter", "ngram", "--num-draft-tokens", "0"], "num_draft_tokens=0 is not allowed"),
 ])
 def test_cli_bad_drafter_settings_exit_2(tiny_llm_folder, capsys, args, message):

@@ -11,7 +11,7 @@ from verispec import hub
 from verispec.config import RuntimeConfig, SamplingParams
 from verispec.drafters import DraftModelDrafter, Drafter, NgramDrafter, SuffixDrafter
 from verispec.drafters.suffix import BUDGET, History
-from verispec.drafters.select import parse_drafter
+from verispec.drafters.select import TREE, parse_drafter
 from verispec.engine.calibrate import (Calibration, calibration_path, drafter_costs_ms, load_calibration,
                                        save_calibration, verify_curve_ms)
 from verispec.engine.controller import Controller
@@ -103,13 +103,15 @@ class LLM:
         return scheduler
 
     def make_drafter(self, name: str | None) -> Drafter | None:
-        """A drafter for this target from its name: 'none', 'ngram', 'suffix' or 'draft:MODEL'. Each
-        suffix drafter made here has a global tree of its own (its forks share it)."""
+        """A drafter for this target from its name: 'none', 'ngram', 'suffix' (their '-tree' forms
+        propose trees) or 'draft:MODEL'. Each suffix drafter made here has a global tree of its own
+        (its forks share it)."""
         kind, draft_model = parse_drafter(name)
-        if kind == "ngram":
-            return NgramDrafter()
-        if kind == "suffix":
-            return SuffixDrafter(History(self.suffix_budget) if self.suffix_global else None)
+        tree = kind.endswith(TREE)
+        if kind.startswith("ngram"):
+            return NgramDrafter(tree=tree)
+        if kind.startswith("suffix"):
+            return SuffixDrafter(History(self.suffix_budget) if self.suffix_global else None, tree=tree)
         if kind == "draft":
             return DraftModelDrafter(self._load_draft_model(draft_model))
         return None

@@ -33,6 +33,8 @@ class DraftProposal:
 
     def __post_init__(self) -> None:
         k = len(self.token_ids)
+        if isinstance(self.fed, bool) or not isinstance(self.fed, int) or self.fed < 0:
+            raise DraftProposalError(f"fed={self.fed!r}: the tokens taken in before drafting, an integer >= 0")
         if self.parents is not None:
             tree.check(self.parents, k)
         if self.probs is not None and (self.probs.dim() != 2 or self.probs.shape[0] != k):

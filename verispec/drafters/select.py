@@ -1,17 +1,20 @@
-"""Drafter names as users write them: 'none', 'ngram', 'suffix' or 'draft:MODEL'."""
+"""Drafter names as users write them: 'none', 'ngram', 'suffix', their tree-proposing forms
+'ngram-tree' and 'suffix-tree', or 'draft:MODEL'."""
 
 from __future__ import annotations
 
 from verispec.errors import InvalidInputError
 
-DRAFTERS = ("none", "ngram", "suffix", "draft:MODEL")
+DRAFTERS = ("none", "ngram", "ngram-tree", "suffix", "suffix-tree", "draft:MODEL")
+TREE = "-tree"
 
 
 def parse_drafter(name: str | None) -> tuple[str, str | None]:
-    """-> (kind, model): ('none', None), ('ngram', None), ('suffix', None) or ('draft', MODEL)."""
+    """-> (kind, model): ('none', None), ('ngram' | 'ngram-tree' | 'suffix' | 'suffix-tree', None)
+    or ('draft', MODEL)."""
     if name in (None, "none"):
         return "none", None
-    if name in ("ngram", "suffix"):
+    if name in DRAFTERS[1:5]:
         return name, None
     if isinstance(name, str) and name.startswith("draft:") and name[len("draft:"):]:
         return "draft", name[len("draft:"):]

@@ -67,10 +67,11 @@ class SuffixDrafter:
     """Two suffix trees: this request's (prompt + committed output, grown by each committed token)
     and the shared History (None: off for this drafter and its forks). Each proposes a speculation
     tree from its longest match; the one with the higher score (expected accepted tokens) wins.
-    A request whose params say suffix_global=False neither reads nor feeds the History."""
+    A request whose params say suffix_global=False neither reads nor feeds the History.
+    tree: propose the speculation tree itself (its k most probable nodes), not its best path."""
 
     def __init__(self, history: History | None = None, depth: int = DEPTH, factor: float = FACTOR,
-                 floor: float = FLOOR) -> None:
+                 floor: float = FLOOR, tree: bool = False) -> None:
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 2:
             raise InvalidInputError(f"suffix depth={depth!r} is not allowed: it must be an integer >= 2")
         if not (isinstance(factor, (int, float)) and factor > 0):
@@ -79,11 +80,11 @@ class SuffixDrafter:
             raise InvalidInputError(f"suffix floor={floor!r} is not allowed: it must be a probability in [0, 1]")
         if history is not None and history.tree.depth != depth:
             raise InvalidInputError(f"suffix depth={depth} differs from the global tree's {history.tree.depth}")
-        self.history, self.depth, self.factor, self.floor = history, depth, factor, floor
+        self.history, self.depth, self.factor, self.floor, self.tree = history, depth, factor, floor, tree
         self.reset()
 
     def fork(self) -> SuffixDrafter:
-        return SuffixDrafter(self.history, self.depth, self.factor, self.floor)
+        return SuffixDrafter(self.history, self.depth, self.factor, self.floor, self.tree)
 
     def reset(self, sampler: Sampler | None = None) -> None:
         self._restart()
@@ -106,8 +107,11 @@ class SuffixDrafter:
             self.history.add(output_ids)
 
     def propose(self, context: Sequence[int], k: int) -> DraftProposal:
-        """The best path of the speculation tree: a tree as large as the match allows, so that
-        siblings above the floor do not shorten the chain."""
+        """tree: the speculation tree's k most probable nodes; otherwise its best path, from a tree
+        as large as the match allows, so that siblings above the floor do not shorten the chain."""
+        if self.tree:
+            s = self.speculate(context, k)
+            return DraftProposal(s.token_ids, parents=s.parents)
         return DraftProposal(self.speculate(context).best_path()[:k])
 
     def speculate(self, context: Sequence[int], limit: int | None = None) -> Speculation:
