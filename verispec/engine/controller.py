@@ -154,7 +154,7 @@ class TreeAcceptance:
     def observe(self, budget: int, accepted: int, path: Sequence[int] | None = None) -> None:
         """A cycle of `budget` nodes kept a path of depth `accepted`; path: its nodes (1..budget)."""
         budget = min(budget, len(self._kept))
-        for m in range(1, budget + 1) if path is not None else [budget] if budget > 0 else []:
+        for m in range(1 if path is not None else max(budget, 1), budget + 1):
             depth = accepted if path is None else sum(node <= m for node in path)
             kept, tried, w, d = self._kept[m - 1], self._tried[m - 1], self._prior_weight[m - 1], self._decay
             for j in range(min(depth + 1, m)):  # the depths the kept path reached
