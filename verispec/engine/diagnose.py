@@ -92,8 +92,8 @@ def diagnose(trace: Trace) -> Report:
     offered = offered_by_position((int(c["tau"]), n) for c, n in zip(cycles, nodes))
     alphas = conditional_acceptance((int(c["drafted"]), int(c["accepted"])) for c in drafting)
     tree = any(n > c["drafted"] for c, n in zip(cycles, nodes))
-    budgets = max(int(c["tau"]) for c in cycles)
-    by_budget = _tree_acceptance(cycles, max(budgets, SHOWN_TAUS[-1])).by_budget() if tree else None
+    largest = max([int(c["tau"]) for c in cycles] + [SHOWN_TAUS[-1]])
+    by_budget = _tree_acceptance(cycles, largest).by_budget() if tree else None
     pricing = Pricing(alphas, offered, by_budget)
 
     # 2. costs; a draft model's intake of the prompt is priced per token fed, not per draft
