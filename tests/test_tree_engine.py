@@ -1,6 +1,7 @@
 """Draft trees through the engine: greedy output equals plain output token for token with trees of
 depth 3 and width 3 on every backend, alone and batched beside chains and prefill chunks; a tree
-cycle's trace line carries its node count; malformed proposals are refused by name."""
+cycle's trace line carries its node count, parents and kept path, and stats, the controller, diagnose and
+replay count its nodes; malformed proposals are refused by name."""
 
 from __future__ import annotations
 
@@ -141,6 +142,39 @@ def test_replay_runs_the_tree_cycles_the_engine_runs(llm):
     replayed = replay(OracleTree(prompt + want, llm.target.config.vocab_size), request.sampler, prompt, want, 18,
                       model)
     assert (len(replayed.taus), replayed.drafted, replayed.accepted) == (stats.cycles, stats.drafted, stats.accepted)
+
+
+def test_stats_trace_controller_diagnose_and_replay_count_a_trees_nodes(llm, tmp_path):
+    """Every consumer reads the same tree cycles: the trace carries the shape (nodes, parents) and the
+    kept path, Stats sum the nodes, the controller switches to node budgets, diagnose reports the mean
+    node count and replay verifies as many nodes as the engine did."""
+    from verispec.benchmark.replay import replay
+    from verispec.engine.controller import Controller
+    from verispec.engine.cost import CostModel, VerifyCurve
+    from verispec.engine.diagnose import diagnose
+    from verispec.engine.trace import read_trace
+    from verispec.tree import depths
+
+    prompt = llm.encode("the quick brown fox jumps over")
+    want = plain(llm, prompt)
+    controller = Controller()
+    engine = Engine(llm.target, OracleTree(prompt + want, llm.target.config.vocab_size), 0, controller)
+    request = Request(prompt, GREEDY, llm.eos_ids, engine.capacity)
+    with open(tmp_path / "trace.jsonl", "w") as f:
+        stats = engine.run(request, trace=TraceWriter(f, target_step_ms=10.0))
+    assert request.output_ids == want and controller.tree
+    trace = read_trace(tmp_path / "trace.jsonl")
+    trees = [c for c in trace.cycles if "parents" in c]
+    assert trees and all(c["nodes"] == len(c["parents"]) and c["drafted"] == max(depths(c["parents"]))
+                         and len(c["path"]) == c["accepted"] for c in trees)
+    assert stats.nodes == sum(c["nodes"] for c in trace.cycles) > stats.drafted
+    report = diagnose(trace)
+    assert report.tree and report.mean_nodes == pytest.approx(stats.mean_nodes, abs=1e-3)
+    model = CostModel(VerifyCurve(tuple(10.0 + i for i in range(20))), draft_ms=0.5)
+    replayed = replay(OracleTree(prompt + want, llm.target.config.vocab_size), request.sampler, prompt, want, 6,
+                      model)
+    fixed = Engine(llm.target, OracleTree(prompt + want, llm.target.config.vocab_size), 6)
+    assert replayed.nodes == fixed.run(Request(prompt, GREEDY, llm.eos_ids, fixed.capacity)).nodes
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -10,7 +10,8 @@ from typing import Any
 class Stats:
     """What one generation cost: token counts, wall times in seconds summed over the request (prefill,
     decode; inside decode the drafter's and the verifying target's share), and speculation: cycles,
-    drafts (the cycles that drafted), draft tokens verified (`drafted`) and accepted, per position."""
+    drafts (the cycles that drafted), draft positions (`drafted`) and accepted, per position, and the
+    draft tokens the target verified (`nodes`: a chain's equal its positions, a tree's exceed its depth)."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -23,16 +24,19 @@ class Stats:
     drafts: int = 0
     drafted: int = 0
     accepted: int = 0
+    nodes: int = 0
     accepted_per_position: list[int] = field(default_factory=list)
     drafted_per_position: list[int] = field(default_factory=list)
     # position i is tried when it was drafted and drafts 0..i-1 were accepted
     tried_per_position: list[int] = field(default_factory=list)
 
-    def record_cycle(self, drafted: int, accepted: int) -> None:
+    def record_cycle(self, drafted: int, accepted: int, nodes: int | None = None) -> None:
+        """drafted and accepted: positions (a tree's depth, its kept path's); nodes: None for a chain."""
         self.cycles += 1
         self.drafts += drafted > 0
         self.drafted += drafted
         self.accepted += accepted
+        self.nodes += drafted if nodes is None else nodes
         for counts, n in ((self.drafted_per_position, drafted), (self.accepted_per_position, accepted),
                           (self.tried_per_position, min(drafted, accepted + 1))):
             counts.extend([0] * max(0, drafted - len(counts)))
@@ -59,6 +63,11 @@ class Stats:
         return 1 + self.accepted / self.drafts if self.drafts else 0.0
 
     @property
+    def mean_nodes(self) -> float:
+        """Draft tokens verified per cycle that drafted (a chain's mean length; a tree's mean size)."""
+        return self.nodes / self.drafts if self.drafts else 0.0
+
+    @property
     def tokens_per_cycle(self) -> float:
         """Tokens committed per target forward of decoding, over every cycle, plain ones included."""
         return 1 + self.accepted / self.cycles if self.cycles else 0.0
@@ -71,6 +80,7 @@ class Stats:
         return {**asdict(self), "decode_tokens_per_s": round(self.decode_tokens_per_s, 3),
                 "acceptance_rate": round(self.acceptance_rate, 4),
                 "mean_accepted_length": round(self.mean_accepted_length, 4),
+                "mean_nodes": round(self.mean_nodes, 4),
                 "tokens_per_cycle": round(self.tokens_per_cycle, 4),
                 "per_position_acceptance": [round(a, 4) for a in self.per_position_acceptance],
                 "conditional_acceptance": [round(a, 4) for a in self.conditional_acceptance]}

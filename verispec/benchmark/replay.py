@@ -27,8 +27,9 @@ class Replayed:
     tokens: int
     ms: float  # priced by the cost model
     taus: tuple[int, ...]  # τ of every cycle
-    drafted: int
+    drafted: int  # draft positions (a tree's depth), summed over the cycles
     accepted: int
+    nodes: int  # draft tokens verified (a chain's equal its positions)
 
     def speedup(self, model: CostModel) -> float:
         """Against plain decoding: one token per T(1)."""
@@ -40,7 +41,7 @@ def replay(drafter: Drafter, sampler: Sampler, prompt_ids: Sequence[int], output
     """The cycles of `policy` (a fixed τ, or a controller that keeps learning) over output_ids."""
     rng = random.Random(seed)
     drafter.reset(sampler)
-    done, ms, taus, drafted, kept = 0, 0.0, [], 0, 0
+    done, ms, taus, drafted, kept, verified = 0, 0.0, [], 0, 0, 0
     context = list(prompt_ids)
     while done < len(output_ids):
         # as the engine asks: with the drafter's backlog and the tokens the request may still generate
@@ -58,10 +59,10 @@ def replay(drafter: Drafter, sampler: Sampler, prompt_ids: Sequence[int], output
         verify_ms = model.curve(len(drafts) + 1)
         if isinstance(policy, Controller):
             policy.observe(tau, positions, accepted, draft_ms, verify_ms * max(0.1, 1 + rng.gauss(0, noise)),
-                           proposal.fed)
+                           proposal.fed, len(drafts), path)
         ms += draft_ms + verify_ms
         context += output_ids[done: done + accepted + 1]
         done += accepted + 1
         taus.append(tau)
-        drafted, kept = drafted + positions, kept + accepted
-    return Replayed(len(output_ids), ms, tuple(taus), drafted, kept)
+        drafted, kept, verified = drafted + positions, kept + accepted, verified + len(drafts)
+    return Replayed(len(output_ids), ms, tuple(taus), drafted, kept, verified)

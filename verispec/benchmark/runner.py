@@ -279,7 +279,7 @@ def _speculation(runs: list[Run], traces: list[tuple[io.StringIO, TraceWriter]],
     total = Stats()
     for r in runs:
         s = r.stats
-        for name in ("cycles", "drafts", "drafted", "accepted", "decode_s", "draft_s", "verify_s"):
+        for name in ("cycles", "drafts", "drafted", "accepted", "nodes", "decode_s", "draft_s", "verify_s"):
             setattr(total, name, getattr(total, name) + getattr(s, name))
     lines = [line for buf, _ in traces for line in buf.getvalue().splitlines()]
     curve = {str(k): plain_ms * verify_ms[k] / verify_ms[1] for k in sorted(verify_ms)}
@@ -290,6 +290,8 @@ def _speculation(runs: list[Run], traces: list[tuple[io.StringIO, TraceWriter]],
         "mean_accepted_length": round(total.mean_accepted_length, 3),
         "tokens_per_cycle": round(total.tokens_per_cycle, 3),
         "conditional_acceptance": report.conditional_acceptance,
+        "mean_nodes": round(total.mean_nodes, 3),
+        **({"tokens_by_budget": report.tokens_by_budget} if report.tree else {}),
         "time_split": {"draft": round(total.draft_s / total.decode_s, 4), "verify": round(total.verify_s / total.decode_s, 4),
                        "other": round(1 - (total.draft_s + total.verify_s) / total.decode_s, 4)},
         "predicted_speedup": report.predicted_speedup,

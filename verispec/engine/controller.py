@@ -1,6 +1,8 @@
 """Adaptive τ: before every cycle, the τ (0 = a plain step) that maximises expected committed tokens
 per second under the cost model, from online estimates of the acceptance by position, the share of
-cycles in which the drafter proposes, its cost per token and the verify curve T(k).
+cycles in which the drafter proposes, its cost per token and the verify curve T(k). For a tree
+drafter τ is the node budget: once a cycle verified a tree (more nodes than depth), acceptance is
+estimated per budget and depth (`TreeAcceptance`) and every cycle is priced by its node count.
 
 Speculation can only lose when the estimates are wrong, so they track the recent past (exponential
 decay) and, while speculation is off, a probe every so often (a bounded share of cycles) measures
@@ -10,10 +12,11 @@ calibrated one (`VerifyTimes`), so a calibration taken in a busier or quieter ho
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from verispec.engine.cost import CostModel, VerifyCurve
+from verispec.engine.cost import CostModel, VerifyCurve, budget_tokens
 
 # Without a calibration, the shape of the verify curve: T(k) = T(1) * (1 + GROWTH_GUESS * (k - 1))
 GROWTH_GUESS = 0.1
@@ -127,9 +130,58 @@ class DraftCosts:
         return d, g
 
 
+class TreeAcceptance:
+    """α_j(n) for node budgets n = 1..max_budget and depths j < n: P(the kept path goes deeper than j |
+    it reached j) among the cycles of budget n (a tree's bottom and an empty proposal count as stops at
+    their depth; the cost model's E(n) = 1 + Σ_j Π_{i≤j} α_i(n)).
+
+    A cycle of budget τ also tells what every budget m < τ would have kept: the engine cuts a tree to
+    its first τ nodes, which contain the first m, and the kept path's prefix among nodes 1..m is what a
+    tree of those m nodes keeps (siblings are tried in node order, under the same uniforms); so one
+    cycle with its kept path updates every budget up to its own. This takes a drafter's tree at budget
+    m to be the first m nodes of its tree at τ (true of best-first trees); without the path only τ is
+    updated. Counts are decayed per budget as it is updated. A prior counts as prior_weight
+    observations and fades like them: at budget 1 prior_alpha; at budget n the estimate at n − 1 (a
+    bigger tree accepts at least as deep), and at its new depth n − 1 the estimate at depth n − 2 (as
+    for chains), so a budget never run is believed a little better than the one below and gets tried."""
+
+    def __init__(self, max_budget: int, prior_alpha: float, prior_weight: float, decay: float) -> None:
+        self._prior_alpha, self._decay = prior_alpha, decay
+        self._kept = [[0.0] * n for n in range(1, max_budget + 1)]  # [budget - 1][depth]
+        self._tried = [[0.0] * n for n in range(1, max_budget + 1)]
+        self._prior_weight = [[prior_weight] * n for n in range(1, max_budget + 1)]
+
+    def observe(self, budget: int, accepted: int, path: Sequence[int] | None = None) -> None:
+        """A cycle of `budget` nodes kept a path of depth `accepted`; path: its nodes (1..budget)."""
+        budget = min(budget, len(self._kept))
+        for m in range(1 if path is not None else max(budget, 1), budget + 1):
+            depth = accepted if path is None else sum(node <= m for node in path)
+            kept, tried, w, d = self._kept[m - 1], self._tried[m - 1], self._prior_weight[m - 1], self._decay
+            for j in range(min(depth + 1, m)):  # the depths the kept path reached
+                tried[j] = d * tried[j] + 1
+                kept[j] = d * kept[j] + (j < depth)
+                w[j] *= d
+
+    def by_budget(self) -> list[list[float]]:
+        """[max_budget]: α_j(n) for n = 1..max_budget, j < n, as CostModel.best_budget reads them."""
+        out: list[list[float]] = []
+        for kept, tried, weights in zip(self._kept, self._tried, self._prior_weight):
+            alphas: list[float] = []
+            for j, (k, t, w) in enumerate(zip(kept, tried, weights)):
+                prior = out[-1][j] if out and j < len(out[-1]) else alphas[-1] if alphas else self._prior_alpha
+                alphas.append((k + w * prior) / (t + w))
+            out.append(alphas)
+        return out
+
+    @property
+    def guessing(self) -> bool:
+        """Nothing seen yet at depth 0 of any budget: the estimates are still the prior's."""
+        return all(w[0] >= 0.5 for w in self._prior_weight)
+
+
 @dataclass(frozen=True)
 class ControllerConfig:
-    max_tau: int = 8
+    max_tau: int = 8  # for a tree drafter, the largest node budget
     decay: float = 0.95  # weight of the past per observation (a window of ~20 observations)
     time_decay: float = 0.95  # the same for verify times, noisier per cycle and slower to change
     prior_alpha: float = 0.5  # what position 0 is believed to accept before anything was seen
@@ -152,6 +204,8 @@ class Controller:
         self._times = VerifyTimes(prior.curve if prior is not None else None, c.max_tau + 1, c.time_decay)
         self._draft = DraftCosts(prior.draft_ms if prior is not None else 0.0,
                                  prior.feed_ms if prior is not None else 0.0, c.decay)
+        self._trees = TreeAcceptance(c.max_tau, c.prior_alpha, c.prior_weight, c.decay)
+        self.tree = False  # has a cycle verified a tree? then τ is a node budget, chosen by the tree model
         self._since_probe = 0
         self._interval = c.probe_interval
         self._since_explore = 0
@@ -173,7 +227,7 @@ class Controller:
 
     @property
     def offered(self) -> list[float]:
-        """P(the drafter proposes more than i tokens | asked for more than i)."""
+        """P(the drafter proposes more than i tokens (a tree: nodes) | asked for more than i)."""
         return [n / a for n, a in zip(self._longer, self._asked)]
 
     def cost_model(self) -> CostModel | None:
@@ -192,8 +246,8 @@ class Controller:
         model = self.cost_model()
         if model is None:
             return self._decide(0, "measuring T(1)")
-        tau, speedup = model.best_tau(self.alphas, c.max_tau, self.offered)
-        if tau > 0 and self._prior_weight[0] < 0.5 and not self._repays(model, speedup, backlog, remaining):
+        tau, speedup = self._best(model)
+        if tau > 0 and not self._guessing and not self._repays(model, speedup, backlog, remaining):
             # (while acceptance is still the prior's guess, only the probe rule below holds it back)
             return self._decide(0, "backlog", model, speedup)
         if tau > 0:
@@ -216,6 +270,15 @@ class Controller:
                 return self._decide(c.probe_tau, "probe", model, speedup)
         return self._decide(0, "off", model, speedup)
 
+    def _best(self, model: CostModel) -> tuple[int, float]:
+        if self.tree:
+            return model.best_budget(self._trees.by_budget(), self.offered)
+        return model.best_tau(self.alphas, self.config.max_tau, self.offered)
+
+    @property
+    def _guessing(self) -> bool:
+        return self._trees.guessing if self.tree else self._prior_weight[0] >= 0.5
+
     @staticmethod
     def _repays(model: CostModel, speedup: float, backlog: int, remaining: int | None) -> bool:
         """Would speculating at `speedup` over the remaining tokens save more than the backlog costs?"""
@@ -223,22 +286,28 @@ class Controller:
             return True
         return (1 - 1 / speedup) * model.t1 * remaining > model.feed_ms * backlog
 
-    def observe(self, tau: int, drafted: int, accepted: int, draft_ms: float, verify_ms: float, fed: int = 0) -> None:
+    def observe(self, tau: int, drafted: int, accepted: int, draft_ms: float, verify_ms: float, fed: int = 0,
+                nodes: int | None = None, path: Sequence[int] | None = None) -> None:
         """One cycle: τ asked, drafts proposed and accepted, its draft and verify times, and the tokens
-        the drafter took in before drafting."""
+        the drafter took in before drafting. For a tree, drafted and accepted are depths, nodes its node
+        count (None: a chain, nodes = drafted: the forward verified nodes + 1 rows and the drafter made
+        nodes tokens) and path the kept path's nodes (None: a chain's, 1..accepted)."""
         c = self.config
-        self._times.observe(drafted + 1, verify_ms)
+        nodes = drafted if nodes is None else nodes
+        self.tree = self.tree or nodes > drafted
+        self._times.observe(nodes + 1, verify_ms)
         if tau == 0:
             return
+        self._trees.observe(tau, accepted, range(1, accepted + 1) if path is None else path)
         if self.last.get("why") == "probe" and accepted > 0 and self._could_pay(self.cost_model()):
             # acceptance may be back, and it is what keeps speculation off: look again at once
             self._since_probe, self._interval = self.config.probe_interval, self.config.probe_interval
         for i in range(min(tau, c.max_tau)):
             self._asked[i] = c.decay * self._asked[i] + 1
-            self._longer[i] = c.decay * self._longer[i] + (drafted > i)
+            self._longer[i] = c.decay * self._longer[i] + (nodes > i)
         if drafted == 0:
             return
-        self._draft.observe(drafted, fed, draft_ms)
+        self._draft.observe(nodes, fed, draft_ms)
         for i in range(min(drafted, c.max_tau, accepted + 1)):  # drafted positions that were reached
             self._tried[i] = c.decay * self._tried[i] + 1
             self._kept[i] = c.decay * self._kept[i] + (i < accepted)
@@ -255,6 +324,10 @@ class Controller:
     def _decide(self, tau: int, why: str, model: CostModel | None = None, speedup: float | None = None) -> int:
         self.last = {"tau": tau, "why": why, "alphas": [round(a, 3) for a in self.alphas[:4]],
                      "offered": [round(o, 3) for o in self.offered[:4]]}
+        if self.tree:  # the per-depth acceptance at the budget chosen, and E(n) at every budget
+            by_budget = self._trees.by_budget()
+            self.last["alphas"] = [round(a, 3) for a in by_budget[tau - 1][:4]] if tau > 0 else []
+            self.last["tokens_by_budget"] = [round(e, 3) for e in budget_tokens(by_budget)]
         if model is not None:
             self.last.update(draft_ms_per_token=round(model.draft_ms, 4), feed_ms_per_token=round(model.feed_ms, 4),
                              target_step_ms=round(model.t1, 3))

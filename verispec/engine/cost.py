@@ -15,6 +15,17 @@ curve steps up at some row counts), so T at the mean D would underprice a drafte
 (E(τ) tokens at feed_ms each: its cache catching up); n-gram lookup has no such cost.
 With one α, offered = 1 and T(k) = T(1) this is Leviathan et al. 2023: E = (1 − α^(τ+1)) / (1 − α) and speedup
 E / (τ·c + 1), with c = d / T(1). The controller, bench and diagnose all use this module.
+
+A tree drafter (τ = its node budget n) verifies the nodes it proposes, not its depth: a cycle costs
+N·d + T(1 + N) with N the nodes proposed, priced over N's law exactly as D above (offered_i =
+P(more than i nodes | budget > i)), and commits 1 + the depth of the kept path. Per budget, with
+α_j(n) = P(the kept path goes deeper than j | it reached j) at budget n (the tree's bottom and an
+empty proposal count as stops there),
+
+    E(n)     = 1 + Σ_j Π_{i≤j} α_i(n)            = 1 + the mean accepted depth at budget n
+
+held non-decreasing in n (the first n nodes of a tree are a subtree of its first n + 1, so a bigger
+budget never accepts less; a measured dip is noise). A 12-node tree of depth 4 costs T(13), not T(5).
 """
 
 from __future__ import annotations
@@ -85,7 +96,16 @@ class CostModel:
         return sum(p * (d * self.draft_ms + self.curve(1 + d)) for d, p in enumerate(law))
 
     def speedup(self, alphas: Sequence[float], tau: int, offered: Sequence[float] = ALWAYS) -> float:
-        tokens = expected_tokens(alphas, tau, offered)
+        return self._speedup(expected_tokens(alphas, tau, offered), tau, offered)
+
+    def tree_speedup(self, alphas_by_budget: Sequence[Sequence[float]], budget: int,
+                     offered: Sequence[float] = ALWAYS) -> float:
+        """A tree drafter at node budget `budget`: alphas_by_budget[n - 1] is α_j(n) for n = 1..; offered
+        counts nodes, so verification is priced by the nodes proposed."""
+        tokens = budget_tokens(alphas_by_budget)[budget - 1] if budget > 0 else 1.0
+        return self._speedup(tokens, budget, offered)
+
+    def _speedup(self, tokens: float, tau: int, offered: Sequence[float]) -> float:
         feed = self.feed_ms * tokens if tau > 0 else 0.0  # speculating every cycle, a draft model takes these in
         return tokens * self.t1 / (self.cycle_ms(tau, offered) + feed)
 
@@ -93,6 +113,12 @@ class CostModel:
                  ) -> tuple[int, float]:
         """(τ, speedup) maximising the speedup over τ = 0..max_tau (τ = 0 is plain decoding: 1.0)."""
         return max(((tau, self.speedup(alphas, tau, offered)) for tau in range(max_tau + 1)), key=lambda x: x[1])
+
+    def best_budget(self, alphas_by_budget: Sequence[Sequence[float]], offered: Sequence[float] = ALWAYS
+                    ) -> tuple[int, float]:
+        """(node budget, speedup) maximising a tree drafter's speedup over budgets 0..len(alphas_by_budget)."""
+        return max(((n, self.tree_speedup(alphas_by_budget, n, offered)) for n in range(len(alphas_by_budget) + 1)),
+                   key=lambda x: x[1])
 
     def alpha_for(self, target_speedup: float, max_tau: int = MAX_TAU, offered: Sequence[float] = ALWAYS
                   ) -> float | None:
@@ -141,6 +167,20 @@ def expected_tokens(alphas: Sequence[float], tau: int, offered: Sequence[float] 
         reach *= at(alphas, i)
         total += at(offered, i) * reach
     return total
+
+
+def tree_tokens(alphas: Sequence[float]) -> float:
+    """E at one node budget: 1 + Σ_j Π_{i≤j} α_i over the depths given (none is believed beyond them)."""
+    total, reach = 1.0, 1.0
+    for alpha in alphas:
+        reach *= alpha
+        total += reach
+    return total
+
+
+def budget_tokens(alphas_by_budget: Sequence[Sequence[float]]) -> list[float]:
+    """[budgets]: E(n) for n = 1.., held non-decreasing in n."""
+    return list(accumulate((tree_tokens(a) for a in alphas_by_budget), max))
 
 
 def offered_by_position(cycles: Iterable[tuple[int, int]]) -> list[float]:

@@ -112,17 +112,18 @@ def step(target: Transformer, sequences: Seq[Sequence], prefill_budget: int | No
         if proposal.parents is None:
             accepted, tokens = _verify_chain(seq, proposal, rows)
             seq.cache.truncate(base + 1 + accepted)
+            path = None
         else:
             path, tokens = _verify_tree(seq, proposal, rows)
             seq.cache.keep(base, [0] + path)
             accepted = len(path)
-        results.append((accepted, tokens))
+        results.append((accepted, tokens, path))
     t2 = time.perf_counter()
     for seq in filling:
         seq.request.stats.prefill_s += t2 - t0
         seq.request.stats.target_forwards += 1
-    return [_commit(seq, tau, proposal, accepted, tokens, t0, t1, t2)
-            for seq, tau, proposal, (accepted, tokens) in zip(decoding, taus, proposals, results)]
+    return [_commit(seq, tau, proposal, accepted, tokens, path, t0, t1, t2)
+            for seq, tau, proposal, (accepted, tokens, path) in zip(decoding, taus, proposals, results)]
 
 
 def _verify_chain(seq: Sequence, proposal: DraftProposal, rows: torch.Tensor) -> tuple[int, list[int]]:
@@ -166,9 +167,10 @@ def _draft(sequences: list[Sequence], taus: list[int], contexts: list[list[int]]
 
 
 def _commit(seq: Sequence, tau: int, proposal: DraftProposal, accepted: int, tokens: list[int],
-            t0: float, t1: float, t2: float) -> Cycle:
-    """drafted: the draft positions (a tree's depth), so that per-position acceptance and the
-    controller read a tree as the chain of its accepted path; a tree's node count goes to the trace."""
+            path: list[int] | None, t0: float, t1: float, t2: float) -> Cycle:
+    """drafted: the draft positions (a tree's depth), so that per-position acceptance reads a tree as
+    the chain of its accepted path; nodes, what the forward verified, prices the cycle (stats, the
+    controller; the trace also carries a tree's parents); path, a tree's kept nodes (None for a chain)."""
     request, stats = seq.request, seq.request.stats
     nodes, fed = len(proposal.token_ids), proposal.fed
     drafted = nodes if proposal.parents is None else max(tree.depths(proposal.parents))
@@ -182,13 +184,13 @@ def _commit(seq: Sequence, tau: int, proposal: DraftProposal, accepted: int, tok
     stats.draft_s += t1 - t0
     stats.verify_s += t2 - t1
     stats.target_forwards += 1
-    stats.record_cycle(drafted, accepted)
+    stats.record_cycle(drafted, accepted, nodes)
     if seq.controller is not None:
-        seq.controller.observe(tau, drafted, accepted, (t1 - t0) * 1e3, (t2 - t1) * 1e3, fed)
+        seq.controller.observe(tau, drafted, accepted, (t1 - t0) * 1e3, (t2 - t1) * 1e3, fed, nodes, path)
     if seq.trace is not None:
         extra = {"controller": seq.controller.last} if seq.controller is not None else {}
         if proposal.parents is not None:
-            extra["nodes"] = nodes
+            extra.update(nodes=nodes, parents=proposal.parents, path=path)
         seq.trace.cycle(tau=tau, drafted=drafted, accepted=accepted, fed=fed, draft_ms_per_cycle=(t1 - t0) * 1e3,
                         verify_ms_per_cycle=(t2 - t1) * 1e3, tokens=kept, **extra)
     stats.decode_s = time.perf_counter() - seq._decode_start

@@ -84,6 +84,10 @@ def parse_trace(lines: Iterable[str], path: str = "<trace>") -> Trace:
             raise InvalidInputError(f"trace {path}, line {number}: cycle lacks numeric field(s) {', '.join(missing)}")
         if not isinstance(record.setdefault("fed", 0), int) or record["fed"] < 0:
             raise InvalidInputError(f"trace {path}, line {number}: fed={record['fed']!r} must be an integer >= 0")
+        nodes = record.setdefault("nodes", record["drafted"])  # a chain's nodes are its drafts
+        if not isinstance(nodes, (int, float)) or nodes < record["drafted"]:
+            raise InvalidInputError(f"trace {path}, line {number}: nodes={nodes!r} must be a number >= "
+                                    f"drafted={record['drafted']} (a tree's node count, at least its depth)")
         if not 0 <= record["accepted"] <= record["drafted"]:
             raise InvalidInputError(f"trace {path}, line {number}: accepted={record['accepted']} must be in "
                                     f"[0, drafted={record['drafted']}]")
