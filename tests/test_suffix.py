@@ -181,7 +181,7 @@ def test_best_path_follows_the_most_probable_child():
 def test_a_repeated_phrase_is_proposed_with_a_draft_as_long_as_the_match():
     phrase = [5, 6, 7, 8, 9, 10, 11, 12]
     context = [1, 2] + phrase + [3] + phrase[:4]
-    drafter = SuffixDrafter()
+    drafter = SuffixDrafter(factor=1.0)
     assert drafter.propose(context, 8).token_ids == phrase[4:]  # 4 matched -> 4 drafted
     assert drafter.propose(context, 2).token_ids == phrase[4:6]
 
@@ -201,8 +201,8 @@ def test_appending_is_incremental_and_a_new_context_restarts():
     tree = drafter._tree
     drafter.propose(context + [3], 4)
     assert drafter._tree is tree and drafter._context == context + [3]
-    assert drafter.propose([9, 8, 9], 4).token_ids == [8]
-    assert drafter._tree is not tree and drafter._context == [9, 8, 9]
+    assert drafter.propose([9, 8, 7, 9, 8], 4).token_ids[0] == 7
+    assert drafter._tree is not tree and drafter._context == [9, 8, 7, 9, 8]
 
 
 def test_the_global_tree_learns_from_finished_requests_and_forks_share_it():
@@ -280,7 +280,7 @@ def test_eviction_drops_the_oldest_whole_responses():
 
 def test_a_response_is_drafted_from_its_first_token_on_from_how_past_responses_began():
     history = History()
-    drafter = SuffixDrafter(history)
+    drafter = SuffixDrafter(history, factor=1.0)
     for n in range(3):
         drafter.reset(Sampler(SamplingParams(), [n, 1, 2], frozenset()))
         drafter.finish([50, 51, 52, 53, 60 + n])
@@ -487,3 +487,16 @@ def test_cli_bench_runs_every_prompt_of_a_bundled_workload_with_the_suffix_draft
                  "--suffix-global", "off"]) == 0
     rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["categories"]["overall"]
     assert rows["suffix/2"]["prompts"] == 20 and rows["suffix/2"]["identical"] == 20
+
+
+def test_a_one_token_match_earns_no_draft_but_at_a_response_start():
+    """One token's continuation is weak evidence (MIN_MATCH = 2); the start of a response, matched
+    in the global tree, is not a one-token match but the whole query."""
+    assert SuffixDrafter().propose([1, 2, 3, 4, 1], 4).token_ids == []  # "1" -> "2" once: no draft
+    assert SuffixDrafter().propose([1, 2, 3, 4, 1, 2], 4).token_ids[:2] == [3, 4]
+    history = History()
+    drafter = SuffixDrafter(history)
+    drafter.reset(Sampler(SamplingParams(), [9], frozenset()))
+    drafter.finish([50, 51, 52])
+    drafter.reset(Sampler(SamplingParams(), [7], frozenset()))
+    assert drafter.propose([7], 2).token_ids == [50, 51]
