@@ -3,9 +3,8 @@
 // for AVX2, and GCC will not inline AVX-512 intrinsics into a function compiled without them. The definition is matmul.h's with 16 lanes: y[m][n] = hsum16(acc), acc taking
 // fma(w[n][k..k+16], x[m][k..k+16], acc) for k = 0, 16, 32, ... in order; every path runs exactly
 // that sequence, so rows are invariant here as there (the two widths round differently, so one
-// machine uses one width throughout). Weights are decoded in registers up to 8 rows (16 accumulators
-// of 32 registers), into a panel beyond: from 8 rows on, the FMAs (one per 16 weights and row) bound
-// the time either way.
+// machine uses one width throughout). Weights are decoded in registers for tiles of up to 8 rows
+// (16 accumulators of 32 registers), up to 24 rows in chunks of at most 8, into a panel beyond.
 #pragma once
 #include "matmul.h"
 
@@ -122,9 +121,19 @@ static void panel_rows(const float* panel, int K, int C, const float* x, int64_t
 }
 
 static constexpr int kDecodedRows = 8;
+// Up to this many rows, chunks of weights decoded in registers (each chunk decodes again) beat one
+// decoded panel: SmolLM2 forwards of 9/12/16 rows 18.0/19.2/22.7 -> 13.7/15.8/20.6 ms, of 24 rows
+// 21.9 -> 20.0; from 32 rows on the panel is faster (64 rows: 47 against 55 ms).
+static constexpr int kSplitRows = 24;
 
 template <class D>
 static void columns(const Matrix& W, int n0, int n1, int M, const float* x, int64_t ldx, float* y, int64_t ldy) {
+  if (M > kDecodedRows && M <= kSplitRows) {  // balanced chunks of at most kDecodedRows rows
+    const int chunks = (M + kDecodedRows - 1) / kDecodedRows, per = (M + chunks - 1) / chunks;
+    for (int m = 0; m < M; m += per)
+      wide::columns<D>(W, n0, n1, std::min(per, M - m), x + m * ldx, ldx, y + m * ldy, ldy);
+    return;
+  }
   if (M <= kDecodedRows) {
     // columns per tile: 8 for one row, then as many as 16 accumulators allow (tile_rows caps C * R;
     // more spill). Two rows take 4, not 8: 8 made a SmolLM2 forward of 2 rows slower than one of 3
