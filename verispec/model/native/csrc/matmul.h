@@ -142,6 +142,11 @@ static constexpr int kSmallRows = 8;   // up to this many rows, weights are deco
 // Up to this many rows, chunks of at most kSmallRows (each decoding the weights again) beat one
 // decoded panel: SmolLM2 forwards of 12/16 rows 25.5/35.1 -> 23.7/32.7 ms; of 24 the panel wins.
 static constexpr int kSplitRows = 16;
+// Rows per chunk when M rows go in balanced chunks of at most `most`.
+static inline int chunk_rows(int M, int most) {
+  const int chunks = (M + most - 1) / most;
+  return (M + chunks - 1) / chunks;
+}
 // Columns per work item: about 8 items per thread, so that a slow core takes fewer while claims stay
 // rare next to the work (one claim costs a cache line's trip between cores); a multiple of 16.
 static int chunk_columns(int columns, int threads) {
@@ -152,8 +157,8 @@ static int chunk_columns(int columns, int threads) {
 // Columns [n0, n1) of y for all M rows.
 template <class D>
 static void columns(const Matrix& W, int n0, int n1, int M, const float* x, int64_t ldx, float* y, int64_t ldy) {
-  if (M > kSmallRows && M <= kSplitRows) {  // balanced chunks of at most kSmallRows rows
-    const int chunks = (M + kSmallRows - 1) / kSmallRows, per = (M + chunks - 1) / chunks;
+  if (M > kSmallRows && M <= kSplitRows) {
+    const int per = chunk_rows(M, kSmallRows);
     for (int m = 0; m < M; m += per) columns<D>(W, n0, n1, std::min(per, M - m), x + m * ldx, ldx, y + m * ldy, ldy);
     return;
   }

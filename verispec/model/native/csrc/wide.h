@@ -128,8 +128,8 @@ static constexpr int kSplitRows = 24;
 
 template <class D>
 static void columns(const Matrix& W, int n0, int n1, int M, const float* x, int64_t ldx, float* y, int64_t ldy) {
-  if (M > kDecodedRows && M <= kSplitRows) {  // balanced chunks of at most kDecodedRows rows
-    const int chunks = (M + kDecodedRows - 1) / kDecodedRows, per = (M + chunks - 1) / chunks;
+  if (M > kDecodedRows && M <= kSplitRows) {
+    const int per = chunk_rows(M, kDecodedRows);
     for (int m = 0; m < M; m += per)
       wide::columns<D>(W, n0, n1, std::min(per, M - m), x + m * ldx, ldx, y + m * ldy, ldy);
     return;
