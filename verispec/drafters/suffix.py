@@ -8,7 +8,7 @@ from collections import deque
 from collections.abc import Sequence
 
 from verispec.drafters.base import DraftProposal
-from verispec.drafters.suffix_tree import EMPTY, Speculation, SuffixTree
+from verispec.drafters.suffix_tree import Speculation, SuffixTree
 from verispec.errors import InvalidInputError
 from verispec.sampling import Sampler
 
@@ -62,10 +62,10 @@ class History:
                 self.tree.remove(oldest)
                 self.tokens -= len(oldest)
 
-    def speculate(self, context: Sequence[int], max_match: int, factor: float, floor: float, limit: int | None
-                  ) -> Speculation:
+    def speculate(self, context: Sequence[int], max_match: int, factor: float, floor: float, limit: int | None,
+                  least: int) -> Speculation:
         with self._lock:
-            return self.tree.speculate(context, max_match, factor, floor, limit)
+            return self.tree.speculate(context, max_match, factor, floor, limit, least=least)
 
 
 class SuffixDrafter:
@@ -124,15 +124,13 @@ class SuffixDrafter:
         of the request's and the global one."""
         self._extend(context)
         max_match = self.depth // 2
-        mine = self._tree.speculate(self._context, max_match, self.factor, self.floor, limit, own=1)
-        if mine.match < MIN_MATCH:
-            mine = EMPTY
+        mine = self._tree.speculate(self._context, max_match, self.factor, self.floor, limit, own=1, least=MIN_MATCH)
         if not self._shared:
             return mine
         query = self._query(max_match)
-        past = self.history.speculate(query, max_match, self.factor, self.floor, limit)
-        if past.match < min(MIN_MATCH, len(query)):  # the whole query matched: the response's start
-            past = EMPTY
+        # a query shorter than MIN_MATCH is START + the output's first token, or START: a response's start
+        past = self.history.speculate(query, max_match, self.factor, self.floor, limit,
+                                      least=min(MIN_MATCH, len(query)))
         return past if past.score > mine.score else mine
 
     def _query(self, max_match: int) -> list[int]:

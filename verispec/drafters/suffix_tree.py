@@ -202,12 +202,13 @@ class SuffixTree:
         return low, found
 
     def speculate(self, context: Sequence[int], max_match: int, factor: float, floor: float, limit: int | None,
-                  own: int = 0) -> Speculation:
+                  own: int = 0, least: int = 1) -> Speculation:
         """The speculation tree after context: at most ceil(factor * match length) nodes (and at
-        most limit, unless None), best first by path probability, none below floor."""
+        most limit, unless None), best first by path probability, none below floor; none from a
+        match shorter than `least`."""
         match, place = self.match(context, max_match, own)
         size = math.ceil(factor * match) if limit is None else min(limit, math.ceil(factor * match))
-        if place is None or size <= 0:
+        if place is None or size <= 0 or match < least:
             return EMPTY
         token_ids: list[int] = []
         parents: list[int] = []
