@@ -18,6 +18,7 @@ from verispec import hub
 CHILD = """
 import gc, json, os, sys
 import torch
+from verispec import hub
 from verispec.config import RuntimeConfig
 from verispec.llm import LLM
 from verispec.model.load import load_model
@@ -27,7 +28,7 @@ def rss():
     return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmRSS"))
 
 model, context = sys.argv[1], int(sys.argv[2])
-source = __import__("verispec.hub", fromlist=["resolve"]).resolve(model)
+source = hub.resolve(model)
 path = source.folder / source.gguf_file
 base = rss()
 target = load_model(source, context, torch.device("cpu"))

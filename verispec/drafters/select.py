@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from verispec.errors import InvalidInputError
 
-DRAFTERS = ("none", "ngram", "ngram-tree", "suffix", "suffix-tree", "draft:MODEL")
+LOOKUPS = ("ngram", "ngram-tree", "suffix", "suffix-tree")  # drafters that need no model
+DRAFTERS = ("none", *LOOKUPS, "draft:MODEL")
 TREE = "-tree"
 
 
@@ -14,7 +15,7 @@ def parse_drafter(name: str | None) -> tuple[str, str | None]:
     or ('draft', MODEL)."""
     if name in (None, "none"):
         return "none", None
-    if name in DRAFTERS[1:5]:
+    if name in LOOKUPS:
         return name, None
     if isinstance(name, str) and name.startswith("draft:") and name[len("draft:"):]:
         return "draft", name[len("draft:"):]
