@@ -14,6 +14,7 @@
 #include <stdint.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "formats.h"
@@ -34,6 +35,14 @@ static int planted_order_bug = 0;
 
 static inline bool reversed_groups(int rows) { return planted_order_bug && rows > 1; }
 static inline int group_at(int gi, int groups, bool reverse) { return reverse ? groups - 1 - gi : gi; }
+// fn(std::true_type{}) for a tile the hook reverses, else fn(std::false_type{}): tiles take the order
+// as a constant, so that the hook costs them nothing (tested in their group loops, it made the 16-lane
+// kernels 10-25 % slower at 1-16 rows).
+template <class Fn>
+static VS_INLINE void in_order(int rows, Fn&& fn) {
+  if (reversed_groups(rows)) return fn(std::true_type{});
+  fn(std::false_type{});
+}
 
 struct QuantRows {  // activations quantized for the int8 kernels: per row cols int8, cols / 32 d and s
   std::vector<int8_t> q;
@@ -81,14 +90,13 @@ static VS_INLINE float hsum(__m256 v) {
 // --- exact ------------------------------------------------------------------------------------------
 
 // R rows x C columns, weights decoded in registers once per group for all R rows.
-template <class D, int R, int C>
+template <class D, int R, int C, bool reverse>
 static void tile_decoded(const Matrix& W, int n, const float* x, int64_t ldx, float* y, int64_t ldy) {
   prefetch_rows(W, n + C, C);
   __m256 acc[R][C];
   for (int r = 0; r < R; r++)
     for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();
   const int groups = W.cols / 32;
-  const bool reverse = reversed_groups(R);
   for (int gi = 0; gi < groups; gi++) {
     const int g = group_at(gi, groups, reverse);
     for (int c = 0; c < C; c++) {
@@ -105,12 +113,11 @@ static void tile_decoded(const Matrix& W, int n, const float* x, int64_t ldx, fl
 }
 
 // R rows x C columns over weights already decoded into a panel [C][K] of floats.
-template <int R, int C>
+template <int R, int C, bool reverse>
 static void tile_panel(const float* panel, int K, const float* x, int64_t ldx, float* y, int64_t ldy, int n) {
   __m256 acc[R][C];
   for (int r = 0; r < R; r++)
     for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();
-  const bool reverse = reversed_groups(R);
   for (int ki = 0; ki < K; ki += 8) {
     const int k = 32 * group_at(ki / 32, K / 32, reverse) + ki % 32;
     __m256 xv[R];
@@ -126,16 +133,18 @@ static void tile_panel(const float* panel, int K, const float* x, int64_t ldx, f
 
 template <class D, int C>
 static void columns_small(const Matrix& W, int n, int M, const float* x, int64_t ldx, float* y, int64_t ldy) {
+  in_order(M, [&](auto reverse) {
   switch (M) {  // one tile of all M rows; fewer columns per tile as rows grow (registers)
-    case 1: tile_decoded<D, 1, C>(W, n, x, ldx, y, ldy); break;
-    case 2: tile_decoded<D, 2, C>(W, n, x, ldx, y, ldy); break;
-    case 3: tile_decoded<D, 3, (C > 2 ? 2 : C)>(W, n, x, ldx, y, ldy); break;
-    case 4: tile_decoded<D, 4, (C > 2 ? 2 : C)>(W, n, x, ldx, y, ldy); break;
-    case 5: tile_decoded<D, 5, 1>(W, n, x, ldx, y, ldy); break;
-    case 6: tile_decoded<D, 6, 1>(W, n, x, ldx, y, ldy); break;
-    case 7: tile_decoded<D, 7, 1>(W, n, x, ldx, y, ldy); break;
-    default: tile_decoded<D, 8, 1>(W, n, x, ldx, y, ldy); break;
+    case 1: tile_decoded<D, 1, C, reverse>(W, n, x, ldx, y, ldy); break;
+    case 2: tile_decoded<D, 2, C, reverse>(W, n, x, ldx, y, ldy); break;
+    case 3: tile_decoded<D, 3, (C > 2 ? 2 : C), reverse>(W, n, x, ldx, y, ldy); break;
+    case 4: tile_decoded<D, 4, (C > 2 ? 2 : C), reverse>(W, n, x, ldx, y, ldy); break;
+    case 5: tile_decoded<D, 5, 1, reverse>(W, n, x, ldx, y, ldy); break;
+    case 6: tile_decoded<D, 6, 1, reverse>(W, n, x, ldx, y, ldy); break;
+    case 7: tile_decoded<D, 7, 1, reverse>(W, n, x, ldx, y, ldy); break;
+    default: tile_decoded<D, 8, 1, reverse>(W, n, x, ldx, y, ldy); break;
   }
+  });
 }
 
 static constexpr int kSmallRows = 8;   // up to this many rows, weights are decoded in registers
@@ -183,18 +192,21 @@ static void columns(const Matrix& W, int n0, int n1, int M, const float* x, int6
         for (int j = 0; j < 4; j++) _mm256_storeu_ps(&panel[c * K + 32 * g + 8 * j], w[j]);
       }
     int m = 0;
-    for (; m + 3 <= M; m += 3) {
-      const float* xm = x + m * ldx;
-      float* ym = y + m * ldy;
-      switch (C) {
-        case 4: tile_panel<3, 4>(panel.data(), K, xm, ldx, ym, ldy, n); break;
-        case 3: tile_panel<3, 3>(panel.data(), K, xm, ldx, ym, ldy, n); break;
-        case 2: tile_panel<3, 2>(panel.data(), K, xm, ldx, ym, ldy, n); break;
-        default: tile_panel<3, 1>(panel.data(), K, xm, ldx, ym, ldy, n); break;
+    in_order(3, [&](auto reverse) {
+      for (; m + 3 <= M; m += 3) {
+        const float* xm = x + m * ldx;
+        float* ym = y + m * ldy;
+        switch (C) {
+          case 4: tile_panel<3, 4, reverse>(panel.data(), K, xm, ldx, ym, ldy, n); break;
+          case 3: tile_panel<3, 3, reverse>(panel.data(), K, xm, ldx, ym, ldy, n); break;
+          case 2: tile_panel<3, 2, reverse>(panel.data(), K, xm, ldx, ym, ldy, n); break;
+          default: tile_panel<3, 1, reverse>(panel.data(), K, xm, ldx, ym, ldy, n); break;
+        }
       }
-    }
+    });
     for (; m < M; m++)
-      for (int c = 0; c < C; c++) tile_panel<1, 1>(panel.data() + c * K, K, x + m * ldx, ldx, y + m * ldy, ldy, n + c);
+      for (int c = 0; c < C; c++)
+        tile_panel<1, 1, false>(panel.data() + c * K, K, x + m * ldx, ldx, y + m * ldy, ldy, n + c);
   }
 }
 
@@ -237,7 +249,7 @@ static void quantize_rows(const float* x, int M, int64_t ldx, int K, QuantRows& 
   if (use_vnni) vnni::prepare(out);
 }
 
-template <class F, int R, int C>
+template <class F, int R, int C, bool reverse>
 static void tile_int8(const Matrix& W, int n, const QuantRows& xq, int m0, float* y, int64_t ldy) {
   if (m0 == 0) prefetch_rows(W, n + C, C);
   __m256 acc[R][C];
@@ -246,7 +258,6 @@ static void tile_int8(const Matrix& W, int n, const QuantRows& xq, int m0, float
     for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps(), low[r][c] = 0.f;
   const int K = W.cols, groups = K / 32;
   const __m256i ones = _mm256_set1_epi16(1);
-  const bool reverse = reversed_groups(R);
   for (int gi = 0; gi < groups; gi++) {
     const int g = group_at(gi, groups, reverse);
     for (int c = 0; c < C; c++) {
@@ -269,12 +280,14 @@ static void tile_int8(const Matrix& W, int n, const QuantRows& xq, int m0, float
 
 template <class F, int C>
 static void columns_int8_tile(const Matrix& W, int n, int rows, const QuantRows& xq, int m0, float* y, int64_t ldy) {
+  in_order(rows, [&](auto reverse) {
   switch (rows) {
-    case 1: tile_int8<F, 1, C>(W, n, xq, m0, y, ldy); break;
-    case 2: tile_int8<F, 2, (C > 2 ? 2 : C)>(W, n, xq, m0, y, ldy); break;
-    case 3: tile_int8<F, 3, 1>(W, n, xq, m0, y, ldy); break;
-    default: tile_int8<F, 4, 1>(W, n, xq, m0, y, ldy); break;
+    case 1: tile_int8<F, 1, C, reverse>(W, n, xq, m0, y, ldy); break;
+    case 2: tile_int8<F, 2, (C > 2 ? 2 : C), reverse>(W, n, xq, m0, y, ldy); break;
+    case 3: tile_int8<F, 3, 1, reverse>(W, n, xq, m0, y, ldy); break;
+    default: tile_int8<F, 4, 1, reverse>(W, n, xq, m0, y, ldy); break;
   }
+  });
 }
 
 template <class F>

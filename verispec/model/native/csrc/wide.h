@@ -3,8 +3,8 @@
 // for AVX2, and GCC will not inline AVX-512 intrinsics into a function compiled without them. The definition is matmul.h's with 16 lanes: y[m][n] = hsum16(acc), acc taking
 // fma(w[n][k..k+16], x[m][k..k+16], acc) for k = 0, 16, 32, ... in order; every path runs exactly
 // that sequence, so rows are invariant here as there (the two widths round differently, so one
-// machine uses one width throughout). Weights are decoded in registers for tiles of up to 8 rows
-// (16 accumulators of 32 registers), up to 24 rows in chunks of at most 8, into a panel beyond.
+// machine uses one width throughout). Weights are decoded in registers for tiles of up to 8 rows,
+// up to 24 rows in chunks of at most 8, into a panel beyond.
 #pragma once
 #include "matmul.h"
 
@@ -58,36 +58,32 @@ struct DBF16 {
   }
 };
 
-template <class D, int R, int C>
+template <class D, int R, int C, bool reverse>
 static void tile_decoded(const Matrix& W, int n, const float* x, int64_t ldx, float* y, int64_t ldy) {
   prefetch_rows(W, n + C, C);
   __m512 acc[R][C];
   for (int r = 0; r < R; r++)
     for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
   const int groups = W.cols / 32;
-  const bool reverse = reversed_groups(R);
   for (int gi = 0; gi < groups; gi++) {
     const int g = group_at(gi, groups, reverse);
-    for (int c = 0; c < C; c++) {
-      __m512 w[2];
-      D::decode(W.data + (n + c) * W.row_bytes, g, w);
+    __m512 w[C][2];
+    for (int c = 0; c < C; c++) D::decode(W.data + (n + c) * W.row_bytes, g, w[c]);
+    for (int j = 0; j < 2; j++)
       for (int r = 0; r < R; r++) {
-        const float* xp = x + r * ldx + 32 * g;
-        acc[r][c] = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(xp), acc[r][c]);
-        acc[r][c] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(xp + 16), acc[r][c]);
+        const __m512 xv = _mm512_loadu_ps(x + r * ldx + 32 * g + 16 * j);
+        for (int c = 0; c < C; c++) acc[r][c] = _mm512_fmadd_ps(w[c][j], xv, acc[r][c]);
       }
-    }
   }
   for (int r = 0; r < R; r++)
     for (int c = 0; c < C; c++) y[r * ldy + n + c] = hsum16(acc[r][c]);
 }
 
-template <int R, int C>
+template <int R, int C, bool reverse>
 static void tile_panel(const float* panel, int K, const float* x, int64_t ldx, float* y, int64_t ldy, int n) {
   __m512 acc[R][C];
   for (int r = 0; r < R; r++)
     for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
-  const bool reverse = reversed_groups(R);
   for (int ki = 0; ki < K; ki += 16) {
     const int k = 32 * group_at(ki / 32, K / 32, reverse) + ki % 32;
     __m512 xv[R];
@@ -101,9 +97,18 @@ static void tile_panel(const float* panel, int K, const float* x, int64_t ldx, f
     for (int c = 0; c < C; c++) y[r * ldy + n + c] = hsum16(acc[r][c]);
 }
 
+// Columns per tile of weights decoded in registers: 8 for one row, else 4; each x vector loaded
+// serves all of them. 8 rows x 4 columns spill some of their 32 accumulators and still beat 8 x 2
+// (single thread, Q4_1 1536 x 576, ps per weight at 6/8/12/16 rows: 80/122/159/241 with 2 columns
+// from 5 rows on, 76/107/147/206 with 4; 16 rows in one tile of 2 columns: 346). Two rows with 8
+// columns made a SmolLM2 forward of 2 rows slower than one of 3 (7.5 against 6.8 ms; 4: 6.1 ms).
+static constexpr int tile_columns(int rows) { return rows <= 1 ? 8 : 4; }
+
 template <class D, int C>
 static void tile_rows(const Matrix& W, int n, int M, const float* x, int64_t ldx, float* y, int64_t ldy) {
-#define VS_ROWS(R) case R: return wide::tile_decoded<D, R, (C * R > 16 ? (16 / R > 0 ? 16 / R : 1) : C)>(W, n, x, ldx, y, ldy);
+#define VS_ROWS(R) \
+  case R: \
+    return in_order(R, [&](auto reverse) { wide::tile_decoded<D, R, std::min(C, tile_columns(R)), reverse>(W, n, x, ldx, y, ldy); });
   switch (M) {
     VS_ROWS(1) VS_ROWS(2) VS_ROWS(3) VS_ROWS(4) VS_ROWS(5) VS_ROWS(6) VS_ROWS(7) VS_ROWS(8)
   }
@@ -112,12 +117,14 @@ static void tile_rows(const Matrix& W, int n, int M, const float* x, int64_t ldx
 
 template <int R>
 static void panel_rows(const float* panel, int K, int C, const float* x, int64_t ldx, float* y, int64_t ldy, int n) {
-  switch (C) {
-    case 4: return wide::tile_panel<R, 4>(panel, K, x, ldx, y, ldy, n);
-    case 3: return wide::tile_panel<R, 3>(panel, K, x, ldx, y, ldy, n);
-    case 2: return wide::tile_panel<R, 2>(panel, K, x, ldx, y, ldy, n);
-    default: return wide::tile_panel<R, 1>(panel, K, x, ldx, y, ldy, n);
-  }
+  in_order(R, [&](auto reverse) {
+    switch (C) {
+      case 4: return wide::tile_panel<R, 4, reverse>(panel, K, x, ldx, y, ldy, n);
+      case 3: return wide::tile_panel<R, 3, reverse>(panel, K, x, ldx, y, ldy, n);
+      case 2: return wide::tile_panel<R, 2, reverse>(panel, K, x, ldx, y, ldy, n);
+      default: return wide::tile_panel<R, 1, reverse>(panel, K, x, ldx, y, ldy, n);
+    }
+  });
 }
 
 static constexpr int kDecodedRows = 8;
@@ -135,10 +142,7 @@ static void columns(const Matrix& W, int n0, int n1, int M, const float* x, int6
     return;
   }
   if (M <= kDecodedRows) {
-    // columns per tile: 8 for one row, then as many as 16 accumulators allow (tile_rows caps C * R;
-    // more spill). Two rows take 4, not 8: 8 made a SmolLM2 forward of 2 rows slower than one of 3
-    // (7.5 against 6.8 ms; 4: 6.1 ms)
-    const int C = M <= 1 ? 8 : M <= 4 ? 4 : 2;
+    const int C = tile_columns(M);
     int n = n0;
     for (; C >= 8 && n + 8 <= n1; n += 8) wide::tile_rows<D, 8>(W, n, M, x, ldx, y, ldy);
     for (; C >= 4 && n + 4 <= n1; n += 4) wide::tile_rows<D, 4>(W, n, M, x, ldx, y, ldy);
