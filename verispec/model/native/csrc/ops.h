@@ -84,6 +84,21 @@ static inline float dot(const float* a, const float* b, int d) {
   return hsum(acc);
 }
 
+// [hsum(a[0]), ..., hsum(a[7])]: the same additions as hsum's, in the same association, so each value
+// is bitwise hsum's, for an eighth of its shuffles.
+static inline __m256 hsum8(const __m256 a[8]) {
+  __m256 s[4];  // s[i]: a[2i]'s four sums lo + hi, then a[2i+1]'s
+  for (int i = 0; i < 4; i++)
+    s[i] = _mm256_add_ps(_mm256_permute2f128_ps(a[2 * i], a[2 * i + 1], 0x20),
+                         _mm256_permute2f128_ps(a[2 * i], a[2 * i + 1], 0x31));
+  __m256 u[2];  // pairs (s0 + s2, s1 + s3) of two vectors side by side
+  for (int i = 0; i < 2; i++)
+    u[i] = _mm256_add_ps(_mm256_shuffle_ps(s[2 * i], s[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm256_shuffle_ps(s[2 * i], s[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  // lanes hold a[0], a[2], a[4], a[6], a[1], a[3], a[5], a[7]
+  return _mm256_permutevar8x32_ps(_mm256_hadd_ps(u[0], u[1]), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
 // One query head q [d] over keys and values [first, last] of its kv head (k, v: [slots, d]):
 // softmax(q.k * scale) v -> out [d]. scores: room for last - first + 1 floats. slot(t): where key t
 // lies (t itself for a chain; a tree node reads its ancestors' slots, in the same order and grouping).
@@ -91,15 +106,28 @@ template <class Slot>
 static void attend(const float* q, const float* k, const float* v, int first, int last, int d, float scale,
                    float* scores, float* out, Slot slot) {
   const int n = last - first + 1;
-  float top = -INFINITY;
-  for (int t = 0; t < n; t++) {
-    scores[t] = dot(q, k + static_cast<int64_t>(slot(first + t)) * d, d) * scale;
-    top = scores[t] > top ? scores[t] : top;
+  int t = 0;
+  for (; t + 8 <= n; t += 8) {  // eight keys at a time, each with dot's own sequence
+    const float* kt[8];
+    for (int i = 0; i < 8; i++) kt[i] = k + static_cast<int64_t>(slot(first + t + i)) * d;
+    __m256 acc[8];
+    for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
+    for (int j = 0; j < d; j += 8) {
+      const __m256 qj = _mm256_loadu_ps(q + j);
+      for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(qj, _mm256_loadu_ps(kt[i] + j), acc[i]);
+    }
+    _mm256_storeu_ps(scores + t, _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale)));
   }
+  for (; t < n; t++) scores[t] = dot(q, k + static_cast<int64_t>(slot(first + t)) * d, d) * scale;
+  __m256 top8 = _mm256_set1_ps(-INFINITY);  // max_ps keeps its second operand against a NaN, as `>` does
+  for (t = 0; t + 8 <= n; t += 8) top8 = _mm256_max_ps(_mm256_loadu_ps(scores + t), top8);
+  float lanes[8], top = -INFINITY;
+  _mm256_storeu_ps(lanes, top8);
+  for (int i = 0; i < 8; i++) top = lanes[i] > top ? lanes[i] : top;
+  for (; t < n; t++) top = scores[t] > top ? scores[t] : top;
   const __m256 m = _mm256_set1_ps(top);
   __m256 sum8 = _mm256_setzero_ps();
-  int t = 0;
-  for (; t + 8 <= n; t += 8) {
+  for (t = 0; t + 8 <= n; t += 8) {
     __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + t), m));
     _mm256_storeu_ps(scores + t, e);
     sum8 = _mm256_add_ps(sum8, e);
