@@ -99,15 +99,17 @@ static inline __m256 hsum8(const __m256 a[8]) {
   return _mm256_permutevar8x32_ps(_mm256_hadd_ps(u[0], u[1]), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
-// One query head q [d] over keys and values [first, last] of its kv head (k, v: [slots, d]):
-// softmax(q.k * scale) v -> out [d]. scores: room for last - first + 1 floats. slot(t): where key t
-// lies (t itself for a chain; a tree node reads its ancestors' slots, in the same order and grouping).
+// The three steps of attention for one query head q [d] over keys and values [first, first + n) of
+// its kv head (k, v: [slots, d]). slot(t): where key t lies (t itself for a chain; a tree node reads
+// its ancestors' slots, in the same order and grouping). Each step has one order of operations for a
+// given n, whatever else the forward carries.
+
+// scores[t] = q . k_t * scale, eight keys at a time, each with dot's own sequence
 template <class Slot>
-static void attend(const float* q, const float* k, const float* v, int first, int last, int d, float scale,
-                   float* scores, float* out, Slot slot) {
-  const int n = last - first + 1;
+static void key_scores(const float* q, const float* k, int first, int n, int d, float scale, float* scores,
+                       Slot slot) {
   int t = 0;
-  for (; t + 8 <= n; t += 8) {  // eight keys at a time, each with dot's own sequence
+  for (; t + 8 <= n; t += 8) {
     const float* kt[8];
     for (int i = 0; i < 8; i++) kt[i] = k + static_cast<int64_t>(slot(first + t + i)) * d;
     __m256 acc[8];
@@ -119,8 +121,13 @@ static void attend(const float* q, const float* k, const float* v, int first, in
     _mm256_storeu_ps(scores + t, _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale)));
   }
   for (; t < n; t++) scores[t] = dot(q, k + static_cast<int64_t>(slot(first + t)) * d, d) * scale;
+}
+
+// scores[t] = e^(scores[t] - max) in place; returns 1 / their sum
+static float exponentiate(float* scores, int n) {
   __m256 top8 = _mm256_set1_ps(-INFINITY);  // max_ps keeps its second operand against a NaN, as `>` does
-  for (t = 0; t + 8 <= n; t += 8) top8 = _mm256_max_ps(_mm256_loadu_ps(scores + t), top8);
+  int t = 0;
+  for (; t + 8 <= n; t += 8) top8 = _mm256_max_ps(_mm256_loadu_ps(scores + t), top8);
   float lanes[8], top = -INFINITY;
   _mm256_storeu_ps(lanes, top8);
   for (int i = 0; i < 8; i++) top = lanes[i] > top ? lanes[i] : top;
@@ -134,18 +141,33 @@ static void attend(const float* q, const float* k, const float* v, int first, in
   }
   float sum = hsum(sum8);
   for (; t < n; t++) sum += (scores[t] = exp1(scores[t] - top));
-  const float inv = 1.0f / sum;
-  for (int j0 = 0; j0 < d; j0 += 64) {  // 64 values of out at a time, in registers
+  return 1.0f / sum;
+}
+
+// out [d] = inv * sum_t scores[t] v_t, 64 values of out at a time in registers
+template <class Slot>
+static void weigh_values(const float* scores, const float* v, int first, int n, int d, float inv, float* out,
+                         Slot slot) {
+  for (int j0 = 0; j0 < d; j0 += 64) {
     const int w = d - j0 < 64 ? d - j0 : 64;
     __m256 acc[8];
     for (int j = 0; j < w / 8; j++) acc[j] = _mm256_setzero_ps();
-    for (t = 0; t < n; t++) {
+    for (int t = 0; t < n; t++) {
       const __m256 e = _mm256_set1_ps(scores[t]);
       const float* vt = v + static_cast<int64_t>(slot(first + t)) * d + j0;
       for (int j = 0; j < w / 8; j++) acc[j] = _mm256_fmadd_ps(e, _mm256_loadu_ps(vt + 8 * j), acc[j]);
     }
     for (int j = 0; j < w / 8; j++) _mm256_storeu_ps(out + j0 + 8 * j, _mm256_mul_ps(acc[j], _mm256_set1_ps(inv)));
   }
+}
+
+// softmax(q . k * scale) v -> out [d] over keys [first, last]; scores: room for last - first + 1
+template <class Slot>
+static void attend(const float* q, const float* k, const float* v, int first, int last, int d, float scale,
+                   float* scores, float* out, Slot slot) {
+  const int n = last - first + 1;
+  key_scores(q, k, first, n, d, scale, scores, slot);
+  weigh_values(scores, v, first, n, d, exponentiate(scores, n), out, slot);
 }
 
 }  // namespace vs
