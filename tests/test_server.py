@@ -157,6 +157,8 @@ def test_stop_strings_and_seeded_sampling_are_honoured(server, llm):
     assert a == b, "the same seed gives the same sample"
     expected = llm.generate("the", SamplingParams(max_tokens=30, temperature=1.0, seed=7, ignore_eos=True)).token_ids
     assert a == expected, "sampled output equals LLM.generate's for the same seed (here ngram drafts, so τ > 0)"
+    seen = server.metrics()["verispec_monitor_tokens{drafter=NgramDrafter}"]
+    assert seen >= 60, "the losslessness monitor counted both sampled answers' tokens"
 
 
 def test_sixteen_concurrent_clients_get_complete_identical_answers_and_metrics_stay_consistent(server, llm):

@@ -13,6 +13,7 @@ from verispec.drafters.base import DraftProposal
 from verispec.engine.controller import Controller
 from verispec.engine.cost import CostModel, VerifyCurve
 from verispec.engine.generate import Engine
+from verispec.engine.monitor import Monitor
 from verispec.engine.request import Request
 
 
@@ -153,3 +154,22 @@ def test_replay_runs_the_cycles_the_engine_runs(long_llm):
 class NoDrafts(NgramDrafter):
     def propose(self, context, k):
         return DraftProposal([])
+
+
+def test_the_monitor_sees_every_sampled_token_and_changes_no_output(long_llm):
+    prompt = long_llm.encode("the end")
+    params = SamplingParams(max_tokens=120, temperature=0.8, seed=11, ignore_eos=True)
+    engine = Engine(long_llm.target, NgramDrafter(), 4)
+    watched = Request(prompt, params, long_llm.eos_ids, engine.capacity)
+    stats = engine.run(watched)
+    report = engine.monitor.report("NgramDrafter")
+    assert report["tokens"] >= len(watched.output_ids) == 120  # verified past max_tokens: the cut ones too
+    assert stats.monitor_tokens == report["tokens"] and stats.monitor_p_value == report["p_value"]
+    engine.monitor = None
+    unwatched = Request(prompt, params, long_llm.eos_ids, engine.capacity)
+    engine.run(unwatched)
+    assert unwatched.output_ids == watched.output_ids
+    greedy = Request(prompt, SamplingParams(max_tokens=20, ignore_eos=True), long_llm.eos_ids, engine.capacity)
+    engine.monitor = Monitor()
+    engine.run(greedy)
+    assert engine.monitor.report() == {}  # point-mass rows say nothing

@@ -29,6 +29,10 @@ class Stats:
     drafted_per_position: list[int] = field(default_factory=list)
     # position i is tried when it was drafted and drafts 0..i-1 were accepted
     tried_per_position: list[int] = field(default_factory=list)
+    # the live losslessness monitor (engine/monitor.py) for this drafter when a sampled request ended:
+    # tokens observed so far and their chi-square p-value (None: too few yet, or greedy)
+    monitor_tokens: int = 0
+    monitor_p_value: float | None = None
 
     def record_cycle(self, drafted: int, accepted: int, nodes: int | None = None) -> None:
         """drafted and accepted: positions (a tree's depth, its kept path's); nodes: None for a chain."""

@@ -24,6 +24,7 @@ import torch
 from verispec import tree
 from verispec.drafters.base import DraftProposal, Drafter, finish, propose_all
 from verispec.engine.controller import Controller
+from verispec.engine.monitor import Monitor
 from verispec.engine.request import Request
 from verispec.engine.trace import TraceWriter
 from verispec.model.cache import KVCache
@@ -42,6 +43,7 @@ class Sequence:
     num_draft_tokens: int = 0
     controller: Controller | None = None
     trace: TraceWriter | None = None
+    monitor: Monitor | None = None
     _decode_start: float | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -55,6 +57,11 @@ class Sequence:
     def to_prefill(self) -> int:
         """Prompt tokens still to enter the cache (all but the last, which is the first pending)."""
         return len(self.request.prompt_ids) - 1 - self.cache.length if self._decode_start is None else 0
+
+    @property
+    def drafter_name(self) -> str:
+        """What the monitor files this sequence's tokens under."""
+        return "none" if self.drafter is None else type(self.drafter).__name__
 
     def choose_tau(self, context: list[int]) -> int:
         """τ for the next cycle; context is the request's prompt + committed output."""
@@ -132,7 +139,10 @@ def _verify_chain(seq: Sequence, proposal: DraftProposal, rows: torch.Tensor) ->
     if sampler.params.greedy:  # point masses: no [k + 1, V] rows to build (a tenth of a plain step)
         return verify_greedy(d, sampler.greedy(rows, history, d))
     target_probs = sampler.probs(rows, history, d)  # [k + 1, V]
-    return verify(torch.tensor(d, dtype=torch.long), proposal.probs, target_probs, sampler.generator)
+    accepted, tokens = verify(torch.tensor(d, dtype=torch.long), proposal.probs, target_probs, sampler.generator)
+    if seq.monitor is not None:
+        seq.monitor.observe(seq.drafter_name, target_probs[: accepted + 1], tokens)
+    return accepted, tokens
 
 
 def _verify_tree(seq: Sequence, proposal: DraftProposal, rows: torch.Tensor) -> tuple[list[int], list[int]]:
@@ -143,7 +153,10 @@ def _verify_tree(seq: Sequence, proposal: DraftProposal, rows: torch.Tensor) -> 
         return verify_tree_greedy(d, parents, sampler.greedy(rows, history, d, parents))
     target_probs = sampler.probs(rows, history, d, parents)  # [n + 1, V]
     uniforms = uniforms_for(1, len(d), sampler.generator, target_probs.device)[0].tolist()
-    return verify_tree(d, parents, proposal.probs, target_probs, uniforms)
+    path, tokens = verify_tree(d, parents, proposal.probs, target_probs, uniforms)
+    if seq.monitor is not None:  # token j was drawn at the row of the path's node j - 1 (the root's first)
+        seq.monitor.observe(seq.drafter_name, target_probs[[0] + path], tokens)
+    return path, tokens
 
 
 def _draft(sequences: list[Sequence], taus: list[int], contexts: list[list[int]]) -> list[DraftProposal]:
@@ -181,6 +194,9 @@ def _commit(seq: Sequence, tau: int, proposal: DraftProposal, accepted: int, tok
     kept = tokens[: request.commit(tokens)]
     if request.finished and seq.drafter is not None:
         finish(seq.drafter, request.output_ids)
+    if request.finished and seq.monitor is not None and not request.sampler.params.greedy:
+        report = seq.monitor.report(seq.drafter_name)
+        stats.monitor_tokens, stats.monitor_p_value = report["tokens"], report["p_value"]
     stats.draft_s += t1 - t0
     stats.verify_s += t2 - t1
     stats.target_forwards += 1
@@ -205,6 +221,7 @@ class Engine:
                  controller: Controller | None = None) -> None:
         self.target = target
         self.cache = target.new_cache()
+        self.monitor = Monitor()
         self.use(drafter, num_draft_tokens, controller)
 
     def use(self, drafter: Drafter | None, num_draft_tokens: int, controller: Controller | None = None) -> None:
@@ -228,7 +245,7 @@ class Engine:
               ) -> Iterator[list[int]]:
         """Run the request, yielding the tokens each cycle commits (for streaming)."""
         seq = Sequence(request, self.cache, self.drafter if speculative else None, self.num_draft_tokens,
-                       self.controller, trace)
+                       self.controller, trace, self.monitor)
         while not request.finished:
             for cycle in step(self.target, [seq]):
                 yield cycle.tokens

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from verispec.drafters.base import Drafter
 from verispec.engine.controller import Controller
 from verispec.engine.generate import Cycle, Sequence, step
+from verispec.engine.monitor import Monitor
 from verispec.engine.request import Request
 from verispec.errors import VerispecError
 from verispec.model.cache import KVCache
@@ -65,6 +66,7 @@ class Scheduler:
     max_batch: int = 8
     max_queue: int = 64
     prefill_budget: int = PREFILL_BUDGET
+    monitor: Monitor = field(default_factory=Monitor, init=False)  # every slot's sampled tokens
     error: BaseException | None = field(default=None, init=False)
     _slots: list[Slot] = field(default_factory=list, init=False)
     _waiting: deque[Ticket] = field(default_factory=deque, init=False)
@@ -185,7 +187,7 @@ class Scheduler:
                     ticket = self._waiting.popleft()
                     try:  # a drafter that cannot reset for this request fails the request, not the engine
                         slot.sequence = Sequence(ticket.request, slot.cache, slot.drafter, self.num_draft_tokens,
-                                                 slot.controller)
+                                                 slot.controller, monitor=self.monitor)
                     except Exception as e:  # noqa: BLE001
                         log.exception("a request could not start")
                         ticket.listener(e)

@@ -58,6 +58,22 @@ class Metrics:
                                             "the chance a draft token at this position is accepted given the "
                                             "earlier ones were", ["position"], registry=r)
         self._totals = Stats()
+        self.monitor_tokens = Gauge("verispec_monitor_tokens", "sampled tokens the losslessness monitor has seen",
+                                    ["drafter"], registry=r)
+        self.monitor_p_value = Gauge("verispec_monitor_p_value", "chi-square p-value of their u-values, all of "
+                                     "them (uniform under a lossless verifier; below 1e-6: not lossless)",
+                                     ["drafter"], registry=r)
+        self.monitor_window_p_value = Gauge("verispec_monitor_window_p_value",
+                                            "the same over the last 4096 tokens", ["drafter"], registry=r)
+
+    def monitor(self, report: dict[str, dict]) -> None:
+        """The losslessness monitor's state (Monitor.report()), read at a scrape."""
+        for drafter, fit in report.items():
+            self.monitor_tokens.labels(drafter=drafter).set(fit["tokens"])
+            for gauge, value in ((self.monitor_p_value, fit["p_value"]),
+                                 (self.monitor_window_p_value, fit["window_p_value"])):
+                if value is not None:
+                    gauge.labels(drafter=drafter).set(value)
 
     def cycle(self, tau: int, drafted: int, accepted: int) -> None:
         totals = self._totals
