@@ -157,11 +157,13 @@ class NoDrafts(NgramDrafter):
 
 
 def test_the_monitor_sees_every_sampled_token_and_changes_no_output(long_llm):
-    prompt = long_llm.encode("the end")
+    """(A tree's tokens: test_tree_engine.py.)"""
+    prompt = long_llm.encode("the end the end the end the end")
     params = SamplingParams(max_tokens=120, temperature=0.8, seed=11, ignore_eos=True)
     engine = Engine(long_llm.target, NgramDrafter(), 4)
     watched = Request(prompt, params, long_llm.eos_ids, engine.capacity)
     stats = engine.run(watched)
+    assert stats.drafted > 0
     report = engine.monitor.report("NgramDrafter")
     assert report["tokens"] >= len(watched.output_ids) == 120  # verified past max_tokens: the cut ones too
     assert stats.monitor_tokens == report["tokens"] and stats.monitor_p_value == report["p_value"]

@@ -14,6 +14,7 @@ from verispec.config import RuntimeConfig, SamplingParams
 from verispec.drafters import NgramDrafter
 from verispec.drafters.base import DraftProposal
 from verispec.engine.generate import Engine, Sequence, step
+from verispec.engine.monitor import Monitor
 from verispec.engine.request import Request
 from verispec.engine.trace import TraceWriter
 from verispec.errors import DraftProposalError
@@ -175,6 +176,23 @@ def test_stats_trace_controller_diagnose_and_replay_count_a_trees_nodes(llm, tmp
                       model)
     fixed = Engine(llm.target, OracleTree(prompt + want, llm.target.config.vocab_size), 6)
     assert replayed.nodes == fixed.run(Request(prompt, GREEDY, llm.eos_ids, fixed.capacity)).nodes
+
+
+def test_the_monitor_sees_every_token_of_sampled_trees_and_changes_no_output(llm):
+    prompt = llm.encode("the end")
+    params = SamplingParams(max_tokens=60, temperature=0.8, seed=5, ignore_eos=True)
+    outputs = []
+    for watch in (True, False):
+        engine = Engine(llm.target, OracleTree(prompt + plain(llm, prompt), llm.target.config.vocab_size, sampled=True),
+                        len(TREE))
+        engine.monitor = Monitor() if watch else None
+        request = Request(prompt, params, llm.eos_ids, engine.capacity)
+        stats = engine.run(request)
+        outputs.append(request.output_ids)
+        if watch:
+            assert stats.nodes > stats.drafted, "trees were verified"
+            assert engine.monitor.report("OracleTree")["tokens"] >= len(request.output_ids) == 60
+    assert outputs[0] == outputs[1]
 
 
 @pytest.mark.parametrize("bad, match", [
