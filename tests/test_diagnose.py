@@ -142,3 +142,21 @@ def test_mean_accepted_length_is_vllms_and_tokens_per_cycle_counts_plain_cycles_
     accepted = sum(c["accepted"] for c in trace.cycles)
     assert report.mean_accepted_length == pytest.approx(1 + accepted / 50, abs=1e-3)
     assert report.tokens_per_cycle == pytest.approx(1 + accepted / 100, abs=1e-3)
+
+
+@pytest.mark.parametrize("skew", [1.0, 1.5], ids=["uniform", "skewed"])
+def test_diagnose_judges_exactness_from_the_monitors_u_values(skew):
+    """u-values uniform (what a lossless verifier gives) pass; u = U^1.5, as a sampler drawing too
+    many low-ranked tokens gives, is called not lossless."""
+    trace = synthetic(lambda i: 0.6, 3, 0.5, 0.05, cycles=1000)
+    rng = random.Random(1)
+    for c in trace.cycles:
+        c["u"] = [rng.random() ** skew for _ in c["tokens"]]
+    report = diagnose(trace)
+    assert report.sampled_tokens == sum(len(c["tokens"]) for c in trace.cycles) > 1000
+    words = explain(report)
+    if skew == 1.0:
+        assert report.exactness_p_value > 1e-3 and "Exact? consistent with it" in words
+    else:
+        assert report.exactness_p_value < 1e-6 and "Exact? NO." in words
+    assert "no sampled tokens" in explain(diagnose(synthetic(lambda i: 0.6, 3, 0.5, 0.05)))

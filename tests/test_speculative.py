@@ -3,6 +3,8 @@ C1), stops inside accepted chunks, statistics invariants (G), drafter = target-l
 
 from __future__ import annotations
 
+import io
+
 import pytest
 
 from verispec import hub
@@ -12,9 +14,11 @@ from verispec.drafters import NgramDrafter
 from verispec.drafters.base import DraftProposal
 from verispec.engine.controller import Controller
 from verispec.engine.cost import CostModel, VerifyCurve
+from verispec.engine.diagnose import diagnose
 from verispec.engine.generate import Engine
 from verispec.engine.monitor import Monitor
 from verispec.engine.request import Request
+from verispec.engine.trace import Trace, TraceWriter, parse_trace
 
 
 @pytest.fixture(scope="module")
@@ -162,8 +166,12 @@ def test_the_monitor_sees_every_sampled_token_and_changes_no_output(long_llm):
     params = SamplingParams(max_tokens=120, temperature=0.8, seed=11, ignore_eos=True)
     engine = Engine(long_llm.target, NgramDrafter(), 4)
     watched = Request(prompt, params, long_llm.eos_ids, engine.capacity)
-    stats = engine.run(watched)
+    lines = io.StringIO()
+    stats = engine.run(watched, trace=TraceWriter(lines))
     assert stats.drafted > 0
+    cycles = parse_trace(lines.getvalue().splitlines()).cycles
+    assert all(len(c["u"]) == len(c["tokens"]) for c in cycles), "the trace carries each kept token's u"
+    assert diagnose(Trace({}, cycles)).sampled_tokens == 120
     report = engine.monitor.report("NgramDrafter")
     assert report["tokens"] >= len(watched.output_ids) == 120  # verified past max_tokens: the cut ones too
     assert stats.monitor_tokens == report["tokens"] and stats.monitor_p_value == report["p_value"]

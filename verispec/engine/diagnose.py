@@ -10,6 +10,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from verispec.engine import monitor
 from verispec.engine.controller import DraftCosts, TreeAcceptance
 from verispec.engine.cost import (MAX_TAU, CostModel, VerifyCurve, at, budget_tokens, conditional_acceptance,
                                   drafted_rows, expected_tokens, offered_by_position)
@@ -72,6 +73,8 @@ class Report:
     tree: bool = False  # a tree drafter: tau is the node budget
     mean_nodes: float = 0.0  # draft tokens verified per drafting cycle (a chain's: its mean length)
     tokens_by_budget: dict[int, float] = field(default_factory=dict)  # a tree drafter's E(n), budgets seen
+    sampled_tokens: int = 0  # tokens whose u-value the monitor wrote (engine/monitor.py): sampled requests
+    exactness_p_value: float | None = None  # chi-square p of those u-values against the uniform law
     verdicts: list[str] = field(default_factory=list)
     why: str = ""
     recommendations: list[Recommendation] = field(default_factory=list)
@@ -126,6 +129,11 @@ def diagnose(trace: Trace) -> Report:
         tree=tree, mean_nodes=round(sum(nodes) / len(drafting), 3) if drafting else 0.0,
         tokens_by_budget={n: round(pricing.tokens(n), 3) for n in sorted({int(c["tau"]) for c in cycles}) if n > 0}
         if tree else {})
+    u = [x for c in cycles for x in c.get("u", ())]
+    bins = [0] * monitor.BINS
+    for x in u:
+        bins[min(int(x * monitor.BINS), monitor.BINS - 1)] += 1
+    report.sampled_tokens, report.exactness_p_value = len(u), monitor.chi_square_p(bins)
     _verdicts(report, model, pricing, tau, predicted)
     return report
 
@@ -244,6 +252,17 @@ def _why_tree(r: Report, model: CostModel, pricing: Pricing, tau: int) -> str:
             f"{model.t1:.1f} ms for plain decoding -> {pricing.speedup(model, tau):.2f}x.")
 
 
+def _exactness(r: Report) -> str:
+    if r.exactness_p_value is None:
+        return ("no sampled tokens to judge" if r.sampled_tokens == 0 else
+                f"{r.sampled_tokens} sampled tokens are too few to judge")
+    if r.exactness_p_value < monitor.ALARM:
+        return (f"NO. The {r.sampled_tokens} sampled tokens do not follow the target's distribution (their u-values "
+                f"give p = {r.exactness_p_value:.1e}): a verifier, sampler, kernel or drafter's q is not lossless.")
+    return (f"consistent with it: the {r.sampled_tokens} sampled tokens' u-values fit the uniform law "
+            f"(p = {r.exactness_p_value:.3g}; below {monitor.ALARM:g} would say not).")
+
+
 def explain(r: Report) -> str:
     """The report in plain words."""
     lines = [f"{r.cycles} cycles ({r.drafting_cycles} drafting), tau {r.tau}"
@@ -262,6 +281,7 @@ def explain(r: Report) -> str:
                 + "  ".join(f"{n}:{e:.2f}" for n, e in r.tokens_by_budget.items())] if r.tree else []),
              "", "Why: " + r.why, "", "Verdict:"]
     lines += [f"  - {v}" for v in r.verdicts]
+    lines += ["", "Exact? " + _exactness(r)]
     lines += ["", "Worth trying, by predicted effect:"]
     lines += [f"  {i}. {rec.action}" for i, rec in enumerate(r.recommendations, 1)] or ["  nothing"]
     return "\n".join(lines)

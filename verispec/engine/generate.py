@@ -117,46 +117,48 @@ def step(target: Transformer, sequences: Seq[Sequence], prefill_budget: int | No
     results = []
     for seq, proposal, rows, base in zip(decoding, proposals, logits, bases):
         if proposal.parents is None:
-            accepted, tokens = _verify_chain(seq, proposal, rows)
+            accepted, tokens, u = _verify_chain(seq, proposal, rows)
             seq.cache.truncate(base + 1 + accepted)
             path = None
         else:
-            path, tokens = _verify_tree(seq, proposal, rows)
+            path, tokens, u = _verify_tree(seq, proposal, rows)
             seq.cache.keep(base, [0] + path)
             accepted = len(path)
-        results.append((accepted, tokens, path))
+        results.append((accepted, tokens, path, u))
     t2 = time.perf_counter()
     for seq in filling:
         seq.request.stats.prefill_s += t2 - t0
         seq.request.stats.target_forwards += 1
-    return [_commit(seq, tau, proposal, accepted, tokens, path, t0, t1, t2)
-            for seq, tau, proposal, (accepted, tokens, path) in zip(decoding, taus, proposals, results)]
+    return [_commit(seq, tau, proposal, accepted, tokens, path, u, t0, t1, t2)
+            for seq, tau, proposal, (accepted, tokens, path, u) in zip(decoding, taus, proposals, results)]
 
 
-def _verify_chain(seq: Sequence, proposal: DraftProposal, rows: torch.Tensor) -> tuple[int, list[int]]:
-    """rows [k + 1, V] -> (drafts accepted, the tokens to commit)."""
+def _verify_chain(seq: Sequence, proposal: DraftProposal, rows: torch.Tensor
+                  ) -> tuple[int, list[int], list[float] | None]:
+    """rows [k + 1, V] -> (drafts accepted, the tokens to commit, their u-values for the monitor or None)."""
     d, sampler, history = proposal.token_ids, seq.request.sampler, seq.request.output_ids
     if sampler.params.greedy:  # point masses: no [k + 1, V] rows to build (a tenth of a plain step)
-        return verify_greedy(d, sampler.greedy(rows, history, d))
+        return *verify_greedy(d, sampler.greedy(rows, history, d)), None
     target_probs = sampler.probs(rows, history, d)  # [k + 1, V]
     accepted, tokens = verify(torch.tensor(d, dtype=torch.long), proposal.probs, target_probs, sampler.generator)
-    if seq.monitor is not None:
-        seq.monitor.observe(seq.drafter_name, target_probs[: accepted + 1], tokens)
-    return accepted, tokens
+    u = seq.monitor.observe(seq.drafter_name, target_probs[: accepted + 1], tokens) if seq.monitor else None
+    return accepted, tokens, u
 
 
-def _verify_tree(seq: Sequence, proposal: DraftProposal, rows: torch.Tensor) -> tuple[list[int], list[int]]:
-    """rows [n + 1, V], the root's first -> (the accepted path's nodes, the tokens to commit)."""
+def _verify_tree(seq: Sequence, proposal: DraftProposal, rows: torch.Tensor
+                 ) -> tuple[list[int], list[int], list[float] | None]:
+    """rows [n + 1, V], the root's first -> (the accepted path's nodes, the tokens to commit, their
+    u-values for the monitor or None)."""
     d, parents = proposal.token_ids, proposal.parents
     sampler, history = seq.request.sampler, seq.request.output_ids
     if sampler.params.greedy:
-        return verify_tree_greedy(d, parents, sampler.greedy(rows, history, d, parents))
+        return *verify_tree_greedy(d, parents, sampler.greedy(rows, history, d, parents)), None
     target_probs = sampler.probs(rows, history, d, parents)  # [n + 1, V]
     uniforms = uniforms_for(1, len(d), sampler.generator, target_probs.device)[0].tolist()
     path, tokens = verify_tree(d, parents, proposal.probs, target_probs, uniforms)
-    if seq.monitor is not None:  # token j was drawn at the row of the path's node j - 1 (the root's first)
-        seq.monitor.observe(seq.drafter_name, target_probs[[0] + path], tokens)
-    return path, tokens
+    # token j was drawn at the row of the path's node j - 1 (the root's first)
+    u = seq.monitor.observe(seq.drafter_name, target_probs[[0] + path], tokens) if seq.monitor else None
+    return path, tokens, u
 
 
 def _draft(sequences: list[Sequence], taus: list[int], contexts: list[list[int]]) -> list[DraftProposal]:
@@ -180,7 +182,7 @@ def _draft(sequences: list[Sequence], taus: list[int], contexts: list[list[int]]
 
 
 def _commit(seq: Sequence, tau: int, proposal: DraftProposal, accepted: int, tokens: list[int],
-            path: list[int] | None, t0: float, t1: float, t2: float) -> Cycle:
+            path: list[int] | None, u: list[float] | None, t0: float, t1: float, t2: float) -> Cycle:
     """drafted: the draft positions (a tree's depth), so that per-position acceptance reads a tree as
     the chain of its accepted path; nodes, what the forward verified, prices the cycle (stats, the
     controller; the trace also carries a tree's parents); path, a tree's kept nodes (None for a chain)."""
@@ -207,6 +209,8 @@ def _commit(seq: Sequence, tau: int, proposal: DraftProposal, accepted: int, tok
         extra = {"controller": seq.controller.last} if seq.controller is not None else {}
         if proposal.parents is not None:
             extra.update(nodes=nodes, parents=proposal.parents, path=path)
+        if u is not None:
+            extra.update(u=[round(x, 6) for x in u[: len(kept)]])
         seq.trace.cycle(tau=tau, drafted=drafted, accepted=accepted, fed=fed, draft_ms_per_cycle=(t1 - t0) * 1e3,
                         verify_ms_per_cycle=(t2 - t1) * 1e3, tokens=kept, **extra)
     stats.decode_s = time.perf_counter() - seq._decode_start

@@ -79,10 +79,10 @@ class Monitor:
         self._fits: dict[str, Fit] = {}
         self._lock = threading.Lock()  # the engine thread observes; a metrics scrape reads
 
-    def observe(self, drafter: str, probs: torch.Tensor, tokens: Sequence[int]) -> None:
-        """probs [n, V]: the processed target rows the tokens [n] were committed at."""
+    def observe(self, drafter: str, probs: torch.Tensor, tokens: Sequence[int]) -> list[float]:
+        """probs [n, V]: the processed target rows the tokens [n] were committed at -> their u [n]."""
         if not tokens:
-            return
+            return []
         u = uniforms(probs, tokens, self._generator)
         bins = (u * BINS).long().clamp(max=BINS - 1).tolist()
         with self._lock:
@@ -90,7 +90,7 @@ class Monitor:
             fit.add(bins)
             fit.unchecked += len(bins)
             if len(fit.recent) < WINDOW or fit.unchecked < WINDOW // 8:
-                return  # a full window's p-value is looked at every WINDOW / 8 tokens
+                return u.tolist()  # a full window's p-value is looked at every WINDOW / 8 tokens
             fit.unchecked = 0
             p = chi_square_p(fit.window)
             if p is not None and p < ALARM and not fit.alarmed:
@@ -98,6 +98,7 @@ class Monitor:
                             "u-values give p = %.1e (bins %s); a verifier, sampler or kernel is not lossless",
                             drafter, len(fit.recent), p, fit.window)
             fit.alarmed = p is not None and p < ALARM
+        return u.tolist()
 
     def report(self, drafter: str | None = None) -> dict:
         """{drafter: {tokens, p_value, window_tokens, window_p_value}}, or one drafter's entry."""
