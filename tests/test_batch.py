@@ -11,9 +11,10 @@ import pytest
 from verispec.config import SamplingParams
 from verispec.drafters import DraftModelDrafter, NgramDrafter
 from verispec.engine.controller import Controller
+from verispec.engine import generate
 from verispec.engine.generate import Engine, Sequence, step
 from verispec.engine.request import Request
-from verispec.engine.scheduler import EngineUnavailableError, QueueFullError, Scheduler
+from verispec.engine.scheduler import Audit, EngineUnavailableError, QueueFullError, Scheduler
 
 
 def cases(llm, draft):
@@ -303,3 +304,28 @@ def test_stop_finishes_admitted_and_queued_requests_then_refuses(draft_pair):
     assert all(len(c.cycles[-1].sequence.request.output_ids) == 20 for c in collectors)
     with pytest.raises(EngineUnavailableError):
         scheduler.submit(Request(llm.encode("the"), SamplingParams(), llm.eos_ids, llm.engine.capacity), Collector())
+
+
+@pytest.mark.parametrize("planted", [False, True], ids=["exact", "verifier-accepts-everything"])
+def test_the_audit_decodes_greedy_requests_again_and_counts_a_difference(draft_pair, monkeypatch, planted, caplog):
+    """Negative control: a greedy verifier that accepts every draft gives the draft model's tokens, which
+    the plain audit tells apart from the target's."""
+    llm, draft = draft_pair
+    if planted:
+        monkeypatch.setattr(generate, "verify_greedy", lambda d, t: (len(d), list(d) + [t[len(d)]]))
+    scheduler = scheduler_for(llm, draft, audit=Audit(rate=1.0))
+    try:
+        request = Request(llm.encode("the end the"), SamplingParams(max_tokens=40, ignore_eos=True), llm.eos_ids,
+                          llm.engine.capacity)
+        done = Collector()
+        scheduler.submit(request, done)
+        assert done.done.wait(60) and done.error is None
+        for _ in range(600):  # the audit runs after the request, on the engine thread
+            if scheduler.audit.audited:
+                break
+            threading.Event().wait(0.05)
+        assert scheduler.audit.audited == 1
+        assert scheduler.audit.mismatches == int(planted)
+        assert any("differs from plain decoding" in r.getMessage() for r in caplog.records) == planted
+    finally:
+        scheduler.stop(10)

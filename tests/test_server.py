@@ -614,8 +614,29 @@ def test_health_says_503_and_requests_fail_cleanly_when_the_engine_has_died(llm,
     assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
 
 
-def test_a_bad_shutdown_timeout_exits_2_naming_it(folder, capsys):
+@pytest.mark.parametrize("flag, value, message", [("--shutdown-timeout", "-1", "shutdown_timeout=-1.0 is not allowed"),
+                                                 ("--audit-rate", "1.5", "audit_rate=1.5 is not allowed")])
+def test_a_bad_serve_flag_exits_2_naming_it(folder, capsys, flag, value, message):
     from verispec.cli.main import main
 
-    assert main(["serve", "--model", str(folder), "--shutdown-timeout", "-1"]) == 2
-    assert "shutdown_timeout=-1.0 is not allowed" in capsys.readouterr().err
+    assert main(["serve", "--model", str(folder), flag, value]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_metrics_report_the_greedy_audit(folder):
+    from verispec.llm import LLM
+
+    scheduler, client = in_process(LLM(str(folder), drafter="ngram", num_draft_tokens=3))
+    scheduler.audit.rate = 1.0
+    try:
+        r = client.post("/v1/completions", json={"model": MODEL, "prompt": "the end the end the end", "max_tokens": 30,
+                                                 "temperature": 0, "ignore_eos": True})
+        assert r.status_code == 200 and r.json()["usage"]["speculation"]["drafted"] > 0
+        for _ in range(600):  # the audit runs after the answer, on the engine thread
+            if scheduler.audit.audited:
+                break
+            time.sleep(0.05)
+        metrics = client.get("/metrics").text
+        assert "verispec_audited_requests 1.0" in metrics and "verispec_audit_mismatches 0.0" in metrics
+    finally:
+        scheduler.stop(10)

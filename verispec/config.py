@@ -166,8 +166,9 @@ class RuntimeConfig:
 @dataclass(frozen=True)
 class ServeConfig:
     """The OpenAI-compatible server: where it listens, how many requests it runs at once (batched)
-    and queues, the API key it demands (None: none), the largest request body it reads, and how long
-    a shutdown waits for open requests before it ends them with an error."""
+    and queues, the API key it demands (None: none), the largest request body it reads, how long
+    a shutdown waits for open requests before it ends them with an error, and the share of greedy
+    speculative requests decoded again plainly to check they are exact (engine/scheduler.py Audit)."""
 
     host: str = "127.0.0.1"
     port: int = 8000
@@ -177,6 +178,7 @@ class ServeConfig:
     max_body_bytes: int = 1 << 20
     served_model_name: str | None = None
     shutdown_timeout: float = 30.0
+    audit_rate: float = 0.01
 
     def __post_init__(self) -> None:
         _require(isinstance(self.port, int) and 0 <= self.port <= 65535, "port",
@@ -185,6 +187,8 @@ class ServeConfig:
             value = getattr(self, name)
             _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
                      f"{name}={value!r} is not allowed: it must be an integer >= 1")
+        _require(_is_real(self.audit_rate) and 0 <= self.audit_rate <= 1, "audit_rate",
+                 f"audit_rate={self.audit_rate!r} is not allowed: it must be a number in [0, 1]")
         _require(_is_real(self.shutdown_timeout) and self.shutdown_timeout >= 0, "shutdown_timeout",
                  f"shutdown_timeout={self.shutdown_timeout!r} is not allowed: it must be a number of seconds >= 0")
         _require(self.api_key is None or (isinstance(self.api_key, str) and self.api_key != ""), "api_key",

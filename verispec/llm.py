@@ -17,7 +17,7 @@ from verispec.engine.calibrate import (Calibration, calibration_path, drafter_co
 from verispec.engine.controller import Controller
 from verispec.engine.generate import Engine
 from verispec.engine.request import Request
-from verispec.engine.scheduler import Scheduler
+from verispec.engine.scheduler import Audit, Scheduler
 from verispec.engine.trace import TraceWriter
 from verispec.errors import InvalidInputError, TokenizerMismatchError
 from verispec.model import native
@@ -93,12 +93,13 @@ class LLM:
         stored = load_calibration(self.calibration_path)
         return Controller(stored.cost_model() if stored is not None else None)
 
-    def scheduler(self, max_batch: int = 8, max_queue: int = 64) -> Scheduler:
+    def scheduler(self, max_batch: int = 8, max_queue: int = 64, audit_rate: float = 0.01) -> Scheduler:
         """Serve many requests at once, batched, on an engine thread (started here) with this target,
-        drafter kind and τ."""
+        drafter kind and τ; audit_rate of the greedy speculative requests are decoded again plainly."""
         drafter = self.engine.drafter
         scheduler = Scheduler(self.target, (lambda: drafter.fork()) if drafter is not None else (lambda: None),
-                              self.engine.num_draft_tokens, self.new_controller, max_batch, max_queue)
+                              self.engine.num_draft_tokens, self.new_controller, max_batch, max_queue,
+                              audit=Audit(audit_rate))
         scheduler.start()
         return scheduler
 

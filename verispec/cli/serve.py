@@ -24,6 +24,8 @@ HELP = {
     "max_body_bytes": "larger request bodies are answered 413 (default 1 MiB)",
     "served_model_name": "the model id clients send (default: --model as given)",
     "shutdown_timeout": "seconds a shutdown waits for open requests before it ends them with an error (default 30)",
+    "audit_rate": "share of greedy speculative requests decoded again plainly, when nothing waits, to check that "
+                  "they are exact (default 0.01)",
 }
 
 
@@ -46,7 +48,7 @@ def run(args: argparse.Namespace) -> None:
     llm = LLM(args.model, from_flags(RuntimeConfig, args), drafter=args.drafter,
               num_draft_tokens=args.num_draft_tokens, suffix_global=args.suffix_global,
               suffix_budget=args.suffix_budget)
-    scheduler = llm.scheduler(config.max_concurrency, config.max_queue)
+    scheduler = llm.scheduler(config.max_concurrency, config.max_queue, config.audit_rate)
     app = create_app(llm, scheduler, config, config.served_model_name or args.model)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
 

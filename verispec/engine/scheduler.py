@@ -11,6 +11,7 @@ that raises fails its own requests only; `drain` bounds how long a shutdown wait
 from __future__ import annotations
 
 import logging
+import random
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -46,6 +47,39 @@ class Ticket:
     request: Request
     listener: Listener
     cancelled: bool = False
+    plain: bool = False  # decode without drafting (an audit)
+
+
+@dataclass
+class Audit:
+    """Greedy speculative requests decoded again plainly, a sampled fraction of them, when nothing waits:
+    greedy speculation must give the target's own tokens, so a difference is a bug (a verifier, the
+    kernels' row invariance, a cache rollback). Counts read by /metrics."""
+
+    rate: float = 0.01
+    audited: int = 0
+    mismatches: int = 0
+    _draw: random.Random = field(default_factory=lambda: random.Random(0))
+
+    def wants(self, request: Request) -> bool:
+        return request.params.greedy and request.stats.drafted > 0 and self._draw.random() < self.rate
+
+    def ticket(self, original: Request) -> Ticket:
+        again = Request(original.prompt_ids, original.params, original.eos_ids, original.capacity,
+                        original.stop_check)
+
+        def compare(event: Cycle | BaseException) -> None:
+            if isinstance(event, BaseException) or not again.finished:
+                return
+            self.audited += 1
+            a, b = original.output_ids, again.output_ids
+            if a != b:
+                self.mismatches += 1
+                at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                log.warning("greedy speculation differs from plain decoding at output position %d: %s against "
+                            "plain %s (%d and %d tokens)", at, a[at: at + 1], b[at: at + 1], len(a), len(b))
+
+        return Ticket(again, compare, plain=True)
 
 
 @dataclass
@@ -66,6 +100,7 @@ class Scheduler:
     max_batch: int = 8
     max_queue: int = 64
     prefill_budget: int = PREFILL_BUDGET
+    audit: Audit = field(default_factory=Audit)
     monitor: Monitor = field(default_factory=Monitor, init=False)  # every slot's sampled tokens
     error: BaseException | None = field(default=None, init=False)
     _slots: list[Slot] = field(default_factory=list, init=False)
@@ -172,7 +207,10 @@ class Scheduler:
             owners[id(cycle.sequence)].listener(cycle)
         for slot in busy:
             if slot.sequence.request.finished:
-                slot.ticket = slot.sequence = None
+                ticket, slot.ticket, slot.sequence = slot.ticket, None, None
+                with self._wake:
+                    if not ticket.plain and not self._waiting and self.audit.wants(ticket.request):
+                        self._waiting.append(self.audit.ticket(ticket.request))
 
     def _admit(self) -> bool:
         """Drop cancelled requests, fill free slots from the queue; block while there is nothing to
@@ -186,8 +224,8 @@ class Scheduler:
                 while self._waiting and (slot := self._free_slot()) is not None:
                     ticket = self._waiting.popleft()
                     try:  # a drafter that cannot reset for this request fails the request, not the engine
-                        slot.sequence = Sequence(ticket.request, slot.cache, slot.drafter, self.num_draft_tokens,
-                                                 slot.controller, monitor=self.monitor)
+                        slot.sequence = Sequence(ticket.request, slot.cache, None if ticket.plain else slot.drafter,
+                                                 self.num_draft_tokens, slot.controller, monitor=self.monitor)
                     except Exception as e:  # noqa: BLE001
                         log.exception("a request could not start")
                         ticket.listener(e)

@@ -110,6 +110,7 @@ def create_app(llm: LLM, scheduler: Scheduler, config: ServeConfig, model_name: 
     @app.get("/metrics")
     def prometheus() -> Response:
         metrics.monitor(scheduler.monitor.report())
+        metrics.audit(scheduler.audit.audited, scheduler.audit.mismatches)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     def card() -> dict[str, Any]:

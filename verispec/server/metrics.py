@@ -58,6 +58,10 @@ class Metrics:
                                             "the chance a draft token at this position is accepted given the "
                                             "earlier ones were", ["position"], registry=r)
         self._totals = Stats()
+        self.audited = Gauge("verispec_audited_requests", "greedy speculative requests decoded again plainly",
+                             registry=r)
+        self.audit_mismatches = Gauge("verispec_audit_mismatches", "of those, the ones whose tokens differed",
+                                      registry=r)
         self.monitor_tokens = Gauge("verispec_monitor_tokens", "sampled tokens the losslessness monitor has seen",
                                     ["drafter"], registry=r)
         self.monitor_p_value = Gauge("verispec_monitor_p_value", "chi-square p-value of their u-values, all of "
@@ -65,6 +69,11 @@ class Metrics:
                                      ["drafter"], registry=r)
         self.monitor_window_p_value = Gauge("verispec_monitor_window_p_value",
                                             "the same over the last 4096 tokens", ["drafter"], registry=r)
+
+    def audit(self, audited: int, mismatches: int) -> None:
+        """The greedy audit's counts (engine/scheduler.py Audit), read at a scrape."""
+        self.audited.set(audited)
+        self.audit_mismatches.set(mismatches)
 
     def monitor(self, report: dict[str, dict]) -> None:
         """The losslessness monitor's state (Monitor.report()), read at a scrape."""
