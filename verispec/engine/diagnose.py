@@ -130,10 +130,7 @@ def diagnose(trace: Trace) -> Report:
         tokens_by_budget={n: round(pricing.tokens(n), 3) for n in sorted({int(c["tau"]) for c in cycles}) if n > 0}
         if tree else {})
     u = [x for c in cycles for x in c.get("u", ())]
-    bins = [0] * monitor.BINS
-    for x in u:
-        bins[min(int(x * monitor.BINS), monitor.BINS - 1)] += 1
-    report.sampled_tokens, report.exactness_p_value = len(u), monitor.chi_square_p(bins)
+    report.sampled_tokens, report.exactness_p_value = len(u), monitor.chi_square_p(monitor.counts(u))
     _verdicts(report, model, pricing, tau, predicted)
     return report
 

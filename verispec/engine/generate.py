@@ -141,7 +141,7 @@ def _verify_chain(seq: Sequence, proposal: DraftProposal, rows: torch.Tensor
         return *verify_greedy(d, sampler.greedy(rows, history, d)), None
     target_probs = sampler.probs(rows, history, d)  # [k + 1, V]
     accepted, tokens = verify(torch.tensor(d, dtype=torch.long), proposal.probs, target_probs, sampler.generator)
-    u = seq.monitor.observe(seq.drafter_name, target_probs[: accepted + 1], tokens) if seq.monitor else None
+    u = seq.monitor.observe(seq.drafter_name, target_probs[: accepted + 1], tokens) if seq.monitor is not None else None
     return accepted, tokens, u
 
 
@@ -157,7 +157,7 @@ def _verify_tree(seq: Sequence, proposal: DraftProposal, rows: torch.Tensor
     uniforms = uniforms_for(1, len(d), sampler.generator, target_probs.device)[0].tolist()
     path, tokens = verify_tree(d, parents, proposal.probs, target_probs, uniforms)
     # token j was drawn at the row of the path's node j - 1 (the root's first)
-    u = seq.monitor.observe(seq.drafter_name, target_probs[[0] + path], tokens) if seq.monitor else None
+    u = seq.monitor.observe(seq.drafter_name, target_probs[[0] + path], tokens) if seq.monitor is not None else None
     return path, tokens, u
 
 

@@ -37,6 +37,19 @@ def uniforms(probs: torch.Tensor, tokens: Sequence[int], generator: torch.Genera
     return (below + torch.rand(len(tokens), generator=generator, dtype=torch.float64) * p_x).clamp(0.0, 1.0)
 
 
+def bin_of(u: float) -> int:
+    """Which of the BINS equal bins of [0, 1] u falls in (1 itself in the last)."""
+    return min(int(u * BINS), BINS - 1)
+
+
+def counts(u: Sequence[float]) -> list[int]:
+    """How many of the u fall in each bin."""
+    bins = [0] * BINS
+    for x in u:
+        bins[bin_of(x)] += 1
+    return bins
+
+
 def chi_square_p(counts: Sequence[int]) -> float | None:
     """The p-value of counts [BINS] under the uniform law; None below LEAST tokens."""
     n = sum(counts)
@@ -83,14 +96,13 @@ class Monitor:
         """probs [n, V]: the processed target rows the tokens [n] were committed at -> their u [n]."""
         if not tokens:
             return []
-        u = uniforms(probs, tokens, self._generator)
-        bins = (u * BINS).long().clamp(max=BINS - 1).tolist()
+        u = uniforms(probs, tokens, self._generator).tolist()
         with self._lock:
             fit = self._fits.setdefault(drafter, Fit())
-            fit.add(bins)
-            fit.unchecked += len(bins)
+            fit.add([bin_of(x) for x in u])
+            fit.unchecked += len(u)
             if len(fit.recent) < WINDOW or fit.unchecked < WINDOW // 8:
-                return u.tolist()  # a full window's p-value is looked at every WINDOW / 8 tokens
+                return u  # a full window's p-value is looked at every WINDOW / 8 tokens
             fit.unchecked = 0
             p = chi_square_p(fit.window)
             if p is not None and p < ALARM and not fit.alarmed:
@@ -98,7 +110,7 @@ class Monitor:
                             "u-values give p = %.1e (bins %s); a verifier, sampler or kernel is not lossless",
                             drafter, len(fit.recent), p, fit.window)
             fit.alarmed = p is not None and p < ALARM
-        return u.tolist()
+        return u
 
     def report(self, drafter: str | None = None) -> dict:
         """{drafter: {tokens, p_value, window_tokens, window_p_value}}, or one drafter's entry."""
