@@ -32,6 +32,49 @@ struct AsFloat {  // a quantized group as 2 x 16 floats: elements 0..15 take a0,
   }
 };
 
+// The 4-bit formats decode through a table of their 16 weights, q * a (+ b) made once per group
+// with the same operations AsFloat makes per weight (so the floats are the same), then looked up
+// by each nibble: vpermps reads an index's low 4 bits, so the byte holding two nibbles indexes its
+// low one as it is. One run of SmolLM2's Q4_1 gate at 1 row: 41 -> 30 ps per weight.
+template <class F>
+static VS_INLINE void look_up(__m512i low, __m512i high, float a, float b, __m512 w[2]) {
+  const __m512 q = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512 table = _mm512_mul_ps(F::kMin ? q : _mm512_sub_ps(q, _mm512_set1_ps(8)), _mm512_set1_ps(a));
+  if (F::kMin) table = _mm512_add_ps(table, _mm512_set1_ps(b));
+  w[0] = _mm512_permutexvar_ps(low, table);
+  w[1] = _mm512_permutexvar_ps(high, table);
+}
+
+static VS_INLINE __m512i bytes16(const uint8_t* p) {  // 16 bytes -> 16 dwords
+  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+template <class F>
+struct SplitNibbles {  // Q4_0, Q4_1: d (, m), then 16 bytes: element j < 16 the low nibble of byte j, j >= 16 the high
+  static VS_INLINE void decode(const uint8_t* row, int g, __m512 w[2]) {
+    const uint8_t* b = row + F::kGroupBytes * g;
+    const __m512i q = bytes16(b + F::kGroupBytes - 16);
+    look_up<F>(q, _mm512_srli_epi32(q, 4), half(b), F::kMin ? half(b + 2) : 0.f, w);
+  }
+};
+template <> struct AsFloat<FQ4_0> : SplitNibbles<FQ4_0> {};
+template <> struct AsFloat<FQ4_1> : SplitNibbles<FQ4_1> {};
+
+template <>
+struct AsFloat<FQ4_K> {  // sub-block s: byte j of its 32 holds element j, low nibble for even s, high for odd
+  static VS_INLINE void decode(const uint8_t* row, int g, __m512 w[2]) {
+    const uint8_t* b = row + 144 * (g >> 3);
+    const int s = g & 7;
+    int sc, mn;
+    scale_min_k4(b + 4, s, &sc, &mn);
+    const uint8_t* p = b + 16 + 32 * (s >> 1);
+    const __m128i shift = _mm_cvtsi32_si128(4 * (s & 1));
+    const float a = half(b) * static_cast<float>(sc);
+    look_up<FQ4_K>(_mm512_srl_epi32(bytes16(p), shift), _mm512_srl_epi32(bytes16(p + 16), shift), a,
+                   -(half(b + 2) * static_cast<float>(mn)), w);
+  }
+};
+
 struct DF32 {
   static VS_INLINE void decode(const uint8_t* row, int g, __m512 w[2]) {
     const float* p = reinterpret_cast<const float*>(row) + 32 * g;
