@@ -4,9 +4,11 @@ weights draft in one forward per step; the scheduler's queue, cancellation, deat
 
 from __future__ import annotations
 
+import re
 import threading
 
 import pytest
+import torch
 
 from verispec.config import SamplingParams
 from verispec.drafters import DraftModelDrafter, NgramDrafter
@@ -326,6 +328,17 @@ def test_the_audit_decodes_greedy_requests_again_and_counts_a_difference(draft_p
             threading.Event().wait(0.05)
         assert scheduler.audit.audited == 1
         assert scheduler.audit.mismatches == int(planted)
-        assert any("differs from plain decoding" in r.getMessage() for r in caplog.records) == planted
+        found = [r.getMessage() for r in caplog.records if "differs from plain decoding" in r.getMessage()]
+        assert bool(found) == planted
+        if planted:  # the margin logged is the target's own top-1 minus top-2 logit where the outputs part
+            at = int(re.search(r"position (\d+)", found[0]).group(1))
+            plain = llm.generate(request.prompt_ids, request.params, speculative=False).token_ids
+            assert request.output_ids[:at] == plain[:at] and request.output_ids[at] != plain[at]
+            cache = llm.engine.cache
+            cache.truncate(0)
+            ids = request.prompt_ids + plain[:at]
+            top = torch.topk(llm.target.forward(torch.tensor(ids), torch.arange(len(ids)), cache)[-1], 2).values
+            assert float(re.search(r"logit margin there (\S+)\)", found[0]).group(1)) == pytest.approx(
+                float(top[0] - top[1]), abs=1e-4)
     finally:
         scheduler.stop(10)

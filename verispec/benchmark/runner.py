@@ -24,6 +24,7 @@ from verispec.engine.controller import Controller, ControllerConfig
 from verispec.engine.cost import CostModel, VerifyCurve
 from verispec.engine.diagnose import diagnose
 from verispec.engine.request import Request
+from verispec.engine.scheduler import logit_margin
 from verispec.engine.trace import SCHEMA, TraceWriter, parse_trace
 from verispec.llm import AUTO, LLM
 from verispec.types import Stats
@@ -176,18 +177,8 @@ def _check(llm: LLM, runs: list[Run], encoded: list[list[int]], prompts: list[Be
         if r.output_ids != reference:
             pos = first_difference(r.output_ids, reference)
             found.append({"config": r.config, "category": r.category, "question_id": r.question_id,
-                          "round": r.round, "position": pos, "logit_margin": _margin(llm, ids_of[(r.category, r.question_id)] + reference[:pos])})
+                          "round": r.round, "position": pos, "logit_margin": logit_margin(llm.target, ids_of[(r.category, r.question_id)] + reference[:pos])})
     return found
-
-
-def _margin(llm: LLM, ids: list[int]) -> float:
-    """The target's top-1 minus top-2 logit after ids: how near a tie the diverging position was."""
-    cache = llm.engine.cache
-    cache.truncate(0)
-    logits = llm.target.forward(torch.tensor(ids), torch.arange(len(ids)), cache, last_only=True)[0]
-    cache.truncate(0)
-    top = torch.topk(logits, 2).values
-    return round(float(top[0] - top[1]), 6)
 
 
 def _aggregate(configs: list[Config], runs: list[Run], traces: dict, divergences: list[dict[str, Any]],

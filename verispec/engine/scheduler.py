@@ -17,6 +17,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+
 from verispec.drafters.base import Drafter
 from verispec.engine.controller import Controller
 from verispec.engine.generate import Cycle, Sequence, step
@@ -50,6 +52,16 @@ class Ticket:
     plain: bool = False  # decode without drafting (an audit)
 
 
+def logit_margin(target: Transformer, ids: list[int]) -> float:
+    """The target's top-1 minus top-2 logit after ids: how near a tie a diverging position was (a
+    margin near 0 points at rounding, a large one at a verifier or cache bug)."""
+    device = target.device
+    logits = target.forward(torch.tensor(ids, device=device), torch.arange(len(ids), device=device),
+                            target.new_cache(len(ids)), last_only=True)[0]
+    top = torch.topk(logits, 2).values
+    return round(float(top[0] - top[1]), 6)
+
+
 @dataclass
 class Audit:
     """Greedy speculative requests decoded again plainly, a sampled fraction of them, when nothing waits:
@@ -64,7 +76,7 @@ class Audit:
     def wants(self, request: Request) -> bool:
         return request.params.greedy and request.stats.drafted > 0 and self._draw.random() < self.rate
 
-    def ticket(self, original: Request) -> Ticket:
+    def ticket(self, original: Request, target: Transformer) -> Ticket:
         again = Request(original.prompt_ids, original.params, original.eos_ids, original.capacity,
                         original.stop_check)
 
@@ -76,8 +88,10 @@ class Audit:
             if a != b:
                 self.mismatches += 1
                 at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                margin = logit_margin(target, original.prompt_ids + b[:at])
                 log.warning("greedy speculation differs from plain decoding at output position %d: %s against "
-                            "plain %s (%d and %d tokens)", at, a[at: at + 1], b[at: at + 1], len(a), len(b))
+                            "plain %s (%d and %d tokens; the target's logit margin there %g)", at, a[at: at + 1],
+                            b[at: at + 1], len(a), len(b), margin)
 
         return Ticket(again, compare, plain=True)
 
@@ -210,7 +224,7 @@ class Scheduler:
                 ticket, slot.ticket, slot.sequence = slot.ticket, None, None
                 with self._wake:
                     if not ticket.plain and not self._waiting and self.audit.wants(ticket.request):
-                        self._waiting.append(self.audit.ticket(ticket.request))
+                        self._waiting.append(self.audit.ticket(ticket.request, self.target))
 
     def _admit(self) -> bool:
         """Drop cancelled requests, fill free slots from the queue; block while there is nothing to
