@@ -74,8 +74,8 @@ def main() -> None:
         rows = {}
         for policy in [f"tau {t}" for t in taus] + ["auto"]:
             done = [r for p, r in mine if p == policy]
-            rows[policy] = {"workload": sum(r.tokens for r in done) * model.t1 / sum(r.ms for r in done),
-                            "median": statistics.median(r.speedup(model) for r in done)}
+            rows[policy] = {"workload": sum(r.plain_ms for r in done) / sum(r.ms for r in done),
+                            "median": statistics.median(r.speedup for r in done)}
         rating = {}
         for measure in ("workload", "median"):
             best_name, best = max([("plain", 1.0)] + [(n, x[measure]) for n, x in rows.items() if n != "auto"],

@@ -1,4 +1,5 @@
-"""PNG plots of a bench result: speedup vs τ (measured and predicted), acceptance by position, time split."""
+"""PNG plots of a bench result: speedup vs τ (measured and predicted), acceptance by position, time split;
+and of advise's predictions."""
 
 from __future__ import annotations
 
@@ -48,6 +49,27 @@ def write_plots(result: dict[str, Any], folder: Path) -> list[Path]:
     ax.legend()
     paths.append(_save(fig, folder / "time_split.png"))
     return paths
+
+
+def write_advice_plot(result: dict[str, Any], folder: Path) -> Path:
+    """advise's predicted speedup by drafter and τ (auto dashed), plain decoding at 1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for drafter in result["drafters"]:
+        mine = sorted((c["tau"], c["predicted"]) for c in result["configs"] if c["drafter"] == drafter and c["tau"] != "auto")
+        line = ax.plot([t for t, _ in mine], [s for _, s in mine], "o-", label=drafter)[0]
+        auto = [c["predicted"] for c in result["configs"] if c["drafter"] == drafter and c["tau"] == "auto"]
+        if auto:
+            ax.axhline(auto[0], ls="--", color=line.get_color(), label=f"{drafter} auto")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set(xlabel="tau (draft tokens per cycle)", ylabel="predicted speedup over plain decoding",
+           title=f"advise: {result['prompts']} prompts")
+    ax.legend()
+    return _save(fig, folder / "advise.png")
 
 
 def _save(fig: Any, path: Path) -> Path:

@@ -1,5 +1,6 @@
 """Benchmark prompts: the bundled Spec-Bench questions (data/NOTICE.md), the bundled repetitive
-workload (benchmarks/repetitive.py), or a JSONL file of the same shape."""
+workload (benchmarks/repetitive.py), or a JSONL file: of the same shape, of chat conversations, or
+an OpenAI-style request log (one /v1/completions or /v1/chat/completions body per line)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ from importlib import resources
 from pathlib import Path
 
 from verispec.errors import InvalidInputError
+from verispec.text import Prompt
 
 
 @dataclass(frozen=True)
 class BenchPrompt:
     category: str
     question_id: str
-    text: str  # the first turn
+    text: Prompt  # the first turn, a completion's prompt, or a conversation (chat messages)
 
 
 BUNDLED = {"spec-bench": "spec_bench.jsonl", "repetitive": "repetitive.jsonl"}
@@ -23,8 +25,9 @@ BUNDLED = {"spec-bench": "spec_bench.jsonl", "repetitive": "repetitive.jsonl"}
 
 def load_prompts(source: str, categories: list[str] | None = None, per_category: int | None = None
                  ) -> list[BenchPrompt]:
-    """source: a bundled set (BUNDLED) or a JSONL file with {"category", "turns": [...]} (or "prompt")
-    per line. The prompts keep the file's order."""
+    """source: a bundled set (BUNDLED) or a JSONL file with, per line, {"category", "turns": [...]},
+    {"prompt": ...} or {"messages": [...]} (other keys, as in a logged request body, are ignored).
+    The prompts keep the file's order."""
     if source in BUNDLED:
         text = resources.files("verispec.data").joinpath(BUNDLED[source]).read_text()
     else:
@@ -39,10 +42,13 @@ def load_prompts(source: str, categories: list[str] | None = None, per_category:
             continue
         try:
             row = json.loads(line)
-            turn = row["turns"][0] if "turns" in row else row["prompt"]
+            turn = row["turns"][0] if "turns" in row else row["messages"] if "messages" in row else row["prompt"]
+            if not isinstance(turn, (str, list)) or not turn:
+                raise TypeError
             prompts.append(BenchPrompt(str(row.get("category", "all")), str(row.get("question_id", number)), turn))
         except (ValueError, KeyError, IndexError, TypeError):
-            raise InvalidInputError(f"{source}, line {number}: need a JSON object with 'turns' or 'prompt'") from None
+            raise InvalidInputError(f"{source}, line {number}: need a JSON object with 'turns', 'prompt' or "
+                                    "'messages' (a non-empty string or list)") from None
     known = sorted({p.category for p in prompts})
     if categories:
         unknown = [c for c in categories if c not in known]

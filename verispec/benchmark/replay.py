@@ -6,7 +6,8 @@ after the committed tokens, the accepted drafts are the longest prefix (a tree's
 the cycle costs drafted·d + fed·g + T(drafted + 1). Priced by one verify curve, a fixed τ and the controller are
 compared without the machine's timing noise, which on a shared CPU is larger than the 5 % the
 controller is judged by. `noise` perturbs the timings the controller sees (not the price) to show
-how it copes with a real clock.
+how it copes with a real clock. With `curves` (T(k) at two context lengths), every cycle, and plain
+decoding's every token, is priced at its own context: attention makes long prompts' verifies dearer.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from verispec import tree
-from verispec.drafters.base import DraftProposal, Drafter
+from verispec.drafters.base import Drafter, DraftProposal
 from verispec.engine.controller import Controller
-from verispec.engine.cost import CostModel
+from verispec.engine.cost import ContextCurve, CostModel
 from verispec.sampling import Sampler, verify_tree_greedy
 
 
@@ -26,24 +27,29 @@ from verispec.sampling import Sampler, verify_tree_greedy
 class Replayed:
     tokens: int
     ms: float  # priced by the cost model
+    plain_ms: float  # plain decoding of the same tokens, priced alike
     taus: tuple[int, ...]  # τ of every cycle
+    cycles: tuple[tuple[int, int], ...]  # (draft positions, accepted) of every cycle
     drafted: int  # draft positions (a tree's depth), summed over the cycles
     accepted: int
     nodes: int  # draft tokens verified (a chain's equal its positions)
 
-    def speedup(self, model: CostModel) -> float:
+    @property
+    def speedup(self) -> float:
         """Against plain decoding: one token per T(1)."""
-        return self.tokens * model.t1 / self.ms
+        return self.plain_ms / self.ms
 
 
 def replay(drafter: Drafter, sampler: Sampler, prompt_ids: Sequence[int], output_ids: Sequence[int],
-           policy: int | Controller, model: CostModel, noise: float = 0.0, seed: int = 0) -> Replayed:
+           policy: int | Controller, model: CostModel, noise: float = 0.0, seed: int = 0,
+           curves: ContextCurve | None = None) -> Replayed:
     """The cycles of `policy` (a fixed τ, or a controller that keeps learning) over output_ids."""
     rng = random.Random(seed)
     drafter.reset(sampler)
-    done, ms, taus, drafted, kept, verified = 0, 0.0, [], 0, 0, 0
+    done, ms, plain_ms, taus, cycles, verified = 0, 0.0, 0.0, [], [], 0
     context = list(prompt_ids)
     while done < len(output_ids):
+        curve = model.curve if curves is None else curves.at(len(context))
         # as the engine asks: with the drafter's backlog and the tokens the request may still generate
         tau = (policy.choose(drafter.backlog(context), len(output_ids) - done) if isinstance(policy, Controller)
                else policy)
@@ -56,13 +62,16 @@ def replay(drafter: Drafter, sampler: Sampler, prompt_ids: Sequence[int], output
         if drafts:
             drafter.observe(accepted)
         draft_ms = len(drafts) * model.draft_ms + proposal.fed * model.feed_ms
-        verify_ms = model.curve(len(drafts) + 1)
+        verify_ms = curve(len(drafts) + 1)
         if isinstance(policy, Controller):
             policy.observe(tau, positions, accepted, draft_ms, verify_ms * max(0.1, 1 + rng.gauss(0, noise)),
                            proposal.fed, len(drafts), path)
         ms += draft_ms + verify_ms
+        plain_ms += (accepted + 1) * curve(1)
         context += output_ids[done: done + accepted + 1]
         done += accepted + 1
         taus.append(tau)
-        drafted, kept, verified = drafted + positions, kept + accepted, verified + len(drafts)
-    return Replayed(len(output_ids), ms, tuple(taus), drafted, kept, verified)
+        cycles.append((positions, accepted))
+        verified += len(drafts)
+    return Replayed(len(output_ids), ms, plain_ms, tuple(taus), tuple(cycles), sum(d for d, _ in cycles),
+                    sum(a for _, a in cycles), verified)

@@ -58,9 +58,11 @@ class Transformer:
 
             self.backend = TorchBackend(config, weights, rope, device)
 
-    def new_cache(self) -> KVCache:
+    def new_cache(self, capacity: int | None = None) -> KVCache:
+        """A cache for `capacity` positions (at most max_context, the default)."""
         c = self.config
-        return KVCache(c.num_layers, c.num_kv_heads, c.head_dim, self.max_context, torch.float32, self.device)
+        return KVCache(c.num_layers, c.num_kv_heads, c.head_dim, min(capacity or self.max_context, self.max_context),
+                       torch.float32, self.device)
 
     @property
     def weight_bytes_per_token(self) -> int:
