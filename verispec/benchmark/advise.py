@@ -95,10 +95,11 @@ def context_curve(llm: LLM, longest: int, repeats: int = 5) -> ContextCurve:
     prompt and output, within the context)."""
     warm_up(llm.target, llm.engine.cache)
     ks = range(1, MAX_DRAFT_TOKENS + 2)
-    long_context = max(2 * SHORT_CONTEXT, min(longest, llm.engine.capacity - len(ks)))
+    long_context = min(max(longest, 2 * SHORT_CONTEXT), llm.engine.capacity - len(ks))
+    short_context = min(SHORT_CONTEXT, long_context // 2)  # a small model's context may hold less
     short, long = (VerifyCurve(tuple(forward_times_ms(llm.target, llm.engine.cache, ks, c, repeats)))
-                   for c in (SHORT_CONTEXT, long_context))
-    return ContextCurve(short, SHORT_CONTEXT, long, long_context)
+                   for c in (short_context, long_context))
+    return ContextCurve(short, short_context, long, long_context)
 
 
 def price(llm: LLM, drafter: str, policies: Sequence[int | str], model: CostModel, curves: ContextCurve,
