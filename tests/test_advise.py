@@ -57,7 +57,8 @@ def result_with(predicted: float, measured: float | None, categories: dict[str, 
     best = {"config": "ngram/4", "drafter": "ngram", "tau": 4, "predicted": predicted,
             "by_category": categories or {"all": predicted}}
     facts = {"best_tau": 4, "predicted": predicted, "acceptance": 0.5, "alpha_by_position": [0.6, 0.5],
-             "drafting_cycles": 0.4, "break_even_alpha": 0.2, "alpha_for_aim": None}
+             "drafting_cycles": 0.4, "break_even_alpha": 0.2, "alpha_for_aim": None, "leader": None,
+             "alpha_to_lead": None}
     return {"configs": [best], "prompts": 10, "sample": ["1", "2"], "drafter_facts": {"ngram": facts},
             "measured": {} if measured is None else {"ngram/4": {"predicted": predicted, "measured": measured,
                                                                   "identical": 4, "runs": 4}}}
@@ -111,6 +112,9 @@ def test_cli_advise_ranks_measures_and_answers(tiny_llm_folder, tmp_path, capsys
     assert list(result["measured"]) == [c["config"] for c in result["configs"][:2]]
     assert all(m["identical"] == m["runs"] == 2 for m in result["measured"].values())  # greedy: the target's own
     assert ("Speculate with" in out) != ("Do not speculate" in out)
+    facts = result["drafter_facts"]
+    other = next(d for d in facts if d != result["configs"][0]["drafter"])
+    assert facts[other]["leader"] == result["configs"][0]["config"] and f"match {facts[other]['leader']}" in out
     assert (tmp_path / "out" / "advise.png").stat().st_size > 0
     assert json.loads((tmp_path / "out" / "advise.json").read_text())["configs"] == result["configs"]
 

@@ -206,25 +206,27 @@ def advise(llm: LLM, prompts: list[BenchPrompt], drafters: list[str], max_tokens
         "configs": [{"config": p.name, "drafter": p.drafter, "tau": p.tau, "predicted": round(p.speedup(), 3),
                      "acceptance": round(p.acceptance, 4),
                      "by_category": {c: round(p.speedup(in_category[c]), 3) for c in categories}} for p in priced],
-        "drafter_facts": {d: facts(d, [p for p in priced if p.drafter == d], models[d]) for d in drafters},
+        "drafter_facts": {d: facts([p for p in priced if p.drafter == d], models[d], priced[0]) for d in drafters},
         "measured": measured, "sample": [prompts[i].question_id for i in sample],
         "seconds": round(time.perf_counter() - start, 1), "target_seconds": round(target_s, 1),
-        # plain decoding of every prompt, one at a time, at the target's priced step
-        "plain_seconds": round(sum(r.plain_ms for r in priced[0].replays) / 1e3, 1),
     }
 
 
-def facts(drafter: str, priced: list[Priced], model: CostModel) -> dict[str, Any]:
-    """The drafter at its best fixed τ: acceptance by position, the share of cycles it drafted in,
-    and the constant α it would need to break even there and to reach AIM."""
+def facts(priced: list[Priced], model: CostModel, leader: Priced) -> dict[str, Any]:
+    """A drafter at its best fixed τ: acceptance by position, the share of cycles it drafted in, and
+    the constant α it would need to break even there, to reach AIM and to match the leader (the
+    best configuration of all, when it is another drafter's)."""
     best = max((p for p in priced if p.tau != AUTO), key=lambda p: p.speedup())
+    lead = leader.drafter != best.drafter
     cycles = [c for r in best.replays for c in r.cycles]
     offered = offered_by_position((int(best.tau), d) for d, _ in cycles)
     return {"best_tau": best.tau, "predicted": round(best.speedup(), 3), "acceptance": round(best.acceptance, 4),
             "alpha_by_position": [round(a, 3) for a in conditional_acceptance(c for c in cycles if c[0] > 0)][:8],
             "drafting_cycles": round(sum(d > 0 for d, _ in cycles) / max(1, len(cycles)), 3),
             "break_even_alpha": _round(model.break_even_alpha(int(best.tau))),
-            "alpha_for_aim": _round(model.alpha_for(AIM, MAX_DRAFT_TOKENS, offered))}
+            "alpha_for_aim": _round(model.alpha_for(AIM, MAX_DRAFT_TOKENS, offered)),
+            "leader": leader.name if lead else None,
+            "alpha_to_lead": _round(model.alpha_for(leader.speedup(), MAX_DRAFT_TOKENS, offered)) if lead else None}
 
 
 def _round(x: float | None) -> float | None:
@@ -263,6 +265,9 @@ def verdict(result: dict[str, Any]) -> list[str]:
         alphas = " ".join(f"{a:.2f}" for a in f["alpha_by_position"]) or "none drafted"
         need = (f"needs alpha >= {f['alpha_for_aim']:.2f} for {AIM}x" if f["alpha_for_aim"] is not None
                 else f"cannot reach {AIM}x at any alpha on this machine")
+        if f["leader"]:
+            need += (f"; to match {f['leader']} it would need alpha >= {f['alpha_to_lead']:.2f}"
+                     if f["alpha_to_lead"] is not None else f"; no alpha makes it match {f['leader']}")
         lines.append(f"{drafter}: best at tau {f['best_tau']} ({f['predicted']:.2f}x), drafts in "
                      f"{f['drafting_cycles']:.0%} of cycles, accepts {f['acceptance']:.0%} of drafts (alpha by "
                      f"position {alphas}); breaks even at alpha {f['break_even_alpha']}, {need}.")
