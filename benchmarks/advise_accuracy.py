@@ -2,12 +2,13 @@
 
 1. cost: plain decoding of N prompts one at a time (prefill included, wall clock), then `advise`
    over the same prompts; the ratio of the two (target: <= 1.5);
-2. accuracy, per Spec-Bench category: advise's ranking from `--train` prompts of the category, then
+2. accuracy, per Spec-Bench category: advise's ranking from `--train` prompts of the category (as
+   many as it has beside the test ones), then
    its best two configurations and plain decoding measured on `--test` other prompts of it (held
    out), interleaved over rounds; per category the prediction against the measurement (target:
    within 10 %) and the top choice's measured speedup against the best measured (within 5 %).
 
-    python benchmarks/advise_accuracy.py --prompts 100 --train 6 --test 4 --rounds 2
+    python benchmarks/advise_accuracy.py --prompts 100 --train 20 --test 4 --rounds 2
 
 Prints a table per part and a last JSON line.
 """
@@ -52,7 +53,7 @@ def accuracy(llm: LLM, prompts, drafters, category: str, train: int, test: int, 
     curves = adv.context_curve(llm, max(len(a) + len(b) for a, b in zip(ids, outputs)))
     models = {d: CostModel(curves.short, *llm.drafter_costs(llm.make_drafter(d))) for d in drafters}
     priced = [p for d in drafters for p in adv.price(llm, d, adv.TAUS, models[d], curves, ids, outputs)]
-    fit, held_out = list(range(train)), list(range(train, len(mine)))
+    fit, held_out = list(range(len(mine) - test)), list(range(len(mine) - test, len(mine)))  # small categories: fewer to fit
     priced.sort(key=lambda p: -p.speedup(fit))
     measured = adv.measure(llm, priced[:2], models, ids, outputs, held_out, params, rounds, progress=False)
     top = priced[0]
@@ -70,7 +71,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--drafters", default="ngram,suffix")
     ap.add_argument("--prompts", type=int, default=100, help="prompts of the cost measurement (0: skip it)")
-    ap.add_argument("--train", type=int, default=6)
+    ap.add_argument("--train", type=int, default=20)
     ap.add_argument("--test", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=128)

@@ -132,3 +132,17 @@ def test_nan_or_infinite_logits_fail_loudly_instead_of_drawing_a_token(bad, temp
         probabilities(logits, SamplingParams(temperature=temperature))
     with pytest.raises(NumericsError, match="every token masked: 1"):
         probabilities(torch.full((1, 8), float("-inf")), SamplingParams(temperature=temperature))
+
+
+@pytest.mark.parametrize("bad, says", [(float("nan"), "1 NaN"), (float("inf"), r"1 \+inf"), (None, "every token masked: 1")])
+def test_greedy_verify_rows_fail_loudly_on_nan_infinite_or_fully_masked_logits(bad, says):
+    """Sampler.greedy checks the row maxima only (NaN propagates through max): each bad kind still fails."""
+    sampler = Sampler(SamplingParams(), [1, 2], [0])
+    rows = LOGITS.repeat(3, 1)
+    if bad is None:
+        rows[1] = float("-inf")
+    else:
+        rows[2, 5] = bad
+    with pytest.raises(NumericsError, match=says):
+        sampler.greedy(rows, [])
+    assert sampler.greedy(LOGITS.repeat(3, 1), []) == LOGITS.repeat(3, 1).argmax(-1).tolist()

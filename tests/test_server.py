@@ -148,6 +148,42 @@ def test_chat_whole_and_streamed_agree_with_each_other_decode_and_plain_generati
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
+def test_logprobs_whole_and_streamed_are_the_targets_for_the_tokens_served(server, llm):
+    """Completions' parallel lists and chat's content list: the served tokens' log-probabilities equal
+    the library's plain decoding of the same prompt (the server speculates with ngram), and a stream's
+    chunks carry them all, in order."""
+    params = SamplingParams(max_tokens=30, ignore_eos=True, logprobs=2)
+    plain = llm.generate("the end the", params, speculative=False)
+    whole = server.client.completions.create(model=MODEL, prompt="the end the", max_tokens=30, temperature=0,
+                                             logprobs=2, extra_body=EXTRA)
+    lp = whole.choices[0].logprobs
+    assert whole.choices[0].model_extra["token_ids"] == plain.token_ids
+    assert lp.token_logprobs == [t.logprob for t in plain.logprobs]
+    assert lp.tokens == [llm.tokenizer.decode([t]) for t in plain.token_ids]
+    assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(lp.tokens))]
+    assert [list(d.values()) for d in lp.top_logprobs] == [[v for _, v in t.top] for t in plain.logprobs]
+    chunks = list(server.client.completions.create(model=MODEL, prompt="the end the", max_tokens=30, temperature=0,
+                                                   logprobs=2, stream=True, extra_body=EXTRA))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices]
+    assert [x for s in streamed for x in s.token_logprobs] == lp.token_logprobs
+    assert [x for s in streamed for x in s.text_offset] == lp.text_offset
+
+    messages = [{"role": "user", "content": "the stop the"}]
+    plain = llm.generate(messages, params, speculative=False)
+    chat = server.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=30, temperature=0,
+                                                 logprobs=True, top_logprobs=2, extra_body=EXTRA)
+    content = chat.choices[0].logprobs.content
+    assert [c.logprob for c in content] == [t.logprob for t in plain.logprobs]
+    assert [[a.logprob for a in c.top_logprobs] for c in content] == [[v for _, v in t.top] for t in plain.logprobs]
+    assert all(bytes(c.bytes).decode() == c.token for c in content)
+    stream = server.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=30, temperature=0,
+                                                   logprobs=True, stream=True, extra_body=EXTRA)
+    parts = [c.choices[0].logprobs for c in stream if c.choices and c.choices[0].logprobs is not None]
+    assert [x.logprob for p in parts for x in p.content] == [c.logprob for c in content]
+    bare = server.client.completions.create(model=MODEL, prompt="the", max_tokens=3)
+    assert bare.choices[0].logprobs is None
+
+
 def test_stop_strings_and_seeded_sampling_are_honoured(server, llm):
     out = server.client.completions.create(model=MODEL, prompt="the end the", max_tokens=60, temperature=0,
                                            stop=[" "], extra_body=EXTRA)
@@ -239,6 +275,12 @@ BAD = [
     ("completions", {"prompt": "x", "model": "gpt-9"}, 404, "model", "gpt-9"),
     ("chat", {"messages": [{"role": "user", "content": "x"}], "model": "gpt-9", "stream": True}, 404, "model", ""),
     ("completions", {"prompt": "x", "temperature": 0.5, "stream": True, "top_p": 2}, 400, "top_p", ""),
+    ("completions", {"prompt": "x", "logprobs": 21}, 400, "logprobs", "[0, 20]"),
+    ("chat", {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21}, 400,
+     "top_logprobs", "top_logprobs=21 is not allowed"),
+    ("chat", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, "top_logprobs",
+     "without logprobs: true"),
+    ("completions", {"prompt": "x", "logprobs": 1, "logprobs_mode": "logits"}, 400, "logprobs_mode", "processed, raw"),
 ]
 
 

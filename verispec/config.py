@@ -14,6 +14,8 @@ GREEDY_BELOW = 1e-5
 MAX_SEED = 2**32 - 1
 # Dividing logits by a smaller repetition penalty (or multiplying by a larger one) overflows float32.
 REPETITION_PENALTY_RANGE = (1e-2, 1e2)
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs
+LOGPROBS_MODES = ("processed", "raw")
 
 
 def _require(ok: bool, param: str, message: str) -> None:
@@ -48,6 +50,11 @@ class SamplingParams:
     suffix_global (the suffix drafter): False keeps this request out of the global tree over past
     responses, so that it neither reads other requests' outputs nor adds its own (drafts only:
     outputs never depend on it).
+    logprobs: None, or 0..MAX_LOGPROBS: each emitted token's log-probability under the target, with
+    that many likeliest alternatives. logprobs_mode "processed" (the default) reports the
+    distribution the token is drawn from (penalties, temperature, top-k/top-p/min-p applied; when
+    greedy, the softmax of the penalized logits at temperature 1); "raw", the model's own
+    log-softmax. Both come from the target's verify rows, so speculation reports what plain decoding does.
     """
 
     max_tokens: int = 128
@@ -64,6 +71,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     suffix_global: bool = True
+    logprobs: int | None = None
+    logprobs_mode: str = "processed"
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -119,6 +128,11 @@ class SamplingParams:
                      f"{name}={value!r} is not allowed: it must be in [-2, 2] (0 means off)")
         _require(isinstance(self.suffix_global, bool), "suffix_global",
                  f"suffix_global={self.suffix_global!r} is not allowed: it must be true or false")
+        _require(self.logprobs is None or (isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool)
+                                           and 0 <= self.logprobs <= MAX_LOGPROBS),
+                 "logprobs", f"logprobs={self.logprobs!r} is not allowed: it must be an integer in [0, {MAX_LOGPROBS}] or None")
+        _require(self.logprobs_mode in LOGPROBS_MODES, "logprobs_mode",
+                 f"logprobs_mode={self.logprobs_mode!r} is not allowed; allowed: {', '.join(LOGPROBS_MODES)}")
 
     @property
     def greedy(self) -> bool:

@@ -194,4 +194,5 @@ class LLM:
     @staticmethod
     def output(request: Request, text: Detokenizer) -> Output:
         return Output(text.text(request.output_ids, request.finish_reason), list(request.output_ids),
-                      request.finish_reason or "length", request.stats, list(request.prompt_ids))
+                      request.finish_reason or "length", request.stats, list(request.prompt_ids),
+                      list(request.logprobs) if request.params.logprobs is not None else None)

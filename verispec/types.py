@@ -90,6 +90,19 @@ class Stats:
                 "conditional_acceptance": [round(a, 4) for a in self.conditional_acceptance]}
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """An emitted token's log-probability under the target, and the likeliest tokens at its row
+    (SamplingParams.logprobs of them, best first)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"token_id": self.token_id, "logprob": self.logprob, "top": [list(t) for t in self.top]}
+
+
 @dataclass
 class Output:
     """One finished generation. finish_reason: 'stop' (EOS, a stop token or string) or 'length'."""
@@ -99,7 +112,11 @@ class Output:
     finish_reason: str
     stats: Stats = field(default_factory=Stats)
     prompt_token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when SamplingParams.logprobs asked
 
     def to_dict(self) -> dict[str, Any]:
-        return {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason,
-                "prompt_tokens": len(self.prompt_token_ids), "stats": self.stats.to_dict()}
+        out = {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason,
+               "prompt_tokens": len(self.prompt_token_ids), "stats": self.stats.to_dict()}
+        if self.logprobs is not None:
+            out["logprobs"] = [t.to_dict() for t in self.logprobs]
+        return out

@@ -30,7 +30,8 @@ from verispec.engine.trace import TraceWriter
 from verispec.model.cache import KVCache
 from verispec.model.transformer import Segment, Transformer
 from verispec.sampling.rejection import uniforms_for, verify, verify_greedy, verify_tree, verify_tree_greedy
-from verispec.types import Stats
+from verispec.sampling.sampler import Sampler
+from verispec.types import Stats, TokenLogprob
 
 
 @dataclass
@@ -83,6 +84,7 @@ class Cycle:
     accepted: int
     tokens: list[int]
     nodes: int
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # the kept tokens', when the request asked
 
 
 def step(target: Transformer, sequences: Seq[Sequence], prefill_budget: int | None = None) -> list[Cycle]:
@@ -117,48 +119,59 @@ def step(target: Transformer, sequences: Seq[Sequence], prefill_budget: int | No
     results = []
     for seq, proposal, rows, base in zip(decoding, proposals, logits, bases):
         if proposal.parents is None:
-            accepted, tokens, u = _verify_chain(seq, proposal, rows)
+            accepted, tokens, u, logprobs = _verify_chain(seq, proposal, rows)
             seq.cache.truncate(base + 1 + accepted)
             path = None
         else:
-            path, tokens, u = _verify_tree(seq, proposal, rows)
+            path, tokens, u, logprobs = _verify_tree(seq, proposal, rows)
             seq.cache.keep(base, [0] + path)
             accepted = len(path)
-        results.append((accepted, tokens, path, u))
+        results.append((accepted, tokens, path, u, logprobs))
     t2 = time.perf_counter()
     for seq in filling:
         seq.request.stats.prefill_s += t2 - t0
         seq.request.stats.target_forwards += 1
-    return [_commit(seq, tau, proposal, accepted, tokens, path, u, t0, t1, t2)
-            for seq, tau, proposal, (accepted, tokens, path, u) in zip(decoding, taus, proposals, results)]
+    return [_commit(seq, tau, proposal, accepted, tokens, path, u, logprobs, t0, t1, t2)
+            for seq, tau, proposal, (accepted, tokens, path, u, logprobs) in zip(decoding, taus, proposals, results)]
 
 
 def _verify_chain(seq: Sequence, proposal: DraftProposal, rows: torch.Tensor
-                  ) -> tuple[int, list[int], list[float] | None]:
-    """rows [k + 1, V] -> (drafts accepted, the tokens to commit, their u-values for the monitor or None)."""
+                  ) -> tuple[int, list[int], list[float] | None, list[TokenLogprob] | None]:
+    """rows [k + 1, V] -> (drafts accepted, the tokens to commit, their u-values for the monitor or
+    None, their log-probabilities or None); token j was emitted at row j."""
     d, sampler, history = proposal.token_ids, seq.request.sampler, seq.request.output_ids
     if sampler.params.greedy:  # point masses: no [k + 1, V] rows to build (a tenth of a plain step)
-        return *verify_greedy(d, sampler.greedy(rows, history, d)), None
+        accepted, tokens = verify_greedy(d, sampler.greedy(rows, history, d))
+        return accepted, tokens, None, _logprobs(sampler, rows, history, d, None, range(len(tokens)), tokens)
     target_probs = sampler.probs(rows, history, d)  # [k + 1, V]
     accepted, tokens = verify(torch.tensor(d, dtype=torch.long), proposal.probs, target_probs, sampler.generator)
     u = seq.monitor.observe(seq.drafter_name, target_probs[: accepted + 1], tokens) if seq.monitor is not None else None
-    return accepted, tokens, u
+    return accepted, tokens, u, _logprobs(sampler, rows, history, d, None, range(len(tokens)), tokens, target_probs)
 
 
 def _verify_tree(seq: Sequence, proposal: DraftProposal, rows: torch.Tensor
-                 ) -> tuple[list[int], list[int], list[float] | None]:
+                 ) -> tuple[list[int], list[int], list[float] | None, list[TokenLogprob] | None]:
     """rows [n + 1, V], the root's first -> (the accepted path's nodes, the tokens to commit, their
-    u-values for the monitor or None)."""
+    u-values for the monitor or None, their log-probabilities or None); token j was emitted at the
+    row of the path's node j - 1 (the root's first)."""
     d, parents = proposal.token_ids, proposal.parents
     sampler, history = seq.request.sampler, seq.request.output_ids
     if sampler.params.greedy:
-        return *verify_tree_greedy(d, parents, sampler.greedy(rows, history, d, parents)), None
+        path, tokens = verify_tree_greedy(d, parents, sampler.greedy(rows, history, d, parents))
+        return path, tokens, None, _logprobs(sampler, rows, history, d, parents, [0] + path, tokens)
     target_probs = sampler.probs(rows, history, d, parents)  # [n + 1, V]
     uniforms = uniforms_for(1, len(d), sampler.generator, target_probs.device)[0].tolist()
     path, tokens = verify_tree(d, parents, proposal.probs, target_probs, uniforms)
-    # token j was drawn at the row of the path's node j - 1 (the root's first)
     u = seq.monitor.observe(seq.drafter_name, target_probs[[0] + path], tokens) if seq.monitor is not None else None
-    return path, tokens, u
+    return path, tokens, u, _logprobs(sampler, rows, history, d, parents, [0] + path, tokens, target_probs)
+
+
+def _logprobs(sampler: Sampler, rows: torch.Tensor, history: list[int], drafts: list[int], parents: list[int] | None,
+              at: Seq[int], tokens: list[int], probs: torch.Tensor | None = None) -> list[TokenLogprob] | None:
+    """The tokens' log-probabilities (emitted at rows `at`) when the request asked for them."""
+    if sampler.params.logprobs is None:
+        return None
+    return sampler.logprobs(rows, history, drafts, parents, list(at)[: len(tokens)], tokens, probs)
 
 
 def _draft(sequences: list[Sequence], taus: list[int], contexts: list[list[int]]) -> list[DraftProposal]:
@@ -182,7 +195,8 @@ def _draft(sequences: list[Sequence], taus: list[int], contexts: list[list[int]]
 
 
 def _commit(seq: Sequence, tau: int, proposal: DraftProposal, accepted: int, tokens: list[int],
-            path: list[int] | None, u: list[float] | None, t0: float, t1: float, t2: float) -> Cycle:
+            path: list[int] | None, u: list[float] | None, logprobs: list[TokenLogprob] | None,
+            t0: float, t1: float, t2: float) -> Cycle:
     """drafted: the draft positions (a tree's depth), so that per-position acceptance reads a tree as
     the chain of its accepted path; nodes, what the forward verified, prices the cycle (stats, the
     controller; the trace also carries a tree's parents); path, a tree's kept nodes (None for a chain)."""
@@ -194,6 +208,8 @@ def _commit(seq: Sequence, tau: int, proposal: DraftProposal, accepted: int, tok
     if nodes:
         seq.drafter.observe(accepted)
     kept = tokens[: request.commit(tokens)]
+    kept_logprobs = [] if logprobs is None else logprobs[: len(kept)]
+    request.logprobs += kept_logprobs
     if request.finished and seq.drafter is not None:
         finish(seq.drafter, request.output_ids)
     if request.finished and seq.monitor is not None and not request.sampler.params.greedy:
@@ -215,7 +231,7 @@ def _commit(seq: Sequence, tau: int, proposal: DraftProposal, accepted: int, tok
                         verify_ms_per_cycle=(t2 - t1) * 1e3, tokens=kept, **extra)
     stats.decode_s = time.perf_counter() - seq._decode_start
     stats.completion_tokens = len(request.output_ids)
-    return Cycle(seq, tau, drafted, accepted, kept, nodes)
+    return Cycle(seq, tau, drafted, accepted, kept, nodes, kept_logprobs)
 
 
 class Engine:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from verispec.config import SamplingParams
 from verispec.errors import ContextOverflowError
 from verispec.sampling import Sampler
-from verispec.types import Stats
+from verispec.types import Stats, TokenLogprob
 
 # Given the output ids so far, does the text now contain a stop string? (the text layer supplies it)
 StopCheck = Callable[[Sequence[int]], bool]
@@ -22,6 +22,7 @@ class Request:
     capacity: int
     stop_check: StopCheck | None = None
     output_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output id, when params.logprobs asks
     finish_reason: str | None = None
     stats: Stats = field(init=False)
     sampler: Sampler = field(init=False)

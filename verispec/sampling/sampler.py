@@ -10,6 +10,7 @@ import torch
 from verispec import tree
 from verispec.config import SamplingParams
 from verispec.sampling.distribution import check_finite, new_generator, probabilities, sample
+from verispec.types import TokenLogprob
 
 
 class Sampler:
@@ -36,8 +37,37 @@ class Sampler:
                parents: Sequence[int] | None = None) -> list[int]:
         """logits [rows, V] -> the id each row's greedy distribution (probs) puts all its mass on."""
         x = self._processed(logits, history, drafts, parents)
-        check_finite(x)
-        return x.argmax(-1).tolist()
+        best = x.max(-1)  # the first maximal id, as argmax; one pass where check_finite makes three
+        if not torch.isfinite(best.values).all():  # NaN propagates through max; +inf and all -inf rows land here too
+            check_finite(x)
+        return best.indices.tolist()
+
+    def logprobs(self, logits: torch.Tensor, history: Sequence[int], drafts: Sequence[int], parents: Sequence[int] | None,
+                 rows: Sequence[int], tokens: Sequence[int], probs: torch.Tensor | None = None) -> list[TokenLogprob]:
+        """tokens[j] was emitted at logits row rows[j] -> its log-probability and the params.logprobs
+        likeliest at that row (SamplingParams: processed or raw). probs: this cycle's processed
+        distribution when the verifier already made it (sampled requests). Alternatives that cannot be
+        drawn (log-probability -inf) are left out."""
+        p = self.params
+        at = torch.tensor(list(rows), dtype=torch.long)
+        chosen_ids = torch.tensor(list(tokens), dtype=torch.long)[:, None]
+        if p.logprobs_mode == "processed" and not p.greedy:
+            q = (probs if probs is not None else self.probs(logits, history, drafts, parents))[at]
+            chosen = torch.log(q.gather(1, chosen_ids))[:, 0]
+            top = torch.topk(q, p.logprobs, -1) if p.logprobs else None
+            top_values = None if top is None else torch.log(top.values)
+        else:  # a log-softmax read at the entries wanted, never made whole: x - logsumexp(x)
+            x = logits.float()[at] if p.logprobs_mode == "raw" else self._processed(logits, history, drafts, parents)[at]
+            lse = torch.logsumexp(x, -1, keepdim=True)
+            chosen = (x.gather(1, chosen_ids) - lse)[:, 0]
+            top = torch.topk(x, p.logprobs, -1) if p.logprobs else None
+            top_values = None if top is None else top.values - lse
+        out = []
+        for j, (token, logprob) in enumerate(zip(tokens, chosen.tolist())):
+            alternatives = () if top is None else tuple(
+                (i, v) for i, v in zip(top.indices[j].tolist(), top_values[j].tolist()) if v != float("-inf"))
+            out.append(TokenLogprob(int(token), logprob, alternatives))
+        return out
 
     def _processed(self, logits: torch.Tensor, history: Sequence[int], drafts: Sequence[int],
                    parents: Sequence[int] | None) -> torch.Tensor:

@@ -7,7 +7,7 @@ import asyncio
 import hmac
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +30,7 @@ from verispec.server import protocol
 from verispec.server.metrics import Metrics
 from verispec.server.protocol import ChatRequest, Common, CompletionRequest, error
 from verispec.text import Detokenizer
+from verispec.types import TokenLogprob
 
 
 UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
@@ -53,6 +54,7 @@ class Progress:
     tau: int
     drafted: int
     accepted: int
+    logprobs: list[TokenLogprob]
 
 
 def create_app(llm: LLM, scheduler: Scheduler, config: ServeConfig, model_name: str) -> FastAPI:
@@ -160,7 +162,8 @@ def create_app(llm: LLM, scheduler: Scheduler, config: ServeConfig, model_name: 
         except EngineUnavailableError as e:
             raise APIError(503, str(e), "server_error", code="engine_unavailable") from None
         metrics.prompt_tokens.inc(len(ids))
-        run = Run(body, request, text, ticket, progress, metrics, arrived, model_name, isinstance(body, ChatRequest))
+        run = Run(body, request, text, ticket, progress, metrics, arrived, model_name, isinstance(body, ChatRequest),
+                  lambda token_id: llm.tokenizer.decode([token_id]))
         if body.stream:
             return StreamingResponse(run.chunks(scheduler), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
@@ -183,7 +186,7 @@ def create_app(llm: LLM, scheduler: Scheduler, config: ServeConfig, model_name: 
 def _listener(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> Any:
     def hear(event: Cycle | BaseException) -> None:  # on the engine thread
         item = event if isinstance(event, BaseException) else Progress(
-            event.tokens, event.sequence.request.finish_reason, event.tau, event.drafted, event.accepted)
+            event.tokens, event.sequence.request.finish_reason, event.tau, event.drafted, event.accepted, event.logprobs)
         try:
             loop.call_soon_threadsafe(queue.put_nowait, item)
         except RuntimeError:
@@ -194,10 +197,13 @@ def _listener(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> Any:
 class Run:
     """One request's answer, whole or streamed, from the cycles the engine reports."""
 
-    def __init__(self, body: Common, request: Request, text: Detokenizer, ticket: Ticket,
-                 progress: asyncio.Queue, metrics: Metrics, arrived: float, model: str, chat: bool) -> None:
+    def __init__(self, body: Common, request: Request, text: Detokenizer, ticket: Ticket, progress: asyncio.Queue,
+                 metrics: Metrics, arrived: float, model: str, chat: bool, token_text: Callable[[int], str]) -> None:
         self.body, self.request, self.text, self.ticket = body, request, text, ticket
         self.progress, self.metrics, self.arrived, self.model, self.chat = progress, metrics, arrived, model, chat
+        self.token_text = token_text
+        self.logprobs: list[TokenLogprob] = []  # the kept tokens' not yet sent (a stream) or all (whole)
+        self._offset = 0  # completions: the text length already covered by logprobs sent
         self.id = protocol.new_id("chatcmpl" if chat else "cmpl")
         self.created = protocol.now()
         self.ids: list[int] = []
@@ -213,6 +219,7 @@ class Run:
             if isinstance(item, BaseException):
                 raise APIError(500, f"the engine failed on this request: {item!r}", "server_error")
             self.ids += item.tokens
+            self.logprobs += item.logprobs
             self.taus.append(item.tau)
             self.finish_reason = item.finish_reason
             self._record(item)
@@ -229,6 +236,16 @@ class Run:
             m.latency.observe(now - self.arrived)
             if self._first is not None and len(self.ids) > 1:
                 m.per_token.observe((now - self._first) / (len(self.ids) - 1))
+
+    def take_logprobs(self) -> dict[str, Any] | None:
+        """The log-probabilities of the tokens heard since the last call, in OpenAI's shape (None when
+        the request did not ask): a stream chunk carries those of the tokens before it."""
+        if self.request.params.logprobs is None:
+            return None
+        out = protocol.logprobs(self.chat, self.logprobs, self.token_text, self._offset)
+        self._offset += sum(len(self.token_text(e.token_id)) for e in self.logprobs)
+        self.logprobs = []
+        return out
 
     def usage(self) -> dict[str, Any]:
         return protocol.usage(len(self.request.prompt_ids), len(self.ids), self.request.stats, self.taus)
@@ -251,7 +268,7 @@ class Run:
             scheduler.cancel(self.ticket)
         text = self.text.text(self.ids, self.finish_reason)
         ids = self.ids if self.body.return_token_ids else None
-        choice = protocol.choice(self.chat, text, self.finish_reason, False, ids)
+        choice = protocol.choice(self.chat, text, self.finish_reason, False, ids, logprobs=self.take_logprobs())
         return protocol.envelope(self.chat, self.id, self.model, self.created, [choice], False, self.usage())
 
     async def chunks(self, scheduler: Scheduler) -> AsyncIterator[str]:
@@ -271,7 +288,8 @@ class Run:
                     piece = self.text.new(self.ids, self.finish_reason)
                     ids = item.tokens if self.body.return_token_ids else None
                     if piece or self.finish_reason is not None or ids:
-                        yield event([protocol.choice(self.chat, piece, self.finish_reason, True, ids)])
+                        yield event([protocol.choice(self.chat, piece, self.finish_reason, True, ids,
+                                                     logprobs=self.take_logprobs())])
             except APIError as e:  # the stream has begun: the error is its last event
                 yield f"data: {json.dumps(e.body)}\n\n"
                 yield "data: [DONE]\n\n"

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
+from collections.abc import Callable
+from itertools import accumulate
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
@@ -18,14 +20,14 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from verispec.config import SamplingParams
 from verispec.errors import InvalidInputError
 from verispec.text import ROLES
-from verispec.types import Stats
+from verispec.types import Stats, TokenLogprob
 
 OPENAI_DEFAULTS = {"temperature": 1.0}
 COMPLETION_MAX_TOKENS = 16
 
 # SamplingParams annotations (as written in config.py) -> what a request may send
 _WIRE_TYPES: dict[str, Any] = {
-    "int": int, "float": float, "bool": bool, "int | None": int,
+    "int": int, "float": float, "bool": bool, "int | None": int, "str": str,
     "tuple[str, ...]": str | list[str], "tuple[int, ...]": list[int],
 }
 
@@ -57,7 +59,6 @@ class Common(Sampling):  # type: ignore[misc, valid-type]
 class CompletionRequest(Common):
     prompt: str | list[int] = Field(description="one prompt: text or token ids")
     echo: Literal[False] = False
-    logprobs: None = None
     suffix: None = None
 
 
@@ -82,7 +83,8 @@ class ResponseFormat(Body):
 class ChatRequest(Common):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = None
-    logprobs: Literal[False] = False
+    logprobs: bool = False  # chat's switch; how many alternatives is top_logprobs
+    top_logprobs: int | None = None
     # what OpenAI's SDKs send and OpenAI documents as no-ops here: accepted, ignored
     response_format: ResponseFormat | None = None
     tool_choice: Literal["none"] | None = None
@@ -96,9 +98,17 @@ def sampling_params(body: Common, prompt_tokens: int, capacity: int) -> Sampling
     error naming both; the default is clamped to the room left."""
     given = {f.name: getattr(body, f.name) for f in dataclasses.fields(SamplingParams)
              if getattr(body, f.name) is not None}
-    name = "max_tokens"  # the field the client used, named in errors
+    renamed: dict[str, str] = {}  # SamplingParams' name -> the field this client used, named in errors
+    if isinstance(body, ChatRequest):
+        if body.top_logprobs is not None and not body.logprobs:
+            raise InvalidInputError(f"top_logprobs={body.top_logprobs} is not allowed without logprobs: true",
+                                    param="top_logprobs")
+        given.pop("logprobs")
+        if body.logprobs:
+            given["logprobs"], renamed["logprobs"] = body.top_logprobs or 0, "top_logprobs"
     if isinstance(body, ChatRequest) and body.max_completion_tokens is not None:
-        given["max_tokens"], name = body.max_completion_tokens, "max_completion_tokens"
+        given["max_tokens"], renamed["max_tokens"] = body.max_completion_tokens, "max_completion_tokens"
+    name = renamed.get("max_tokens", "max_tokens")
     room = capacity - prompt_tokens
     if "max_tokens" in given and isinstance(given["max_tokens"], int) and given["max_tokens"] > room >= 1:
         raise InvalidInputError(
@@ -108,9 +118,9 @@ def sampling_params(body: Common, prompt_tokens: int, capacity: int) -> Sampling
     try:
         return SamplingParams(**{**OPENAI_DEFAULTS, "max_tokens": max(1, min(default, room)), **given})
     except InvalidInputError as e:
-        if e.param != "max_tokens" or name == "max_tokens":
+        if e.param not in renamed:
             raise
-        raise InvalidInputError(str(e).replace("max_tokens=", f"{name}=", 1), param=name) from None
+        raise InvalidInputError(str(e).replace(f"{e.param}=", f"{renamed[e.param]}=", 1), param=renamed[e.param]) from None
 
 
 # --- responses ----------------------------------------------------------------------------------------
@@ -137,7 +147,7 @@ def usage(prompt_tokens: int, completion_tokens: int, stats: Stats, taus: list[i
 
 
 def choice(chat: bool, text: str, finish_reason: str | None, delta: bool, token_ids: list[int] | None,
-           first: bool = False) -> dict[str, Any]:
+           first: bool = False, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     """One choice of a response (delta=False) or of a stream chunk (delta=True)."""
     out: dict[str, Any] = {"index": 0}
     if not chat:
@@ -146,11 +156,27 @@ def choice(chat: bool, text: str, finish_reason: str | None, delta: bool, token_
         out["delta"] = ({"role": "assistant", "content": text} if first else {"content": text} if text else {})
     else:
         out["message"] = {"role": "assistant", "content": text}
-    out["logprobs"] = None
+    out["logprobs"] = logprobs
     out["finish_reason"] = finish_reason
     if token_ids is not None:
         out["token_ids"] = token_ids
     return out
+
+
+def logprobs(chat: bool, entries: list[TokenLogprob], token_text: Callable[[int], str], offset: int = 0
+             ) -> dict[str, Any]:
+    """Tokens' log-probabilities in OpenAI's shape: chat's `content` list (token, logprob, bytes,
+    top_logprobs), or completions' parallel lists with each token's offset in the text (from `offset`)."""
+    if chat:
+        def one(token_id: int, logprob: float) -> dict[str, Any]:
+            text = token_text(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        return {"content": [{**one(e.token_id, e.logprob), "top_logprobs": [one(i, lp) for i, lp in e.top]}
+                            for e in entries]}
+    tokens = [token_text(e.token_id) for e in entries]
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{token_text(i): lp for i, lp in e.top} for e in entries],
+            "text_offset": list(accumulate([len(t) for t in tokens[:-1]], initial=offset)) if tokens else []}
 
 
 def envelope(chat: bool, rid: str, model: str, created: int, choices: list[dict[str, Any]], chunk: bool,
