@@ -90,3 +90,16 @@ def test_no_logprobs_unless_asked_and_bad_values_are_refused(llm):
         SamplingParams(logprobs=21)
     with pytest.raises(InvalidInputError, match="logprobs_mode='logits' is not allowed; allowed: processed, raw"):
         SamplingParams(logprobs_mode="logits")
+
+
+def test_a_prompt_scored_in_chunks_equals_one_teacher_forced_forward(llm):
+    """Longer than score.CHUNK rows: every chunk's rows continue the cache and score the next token."""
+    from verispec.engine.score import CHUNK, prompt_logprobs
+
+    ids = llm.encode(" ".join([PROMPT] * 30))[: 2 * CHUNK + 37]
+    assert len(ids) == 2 * CHUNK + 37
+    scored = prompt_logprobs(llm.target, ids, 2)
+    reference = torch.log_softmax(teacher_forced(llm, ids[:1], ids[1:]).float(), -1)  # rows predicting ids[1:]
+    assert [t.token_id for t in scored] == ids[1:]
+    assert [t.logprob for t in scored] == pytest.approx([float(reference[i, t]) for i, t in enumerate(ids[1:])], abs=1e-5)
+    assert [t.top[0][0] for t in scored] == reference.argmax(-1).tolist()

@@ -184,6 +184,38 @@ def test_logprobs_whole_and_streamed_are_the_targets_for_the_tokens_served(serve
     assert bare.choices[0].logprobs is None
 
 
+def test_echo_scores_the_prompt_as_lm_eval_reads_it(server, llm):
+    """max_tokens 0 with echo: the prompt alone, each token after the first with the model's own
+    log-probability given those before it (a teacher-forced forward here); with max_tokens > 0 the
+    completion follows, its logprobs those of the same request without echo."""
+    import torch
+
+    ids = llm.encode("the end the stop")
+    scored = server.client.completions.create(model=MODEL, prompt=ids, max_tokens=0, echo=True, logprobs=1,
+                                              temperature=0)
+    lp = scored.choices[0].logprobs
+    assert scored.choices[0].text == llm.tokenizer.decode(ids) and scored.usage.completion_tokens == 0
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and len(lp.tokens) == len(ids)
+    cache = llm.target.new_cache()
+    reference = torch.log_softmax(llm.target.forward(torch.tensor(ids), torch.arange(len(ids)), cache).float(), -1)
+    assert lp.token_logprobs[1:] == pytest.approx([float(reference[i, t]) for i, t in enumerate(ids[1:])], abs=1e-5)
+    assert [list(d.values())[0] for d in lp.top_logprobs[1:]] == pytest.approx(
+        reference[:-1].max(-1).values.tolist(), abs=1e-5)
+    both = server.client.completions.create(model=MODEL, prompt="the end the stop", max_tokens=6, echo=True,
+                                            logprobs=1, temperature=0, extra_body=EXTRA)
+    alone = server.client.completions.create(model=MODEL, prompt="the end the stop", max_tokens=6, logprobs=1,
+                                             temperature=0, extra_body=EXTRA)
+    assert both.choices[0].text == "the end the stop" + alone.choices[0].text
+    assert both.choices[0].logprobs.token_logprobs == lp.token_logprobs + alone.choices[0].logprobs.token_logprobs
+    offsets = both.choices[0].logprobs.text_offset
+    assert offsets[len(ids):] == [len("the end the stop") + o for o in alone.choices[0].logprobs.text_offset]
+    chunks = list(server.client.completions.create(model=MODEL, prompt="the end the stop", max_tokens=6, echo=True,
+                                                   temperature=0, stream=True, extra_body=EXTRA))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == both.choices[0].text
+    r = server.http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+
+
 def test_stop_strings_and_seeded_sampling_are_honoured(server, llm):
     out = server.client.completions.create(model=MODEL, prompt="the end the", max_tokens=60, temperature=0,
                                            stop=[" "], extra_body=EXTRA)

@@ -24,13 +24,14 @@ from verispec.config import ServeConfig
 from verispec.engine.generate import Cycle
 from verispec.engine.request import Request
 from verispec.engine.scheduler import EngineUnavailableError, QueueFullError, Scheduler, Ticket
+from verispec.engine.score import prompt_logprobs
 from verispec.errors import InvalidInputError
 from verispec.llm import LLM
 from verispec.server import protocol
 from verispec.server.metrics import Metrics
 from verispec.server.protocol import ChatRequest, Common, CompletionRequest, error
 from verispec.text import Detokenizer
-from verispec.types import TokenLogprob
+from verispec.types import Stats, TokenLogprob
 
 
 UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
@@ -143,17 +144,30 @@ def create_app(llm: LLM, scheduler: Scheduler, config: ServeConfig, model_name: 
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         return await generate(body, http, messages, "messages")
 
+    def token_text(token_id: int) -> str:
+        return llm.tokenizer.decode([token_id])
+
     async def generate(body: Common, http: HTTPRequest, prompt: Any, field: str) -> Response:
         """Everything that can be refused is refused here, before a stream starts."""
         arrived = time.perf_counter()
         if body.model != model_name:
             raise not_served(body.model)
+        scores_only = isinstance(body, CompletionRequest) and body.echo and body.max_tokens == 0
         try:
             ids = llm.encode(prompt)
-            params = protocol.sampling_params(body, len(ids), llm.engine.capacity)
+            params = protocol.sampling_params(body.model_copy(update={"max_tokens": 1}) if scores_only else body,
+                                              len(ids), llm.engine.capacity)
             request, text = llm.prepare(ids, params)
         except InvalidInputError as e:
             raise APIError(400, str(e), param=e.param or field) from None
+        echo = None
+        if isinstance(body, CompletionRequest) and body.echo:
+            # a forward of the target's own, beside the engine's (the native kernels take one at a time)
+            scored = None if params.logprobs is None else await asyncio.to_thread(
+                prompt_logprobs, llm.target, ids, params.logprobs)
+            echo = Echo(prompt if isinstance(prompt, str) else llm.tokenizer.decode(ids), ids, scored)
+            if scores_only:
+                return echo.alone(body, model_name, token_text)
         progress: asyncio.Queue[Progress | BaseException] = asyncio.Queue()
         try:
             ticket = scheduler.submit(request, _listener(asyncio.get_running_loop(), progress))
@@ -163,7 +177,7 @@ def create_app(llm: LLM, scheduler: Scheduler, config: ServeConfig, model_name: 
             raise APIError(503, str(e), "server_error", code="engine_unavailable") from None
         metrics.prompt_tokens.inc(len(ids))
         run = Run(body, request, text, ticket, progress, metrics, arrived, model_name, isinstance(body, ChatRequest),
-                  lambda token_id: llm.tokenizer.decode([token_id]))
+                  token_text, echo)
         if body.stream:
             return StreamingResponse(run.chunks(scheduler), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
@@ -194,16 +208,40 @@ def _listener(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> Any:
     return hear
 
 
+@dataclass
+class Echo:
+    """A completion's echoed prompt: its text, ids and, when logprobs were asked, ids[1:] scored."""
+
+    text: str
+    ids: list[int]
+    scored: list[TokenLogprob] | None
+
+    def logprobs(self, token_text: Callable[[int], str], completion: dict[str, Any] | None) -> dict[str, Any] | None:
+        return None if self.scored is None else protocol.with_prompt(self.ids, self.scored, token_text, completion)
+
+    def alone(self, body: Common, model: str, token_text: Callable[[int], str]) -> Response:
+        """max_tokens 0: the prompt scored, nothing generated (whole, or one chunk and [DONE])."""
+        choice = protocol.choice(False, self.text, "length", body.stream, self.ids if body.return_token_ids else None,
+                                 logprobs=self.logprobs(token_text, None))
+        use = protocol.usage(len(self.ids), 0, Stats(), [])
+        payload = protocol.envelope(False, protocol.new_id("cmpl"), model, protocol.now(), [choice], body.stream, use)
+        if not body.stream:
+            return JSONResponse(payload)
+        return StreamingResponse(iter([f"data: {json.dumps(payload)}\n\n", "data: [DONE]\n\n"]),
+                                 media_type="text/event-stream")
+
+
 class Run:
     """One request's answer, whole or streamed, from the cycles the engine reports."""
 
     def __init__(self, body: Common, request: Request, text: Detokenizer, ticket: Ticket, progress: asyncio.Queue,
-                 metrics: Metrics, arrived: float, model: str, chat: bool, token_text: Callable[[int], str]) -> None:
+                 metrics: Metrics, arrived: float, model: str, chat: bool, token_text: Callable[[int], str],
+                 echo: Echo | None = None) -> None:
         self.body, self.request, self.text, self.ticket = body, request, text, ticket
         self.progress, self.metrics, self.arrived, self.model, self.chat = progress, metrics, arrived, model, chat
-        self.token_text = token_text
+        self.token_text, self.echo = token_text, echo
         self.logprobs: list[TokenLogprob] = []  # the kept tokens' not yet sent (a stream) or all (whole)
-        self._offset = 0  # completions: the text length already covered by logprobs sent
+        self._offset = len(echo.text) if echo else 0  # completions: the text covered by logprobs sent
         self.id = protocol.new_id("chatcmpl" if chat else "cmpl")
         self.created = protocol.now()
         self.ids: list[int] = []
@@ -268,7 +306,10 @@ class Run:
             scheduler.cancel(self.ticket)
         text = self.text.text(self.ids, self.finish_reason)
         ids = self.ids if self.body.return_token_ids else None
-        choice = protocol.choice(self.chat, text, self.finish_reason, False, ids, logprobs=self.take_logprobs())
+        logprobs = self.take_logprobs()
+        if self.echo is not None:
+            text, logprobs = self.echo.text + text, self.echo.logprobs(self.token_text, logprobs)
+        choice = protocol.choice(self.chat, text, self.finish_reason, False, ids, logprobs=logprobs)
         return protocol.envelope(self.chat, self.id, self.model, self.created, [choice], False, self.usage())
 
     async def chunks(self, scheduler: Scheduler) -> AsyncIterator[str]:
@@ -283,6 +324,9 @@ class Run:
         try:
             if self.chat:
                 yield event([protocol.choice(True, "", None, True, None, first=True)])
+            if self.echo is not None:  # the prompt first, in a chunk of its own
+                yield event([protocol.choice(False, self.echo.text, None, True, None,
+                                             logprobs=self.echo.logprobs(self.token_text, None))])
             try:
                 async for item in self.cycles():
                     piece = self.text.new(self.ids, self.finish_reason)

@@ -58,7 +58,8 @@ class Common(Sampling):  # type: ignore[misc, valid-type]
 
 class CompletionRequest(Common):
     prompt: str | list[int] = Field(description="one prompt: text or token ids")
-    echo: Literal[False] = False
+    echo: bool = Field(False, description="the prompt before the completion, with its tokens' logprobs when asked; "
+                                         "max_tokens 0 then scores the prompt alone")
     suffix: None = None
 
 
@@ -177,6 +178,19 @@ def logprobs(chat: bool, entries: list[TokenLogprob], token_text: Callable[[int]
     return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
             "top_logprobs": [{token_text(i): lp for i, lp in e.top} for e in entries],
             "text_offset": list(accumulate([len(t) for t in tokens[:-1]], initial=offset)) if tokens else []}
+
+
+def with_prompt(prompt_ids: list[int], scored: list[TokenLogprob], token_text: Callable[[int], str],
+                completion: dict[str, Any] | None) -> dict[str, Any]:
+    """Completions' logprobs with the echoed prompt first: its first token has none (nothing precedes
+    it), then ids[1:] as scored, then the completion's (whose offsets already count the prompt)."""
+    first = token_text(prompt_ids[0])
+    rest = logprobs(False, scored, token_text, len(first))
+    out = {"tokens": [first] + rest["tokens"], "token_logprobs": [None] + rest["token_logprobs"],
+           "top_logprobs": [None] + rest["top_logprobs"], "text_offset": [0] + rest["text_offset"]}
+    for key in out if completion else ():
+        out[key] += completion[key]
+    return out
 
 
 def envelope(chat: bool, rid: str, model: str, created: int, choices: list[dict[str, Any]], chunk: bool,
