@@ -51,11 +51,12 @@ def accuracy(llm: LLM, prompts, drafters, category: str, train: int, test: int, 
     ids = [llm.encode(p.text, chat=True) for p in mine]
     outputs = adv.decode_all(llm, ids, params, progress=False)
     curves = adv.context_curve(llm, max(len(a) + len(b) for a, b in zip(ids, outputs)))
-    models = {d: CostModel(curves.short, *llm.drafter_costs(llm.make_drafter(d))) for d in drafters}
-    priced = [p for d in drafters for p in adv.price(llm, d, adv.TAUS, models[d], curves, ids, outputs)]
+    make = adv.Drafters(llm)
+    models = {d: CostModel(curves.short, *llm.drafter_costs(make(d))) for d in drafters}
+    priced = [p for d in drafters for p in adv.price(llm, make, d, adv.TAUS, models[d], curves, ids, outputs)]
     fit, held_out = list(range(len(mine) - test)), list(range(len(mine) - test, len(mine)))  # small categories: fewer to fit
     priced.sort(key=lambda p: -p.speedup(fit))
-    measured = adv.measure(llm, priced[:2], models, ids, outputs, held_out, params, rounds, progress=False)
+    measured = adv.measure(llm, make, priced[:2], models, ids, outputs, held_out, params, rounds, progress=False)
     top = priced[0]
     best = max(m["measured"] for m in measured.values())
     return {"category": category, "top": top.name, "predicted": round(top.speedup(fit), 3),

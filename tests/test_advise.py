@@ -42,10 +42,11 @@ def test_replayed_prices_use_each_cycles_context(tiny_llm):
     outputs = adv.decode_all(tiny_llm, ids, params, progress=False)
     short = VerifyCurve((2.0, 3.0, 4.0, 5.0, 6.0))
     model = CostModel(short, draft_ms=0.01)
-    flat = adv.price(tiny_llm, "ngram", [3], model, ContextCurve(short, 0, short, 1000), ids, outputs)[0]
+    make = adv.Drafters(tiny_llm)
+    flat = adv.price(tiny_llm, make, "ngram", [3], model, ContextCurve(short, 0, short, 1000), ids, outputs)[0]
     assert [r.plain_ms for r in flat.replays] == [pytest.approx(2.0 * len(o)) for o in outputs]
     growing = ContextCurve(short, 0, VerifyCurve(tuple(2 * x for x in short.ms)), 100)
-    priced = adv.price(tiny_llm, "ngram", [3], model, growing, ids, outputs)[0]
+    priced = adv.price(tiny_llm, make, "ngram", [3], model, growing, ids, outputs)[0]
     for ids_, out, r in zip(ids, outputs, priced.replays):
         low, high = (2.0 * (1 + (len(ids_) + i) // 16 * 16 / 100) for i in (0, len(out)))
         assert low * len(out) - 1e-9 <= r.plain_ms <= high * len(out) + 1e-9
@@ -93,6 +94,7 @@ def traffic(tmp_path):
 def test_prompts_may_be_bench_rows_conversations_or_logged_request_bodies(tmp_path):
     prompts = load_prompts(str(traffic(tmp_path)))
     assert [p.category for p in prompts] == ["a", "b", "all", "a"]
+    assert [p.chat for p in prompts] == [False, True, True, True]  # a completion's prompt is not chat-wrapped
     assert prompts[1].text == [{"role": "user", "content": TEXTS[1]}] and prompts[3].question_id == "q4"
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "fine"}\n{"messages": []}\n')

@@ -159,8 +159,9 @@ def test_logprobs_whole_and_streamed_are_the_targets_for_the_tokens_served(serve
     lp = whole.choices[0].logprobs
     assert whole.choices[0].model_extra["token_ids"] == plain.token_ids
     assert lp.token_logprobs == [t.logprob for t in plain.logprobs]
-    assert lp.tokens == [llm.tokenizer.decode([t]) for t in plain.token_ids]
-    assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(lp.tokens))]
+    text = whole.choices[0].text
+    assert "".join(lp.tokens) == text and len(lp.tokens) == len(plain.token_ids)
+    assert all(text[o: o + len(t)] == t for o, t in zip(lp.text_offset, lp.tokens))
     assert [list(d.values()) for d in lp.top_logprobs] == [[v for _, v in t.top] for t in plain.logprobs]
     chunks = list(server.client.completions.create(model=MODEL, prompt="the end the", max_tokens=30, temperature=0,
                                                    logprobs=2, stream=True, extra_body=EXTRA))
@@ -207,8 +208,9 @@ def test_echo_scores_the_prompt_as_lm_eval_reads_it(server, llm):
                                              temperature=0, extra_body=EXTRA)
     assert both.choices[0].text == "the end the stop" + alone.choices[0].text
     assert both.choices[0].logprobs.token_logprobs == lp.token_logprobs + alone.choices[0].logprobs.token_logprobs
-    offsets = both.choices[0].logprobs.text_offset
+    offsets, tokens, text = both.choices[0].logprobs.text_offset, both.choices[0].logprobs.tokens, both.choices[0].text
     assert offsets[len(ids):] == [len("the end the stop") + o for o in alone.choices[0].logprobs.text_offset]
+    assert all(text[o: o + len(t)] == t for o, t in zip(offsets, tokens)) and "".join(tokens) == text
     chunks = list(server.client.completions.create(model=MODEL, prompt="the end the stop", max_tokens=6, echo=True,
                                                    temperature=0, stream=True, extra_body=EXTRA))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == both.choices[0].text

@@ -133,6 +133,19 @@ def check_same_tokenizer(target: Any, draft: Any) -> None:
                                      "model: a draft model must use the target's tokenizer")
 
 
+def token_texts(tokenizer: Any, ids: Sequence[int], before: Sequence[int] = ()) -> list[str]:
+    """What each of ids adds to the decoded text after `before`: differences of decoded prefixes, so
+    a SentencePiece token keeps its leading space, a special token adds nothing, and the texts
+    concatenate to the decoded whole (quadratic in the length: for logprobs, not for every token)."""
+    context, done, out = list(before), tokenizer.decode(list(before), skip_special_tokens=True), []
+    for token in ids:
+        context.append(token)
+        now = tokenizer.decode(context, skip_special_tokens=True)
+        out.append(now[len(done):])
+        done = now
+    return out
+
+
 class Detokenizer:
     """A request's output as text: whole (`text`), or as the pieces that are certain so far (`new`).
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tqdm import tqdm
@@ -102,14 +102,30 @@ def context_curve(llm: LLM, longest: int, repeats: int = 5) -> ContextCurve:
     return ContextCurve(short, short_context, long, long_context)
 
 
-def price(llm: LLM, drafter: str, policies: Sequence[int | str], model: CostModel, curves: ContextCurve,
-          prompt_ids: list[list[int]], outputs: list[list[int]]) -> list[Priced]:
+class Drafters:
+    """Fresh drafters by name for one LLM: a draft model is loaded once and forked (its weights
+    shared); the others are made anew (a suffix drafter's fork would share its global tree)."""
+
+    def __init__(self, llm: LLM) -> None:
+        self.llm = llm
+        self._loaded: dict[str, Drafter | None] = {}
+
+    def __call__(self, name: str) -> Drafter | None:
+        if not name.startswith("draft:"):
+            return self.llm.make_drafter(name)
+        if name not in self._loaded:
+            self._loaded[name] = self.llm.make_drafter(name)
+        return self._loaded[name].fork()
+
+
+def price(llm: LLM, make: Drafters, drafter: str, policies: Sequence[int | str], model: CostModel,
+          curves: ContextCurve, prompt_ids: list[list[int]], outputs: list[list[int]]) -> list[Priced]:
     """Each policy replayed over the prompts in order, with a drafter of its own that learns across
     them as a server's would (suffix: each output joins its global tree), and for `auto` one
     controller throughout."""
     priced = []
     for tau in policies:
-        made = llm.make_drafter(drafter)
+        made = make(drafter)
         policy: int | Controller = Controller(model) if tau == AUTO else int(tau)
         one = Priced(drafter, tau)
         for ids, out in zip(prompt_ids, outputs):
@@ -133,7 +149,7 @@ def sample_of(prompts: list[BenchPrompt], n: int) -> list[int]:
     return sorted(chosen)
 
 
-def measure(llm: LLM, configs: list[Priced], models: dict[str, CostModel], prompt_ids: list[list[int]],
+def measure(llm: LLM, make: Drafters, configs: list[Priced], models: dict[str, CostModel], prompt_ids: list[list[int]],
             outputs: list[list[int]], sample: list[int], params: SamplingParams, rounds: int,
             progress: bool = True) -> dict[str, Any]:
     """Plain decoding and `configs` run for real on the sample prompts, `rounds` times, every config
@@ -143,7 +159,7 @@ def measure(llm: LLM, configs: list[Priced], models: dict[str, CostModel], promp
     controllers = {c.name: Controller(models[c.drafter]) for c in configs if c.tau == AUTO}
 
     def drafter_for(config: Priced, i: int) -> Drafter | None:
-        made = llm.make_drafter(config.drafter)
+        made = make(config.drafter)
         for out in outputs[:i]:
             finish(made, out)
         return made
@@ -182,19 +198,24 @@ def advise(llm: LLM, prompts: list[BenchPrompt], drafters: list[str], max_tokens
            rounds: int = 2, taus: Sequence[int | str] = TAUS, progress: bool = True) -> dict[str, Any]:
     start = time.perf_counter()
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-    prompt_ids = [llm.encode(p.text, chat=bool(llm.tokenizer.chat_template)) for p in prompts]
+    prompt_ids = [llm.encode(p.text, chat=p.chat and bool(llm.tokenizer.chat_template)) for p in prompts]
     for ids in prompt_ids:  # a prompt the context cannot hold fails here, before any work
         Request(ids, params, llm.eos_ids, llm.engine.capacity)
     t0 = time.perf_counter()
     outputs = decode_all(llm, prompt_ids, params, progress=progress)
     target_s = time.perf_counter() - t0
     curves = context_curve(llm, max(len(a) + len(b) for a, b in zip(prompt_ids, outputs)))
-    models = {d: CostModel(curves.short, *llm.drafter_costs(llm.make_drafter(d))) for d in drafters}
+    make = Drafters(llm)
+    models = {d: CostModel(curves.short, *llm.drafter_costs(make(d))) for d in drafters}
     priced = [p for d in tqdm(drafters, desc="replay", disable=not progress)
-              for p in price(llm, d, taus, models[d], curves, prompt_ids, outputs)]
+              for p in price(llm, make, d, taus, models[d], curves, prompt_ids, outputs)]
     priced.sort(key=lambda p: -p.speedup())
     sample = sample_of(prompts, measure_prompts)
-    measured = measure(llm, priced[:2], models, prompt_ids, outputs, sample, params, rounds, progress) if sample else {}
+    measured = (measure(llm, make, priced[:2], models, prompt_ids, outputs, sample, params, rounds, progress)
+                if sample else {})
+    # the alphas each drafter would need, priced at the traffic's mean context as its replays were
+    mean_context = round(sum(len(a) + len(b) / 2 for a, b in zip(prompt_ids, outputs)) / len(prompts))
+    at_mean = {d: replace(m, curve=curves.at(mean_context)) for d, m in models.items()}
     categories = sorted({p.category for p in prompts})
     in_category = {c: [i for i, p in enumerate(prompts) if p.category == c] for c in categories}
     tokens = sum(map(len, outputs))
@@ -206,7 +227,7 @@ def advise(llm: LLM, prompts: list[BenchPrompt], drafters: list[str], max_tokens
         "configs": [{"config": p.name, "drafter": p.drafter, "tau": p.tau, "predicted": round(p.speedup(), 3),
                      "acceptance": round(p.acceptance, 4),
                      "by_category": {c: round(p.speedup(in_category[c]), 3) for c in categories}} for p in priced],
-        "drafter_facts": {d: facts([p for p in priced if p.drafter == d], models[d], priced[0]) for d in drafters},
+        "drafter_facts": {d: facts([p for p in priced if p.drafter == d], at_mean[d], priced[0]) for d in drafters},
         "measured": measured, "sample": [prompts[i].question_id for i in sample],
         "seconds": round(time.perf_counter() - start, 1), "target_seconds": round(target_s, 1),
     }
@@ -270,7 +291,9 @@ def verdict(result: dict[str, Any]) -> list[str]:
                      if f["alpha_to_lead"] is not None else f"; no alpha makes it match {f['leader']}")
         lines.append(f"{drafter}: best at tau {f['best_tau']} ({f['predicted']:.2f}x), drafts in "
                      f"{f['drafting_cycles']:.0%} of cycles, accepts {f['acceptance']:.0%} of drafts (alpha by "
-                     f"position {alphas}); breaks even at alpha {f['break_even_alpha']}, {need}.")
+                     f"position {alphas}); " + (f"breaks even at alpha {f['break_even_alpha']:.2f}"
+                                                if f["break_even_alpha"] is not None else "never breaks even")
+                     + f", {need}.")
     return lines
 
 

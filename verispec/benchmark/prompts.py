@@ -18,6 +18,7 @@ class BenchPrompt:
     category: str
     question_id: str
     text: Prompt  # the first turn, a completion's prompt, or a conversation (chat messages)
+    chat: bool = True  # wrapped in the chat template ('turns', 'messages'); a completion's 'prompt' is not
 
 
 BUNDLED = {"spec-bench": "spec_bench.jsonl", "repetitive": "repetitive.jsonl"}
@@ -26,8 +27,8 @@ BUNDLED = {"spec-bench": "spec_bench.jsonl", "repetitive": "repetitive.jsonl"}
 def load_prompts(source: str, categories: list[str] | None = None, per_category: int | None = None
                  ) -> list[BenchPrompt]:
     """source: a bundled set (BUNDLED) or a JSONL file with, per line, {"category", "turns": [...]},
-    {"prompt": ...} or {"messages": [...]} (other keys, as in a logged request body, are ignored).
-    The prompts keep the file's order."""
+    {"prompt": ...} (a completion's, not wrapped in the chat template) or {"messages": [...]} (other
+    keys, as in a logged request body, are ignored). The prompts keep the file's order."""
     if source in BUNDLED:
         text = resources.files("verispec.data").joinpath(BUNDLED[source]).read_text()
     else:
@@ -45,7 +46,8 @@ def load_prompts(source: str, categories: list[str] | None = None, per_category:
             turn = row["turns"][0] if "turns" in row else row["messages"] if "messages" in row else row["prompt"]
             if not isinstance(turn, (str, list)) or not turn:
                 raise TypeError
-            prompts.append(BenchPrompt(str(row.get("category", "all")), str(row.get("question_id", number)), turn))
+            prompts.append(BenchPrompt(str(row.get("category", "all")), str(row.get("question_id", number)), turn,
+                                       "prompt" not in row or "turns" in row or "messages" in row))
         except (ValueError, KeyError, IndexError, TypeError):
             raise InvalidInputError(f"{source}, line {number}: need a JSON object with 'turns', 'prompt' or "
                                     "'messages' (a non-empty string or list)") from None

@@ -24,7 +24,7 @@ from verispec.engine.controller import Controller, ControllerConfig
 from verispec.engine.cost import CostModel, VerifyCurve
 from verispec.engine.diagnose import diagnose
 from verispec.engine.request import Request
-from verispec.engine.scheduler import logit_margin
+from verispec.engine.score import logit_margin
 from verispec.engine.trace import SCHEMA, TraceWriter, parse_trace
 from verispec.llm import AUTO, LLM
 from verispec.types import Stats
@@ -74,7 +74,7 @@ def run_bench(llm: LLM, prompts: list[BenchPrompt], drafters: list[str], taus: l
     4. check; 5. aggregate. baselines: besides plain decoding, "transformers" (its generate: plain,
     prompt lookup, assisted) and "llamacpp" (llama.cpp's plain decoding on the same GGUF)."""
     configs = configs_for(drafters, taus, baselines)
-    encoded = [llm.encode(p.text, chat=bool(llm.tokenizer.chat_template)) for p in prompts]
+    encoded = [llm.encode(p.text, chat=p.chat and bool(llm.tokenizer.chat_template)) for p in prompts]
     # llama.cpp on the same GGUF and threads, with room for the longest prompt (loaded first: a model
     # it cannot open fails before any timing)
     llamacpp = (LlamaCpp(llm.source, torch.get_num_threads(), n_ctx=max(2048, max(map(len, encoded)) + max_tokens))

@@ -171,7 +171,7 @@ def _logprobs(sampler: Sampler, rows: torch.Tensor, history: list[int], drafts: 
     """The tokens' log-probabilities (emitted at rows `at`) when the request asked for them."""
     if sampler.params.logprobs is None:
         return None
-    return sampler.logprobs(rows, history, drafts, parents, list(at)[: len(tokens)], tokens, probs)
+    return sampler.logprobs(rows, history, drafts, parents, at, tokens, probs)
 
 
 def _draft(sequences: list[Sequence], taus: list[int], contexts: list[list[int]]) -> list[DraftProposal]:

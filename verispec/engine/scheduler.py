@@ -17,13 +17,12 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
-
 from verispec.drafters.base import Drafter
 from verispec.engine.controller import Controller
 from verispec.engine.generate import Cycle, Sequence, step
 from verispec.engine.monitor import Monitor
 from verispec.engine.request import Request
+from verispec.engine.score import logit_margin
 from verispec.errors import VerispecError
 from verispec.model.cache import KVCache
 from verispec.model.transformer import Transformer
@@ -50,16 +49,6 @@ class Ticket:
     listener: Listener
     cancelled: bool = False
     plain: bool = False  # decode without drafting (an audit)
-
-
-def logit_margin(target: Transformer, ids: list[int]) -> float:
-    """The target's top-1 minus top-2 logit after ids: how near a tie a diverging position was (a
-    margin near 0 points at rounding, a large one at a verifier or cache bug)."""
-    device = target.device
-    logits = target.forward(torch.tensor(ids, device=device), torch.arange(len(ids), device=device),
-                            target.new_cache(len(ids)), last_only=True)[0]
-    top = torch.topk(logits, 2).values
-    return round(float(top[0] - top[1]), 6)
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""Scoring a text with the target: each token's log-probability given the tokens before it, what
-lm-evaluation-harness's loglikelihood tasks read through a server's `echo`."""
+"""Scoring a text with the target: each token's log-probability given the tokens before it (a
+completion's `echo`), and how near a tie its choice after a text was (the audit's and bench's
+report of a divergence)."""
 
 from __future__ import annotations
 
@@ -27,3 +28,13 @@ def prompt_logprobs(target: Transformer, ids: list[int], top: int) -> list[Token
         scored = ids[start + 1: start + len(chunk) + 1]  # row i predicts the token after chunk[i]
         out += sampler.logprobs(logits, [], (), None, range(len(scored)), scored)
     return out
+
+
+def logit_margin(target: Transformer, ids: list[int]) -> float:
+    """The target's top-1 minus top-2 logit after ids: how near a tie a diverging position was (a
+    margin near 0 points at rounding, a large one at a verifier or cache bug)."""
+    device = target.device
+    logits = target.forward(torch.tensor(ids, device=device), torch.arange(len(ids), device=device),
+                            target.new_cache(len(ids)), last_only=True)[0]
+    top = torch.topk(logits, 2).values
+    return round(float(top[0] - top[1]), 6)

@@ -44,21 +44,21 @@ class Sampler:
 
     def logprobs(self, logits: torch.Tensor, history: Sequence[int], drafts: Sequence[int], parents: Sequence[int] | None,
                  rows: Sequence[int], tokens: Sequence[int], probs: torch.Tensor | None = None) -> list[TokenLogprob]:
-        """tokens[j] was emitted at logits row rows[j] -> its log-probability and the params.logprobs
-        likeliest at that row (SamplingParams: processed or raw). probs: this cycle's processed
-        distribution when the verifier already made it (sampled requests). Alternatives that cannot be
-        drawn (log-probability -inf) are left out."""
+        """logits [R, V]; tokens[j] was emitted at row rows[j] -> its log-probability and the
+        params.logprobs likeliest at that row (SamplingParams: processed or raw). probs [R, V]: this
+        cycle's processed distribution when the verifier already made it (sampled requests).
+        Alternatives that cannot be drawn (log-probability -inf) are left out."""
         p = self.params
-        at = torch.tensor(list(rows), dtype=torch.long)
-        chosen_ids = torch.tensor(list(tokens), dtype=torch.long)[:, None]
+        at = torch.tensor(list(rows), dtype=torch.long, device=logits.device)  # [T]
+        chosen_ids = torch.tensor(list(tokens), dtype=torch.long, device=logits.device)[:, None]  # [T, 1]
         if p.logprobs_mode == "processed" and not p.greedy:
-            q = (probs if probs is not None else self.probs(logits, history, drafts, parents))[at]
+            q = (probs if probs is not None else self.probs(logits, history, drafts, parents))[at]  # [T, V]
             chosen = torch.log(q.gather(1, chosen_ids))[:, 0]
             top = torch.topk(q, p.logprobs, -1) if p.logprobs else None
             top_values = None if top is None else torch.log(top.values)
         else:  # a log-softmax read at the entries wanted, never made whole: x - logsumexp(x)
             x = logits.float()[at] if p.logprobs_mode == "raw" else self._processed(logits, history, drafts, parents)[at]
-            lse = torch.logsumexp(x, -1, keepdim=True)
+            lse = torch.logsumexp(x, -1, keepdim=True)  # [T, 1]
             chosen = (x.gather(1, chosen_ids) - lse)[:, 0]
             top = torch.topk(x, p.logprobs, -1) if p.logprobs else None
             top_values = None if top is None else top.values - lse

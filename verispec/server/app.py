@@ -30,7 +30,7 @@ from verispec.llm import LLM
 from verispec.server import protocol
 from verispec.server.metrics import Metrics
 from verispec.server.protocol import ChatRequest, Common, CompletionRequest, error
-from verispec.text import Detokenizer
+from verispec.text import Detokenizer, token_texts
 from verispec.types import Stats, TokenLogprob
 
 
@@ -144,8 +144,10 @@ def create_app(llm: LLM, scheduler: Scheduler, config: ServeConfig, model_name: 
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         return await generate(body, http, messages, "messages")
 
-    def token_text(token_id: int) -> str:
+    def token_text(token_id: int) -> str:  # an alternative token's text, alone
         return llm.tokenizer.decode([token_id])
+
+    scoring = asyncio.Lock()
 
     async def generate(body: Common, http: HTTPRequest, prompt: Any, field: str) -> Response:
         """Everything that can be refused is refused here, before a stream starts."""
@@ -162,11 +164,12 @@ def create_app(llm: LLM, scheduler: Scheduler, config: ServeConfig, model_name: 
             raise APIError(400, str(e), param=e.param or field) from None
         echo = None
         if isinstance(body, CompletionRequest) and body.echo:
-            # a forward of the target's own, beside the engine's (the native kernels take one at a time)
-            scored = None if params.logprobs is None else await asyncio.to_thread(
-                prompt_logprobs, llm.target, ids, params.logprobs)
-            echo = Echo(prompt if isinstance(prompt, str) else llm.tokenizer.decode(ids), ids, scored)
+            if not scheduler.alive:
+                raise APIError(503, "the engine is not running", "server_error", code="engine_unavailable")
+            async with scoring:  # one prompt at a time: its forward runs beside the engine's
+                echo = await asyncio.to_thread(Echo.of, llm, ids, params.logprobs)
             if scores_only:
+                metrics.prompt_tokens.inc(len(ids))
                 return echo.alone(body, model_name, token_text)
         progress: asyncio.Queue[Progress | BaseException] = asyncio.Queue()
         try:
@@ -210,21 +213,34 @@ def _listener(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> Any:
 
 @dataclass
 class Echo:
-    """A completion's echoed prompt: its text, ids and, when logprobs were asked, ids[1:] scored."""
+    """A completion's echoed prompt: its ids, what each adds to the text (which is their
+    concatenation, the prompt as the tokenizer decodes it) and, when logprobs were asked, ids[1:] scored."""
 
-    text: str
     ids: list[int]
+    texts: list[str]
     scored: list[TokenLogprob] | None
 
+    @classmethod
+    def of(cls, llm: LLM, ids: list[int], logprobs: int | None) -> Echo:
+        """On a worker thread: the prompt's forward (the native kernels take one forward at a time)."""
+        return cls(ids, token_texts(llm.tokenizer, ids),
+                   None if logprobs is None else prompt_logprobs(llm.target, ids, logprobs))
+
+    @property
+    def text(self) -> str:
+        return "".join(self.texts)
+
     def logprobs(self, token_text: Callable[[int], str], completion: dict[str, Any] | None) -> dict[str, Any] | None:
-        return None if self.scored is None else protocol.with_prompt(self.ids, self.scored, token_text, completion)
+        return None if self.scored is None else protocol.with_prompt(self.texts, self.scored, token_text, completion)
 
     def alone(self, body: Common, model: str, token_text: Callable[[int], str]) -> Response:
         """max_tokens 0: the prompt scored, nothing generated (whole, or one chunk and [DONE])."""
-        choice = protocol.choice(False, self.text, "length", body.stream, self.ids if body.return_token_ids else None,
+        choice = protocol.choice(False, self.text, "length", body.stream, [] if body.return_token_ids else None,
                                  logprobs=self.logprobs(token_text, None))
         use = protocol.usage(len(self.ids), 0, Stats(), [])
-        payload = protocol.envelope(False, protocol.new_id("cmpl"), model, protocol.now(), [choice], body.stream, use)
+        with_usage = not body.stream or (body.stream_options is not None and body.stream_options.include_usage)
+        payload = protocol.envelope(False, protocol.new_id("cmpl"), model, protocol.now(), [choice], body.stream, use,
+                                    with_usage)
         if not body.stream:
             return JSONResponse(payload)
         return StreamingResponse(iter([f"data: {json.dumps(payload)}\n\n", "data: [DONE]\n\n"]),
@@ -242,6 +258,7 @@ class Run:
         self.token_text, self.echo = token_text, echo
         self.logprobs: list[TokenLogprob] = []  # the kept tokens' not yet sent (a stream) or all (whole)
         self._offset = len(echo.text) if echo else 0  # completions: the text covered by logprobs sent
+        self._told: list[int] = []  # the output ids whose logprobs were sent
         self.id = protocol.new_id("chatcmpl" if chat else "cmpl")
         self.created = protocol.now()
         self.ids: list[int] = []
@@ -280,8 +297,11 @@ class Run:
         the request did not ask): a stream chunk carries those of the tokens before it."""
         if self.request.params.logprobs is None:
             return None
-        out = protocol.logprobs(self.chat, self.logprobs, self.token_text, self._offset)
-        self._offset += sum(len(self.token_text(e.token_id)) for e in self.logprobs)
+        ids = [e.token_id for e in self.logprobs]
+        texts = token_texts(self.text.tokenizer, ids, self._told)
+        out = protocol.logprobs(self.chat, self.logprobs, texts, self.token_text, self._offset)
+        self._offset += sum(map(len, texts))
+        self._told += ids
         self.logprobs = []
         return out
 

@@ -164,29 +164,30 @@ def choice(chat: bool, text: str, finish_reason: str | None, delta: bool, token_
     return out
 
 
-def logprobs(chat: bool, entries: list[TokenLogprob], token_text: Callable[[int], str], offset: int = 0
-             ) -> dict[str, Any]:
+def logprobs(chat: bool, entries: list[TokenLogprob], texts: list[str], token_text: Callable[[int], str],
+             offset: int = 0) -> dict[str, Any]:
     """Tokens' log-probabilities in OpenAI's shape: chat's `content` list (token, logprob, bytes,
-    top_logprobs), or completions' parallel lists with each token's offset in the text (from `offset`)."""
+    top_logprobs), or completions' parallel lists with each token's offset in the text (from
+    `offset`). texts: what each token adds to the text (text.token_texts); an alternative, never
+    emitted, is its own token_text."""
+    def one(text: str, logprob: float) -> dict[str, Any]:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
     if chat:
-        def one(token_id: int, logprob: float) -> dict[str, Any]:
-            text = token_text(token_id)
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
-        return {"content": [{**one(e.token_id, e.logprob), "top_logprobs": [one(i, lp) for i, lp in e.top]}
-                            for e in entries]}
-    tokens = [token_text(e.token_id) for e in entries]
-    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+        return {"content": [{**one(t, e.logprob), "top_logprobs": [one(token_text(i), lp) for i, lp in e.top]}
+                            for e, t in zip(entries, texts)]}
+    return {"tokens": texts, "token_logprobs": [e.logprob for e in entries],
             "top_logprobs": [{token_text(i): lp for i, lp in e.top} for e in entries],
-            "text_offset": list(accumulate([len(t) for t in tokens[:-1]], initial=offset)) if tokens else []}
+            "text_offset": list(accumulate([len(t) for t in texts[:-1]], initial=offset)) if texts else []}
 
 
-def with_prompt(prompt_ids: list[int], scored: list[TokenLogprob], token_text: Callable[[int], str],
+def with_prompt(texts: list[str], scored: list[TokenLogprob], token_text: Callable[[int], str],
                 completion: dict[str, Any] | None) -> dict[str, Any]:
-    """Completions' logprobs with the echoed prompt first: its first token has none (nothing precedes
-    it), then ids[1:] as scored, then the completion's (whose offsets already count the prompt)."""
-    first = token_text(prompt_ids[0])
-    rest = logprobs(False, scored, token_text, len(first))
-    out = {"tokens": [first] + rest["tokens"], "token_logprobs": [None] + rest["token_logprobs"],
+    """Completions' logprobs with the echoed prompt first (texts: each prompt token's): its first
+    token has none (nothing precedes it), then ids[1:] as scored, then the completion's (whose
+    offsets already count the prompt)."""
+    rest = logprobs(False, scored, texts[1:], token_text, len(texts[0]))
+    out = {"tokens": texts[:1] + rest["tokens"], "token_logprobs": [None] + rest["token_logprobs"],
            "top_logprobs": [None] + rest["top_logprobs"], "text_offset": [0] + rest["text_offset"]}
     for key in out if completion else ():
         out[key] += completion[key]
