@@ -218,6 +218,30 @@ def test_echo_scores_the_prompt_as_lm_eval_reads_it(server, llm):
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
 
 
+def test_a_batch_of_prompts_gets_a_choice_per_prompt_as_each_alone(server, llm):
+    """prompt as a list (of strings, or of token-id lists), as lm-eval's local-completions sends it:
+    choices in order, each what the prompt gets alone; its loglikelihood payload (echo, logprobs 1,
+    max_tokens 1) scores every prompt; a stream of a batch, or a bad prompt in it, is a 400."""
+    texts = ["the end the", "stop the stop", "a b a b"]
+    batch = server.client.completions.create(model=MODEL, prompt=texts, max_tokens=8, temperature=0, extra_body=EXTRA)
+    assert [c.index for c in batch.choices] == [0, 1, 2]
+    assert [c.model_extra["token_ids"] for c in batch.choices] == [greedy(llm, t, 8) for t in texts]
+    assert batch.usage.completion_tokens == 24 and len(batch.usage.model_extra["speculation"]) == 3
+    ids = [llm.encode(t) for t in texts]
+    scored = server.client.completions.create(model=MODEL, prompt=ids, max_tokens=1, temperature=0, logprobs=1,
+                                              echo=True, seed=1234)
+    for c, prompt_ids in zip(scored.choices, ids):
+        assert len(c.logprobs.token_logprobs) == len(prompt_ids) + 1 and c.logprobs.token_logprobs[0] is None
+        alone = server.client.completions.create(model=MODEL, prompt=prompt_ids, max_tokens=1, temperature=0,
+                                                 logprobs=1, echo=True)
+        assert c.logprobs.token_logprobs == alone.choices[0].logprobs.token_logprobs
+    r = server.http.post("/v1/completions", json={"model": MODEL, "prompt": texts, "stream": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    r = server.http.post("/v1/completions", json={"model": MODEL, "prompt": [[5, 6], [500]]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt.1", r.text
+    assert server.http.get("/health").status_code == 200
+
+
 def test_stop_strings_and_seeded_sampling_are_honoured(server, llm):
     out = server.client.completions.create(model=MODEL, prompt="the end the", max_tokens=60, temperature=0,
                                            stop=[" "], extra_body=EXTRA)

@@ -154,6 +154,46 @@ def create_app(llm: LLM, scheduler: Scheduler, config: ServeConfig, model_name: 
         arrived = time.perf_counter()
         if body.model != model_name:
             raise not_served(body.model)
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], (int, dict)):  # a batch of prompts
+            if body.stream:
+                raise APIError(400, f"a list of {len(prompt)} prompts cannot be streamed (yet): send them one by one "
+                                    "or without stream", param="prompt")
+            return JSONResponse(await several(body, http, prompt, arrived))
+        started = await start(body, prompt, field, arrived)
+        if isinstance(started, dict):  # echo with max_tokens 0: the prompt scored, nothing generated
+            if not body.stream:
+                return JSONResponse(started)
+            return StreamingResponse(iter([f"data: {json.dumps(started)}\n\n", "data: [DONE]\n\n"]),
+                                     media_type="text/event-stream")
+        if body.stream:
+            return StreamingResponse(started.chunks(scheduler), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return JSONResponse(await started.whole(scheduler, http))
+
+    async def several(body: Common, http: HTTPRequest, prompts: list[Any], arrived: float) -> dict[str, Any]:
+        """A completions batch: every prompt its own request, all submitted at once (or none: a refusal
+        cancels those already in), answered as one response with a choice per prompt, in order."""
+        runs: list[Run | dict[str, Any]] = []
+        try:
+            for i, prompt in enumerate(prompts):
+                runs.append(await start(body, prompt, f"prompt.{i}", arrived))
+        except APIError:
+            for run in runs:
+                if isinstance(run, Run):
+                    scheduler.cancel(run.ticket)
+            raise
+
+        async def answer(run: Run | dict[str, Any]) -> dict[str, Any]:
+            return run if isinstance(run, dict) else await run.whole(scheduler, http)
+
+        answers = await asyncio.gather(*map(answer, runs))
+        usage = {k: sum(a["usage"][k] for a in answers) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+        usage["speculation"] = [a["usage"]["speculation"] for a in answers]  # per choice
+        choices = [{**a["choices"][0], "index": i} for i, a in enumerate(answers)]
+        return protocol.envelope(False, protocol.new_id("cmpl"), model_name, protocol.now(), choices, False, usage)
+
+    async def start(body: Common, prompt: Any, field: str, arrived: float) -> Run | dict[str, Any]:
+        """One prompt submitted to the engine; or, echo with max_tokens 0, its whole answer."""
         scores_only = isinstance(body, CompletionRequest) and body.echo and body.max_tokens == 0
         try:
             ids = llm.encode(prompt)
@@ -179,12 +219,8 @@ def create_app(llm: LLM, scheduler: Scheduler, config: ServeConfig, model_name: 
         except EngineUnavailableError as e:
             raise APIError(503, str(e), "server_error", code="engine_unavailable") from None
         metrics.prompt_tokens.inc(len(ids))
-        run = Run(body, request, text, ticket, progress, metrics, arrived, model_name, isinstance(body, ChatRequest),
-                  token_text, echo)
-        if body.stream:
-            return StreamingResponse(run.chunks(scheduler), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        return JSONResponse(await run.whole(scheduler, http))
+        return Run(body, request, text, ticket, progress, metrics, arrived, model_name, isinstance(body, ChatRequest),
+                   token_text, echo)
 
     def openapi() -> dict[str, Any]:
         """FastAPI's schema, with the served model as the example for every `model` field."""
@@ -233,18 +269,14 @@ class Echo:
     def logprobs(self, token_text: Callable[[int], str], completion: dict[str, Any] | None) -> dict[str, Any] | None:
         return None if self.scored is None else protocol.with_prompt(self.texts, self.scored, token_text, completion)
 
-    def alone(self, body: Common, model: str, token_text: Callable[[int], str]) -> Response:
-        """max_tokens 0: the prompt scored, nothing generated (whole, or one chunk and [DONE])."""
+    def alone(self, body: Common, model: str, token_text: Callable[[int], str]) -> dict[str, Any]:
+        """max_tokens 0: the prompt scored, nothing generated; the answer, or its one stream chunk."""
         choice = protocol.choice(False, self.text, "length", body.stream, [] if body.return_token_ids else None,
                                  logprobs=self.logprobs(token_text, None))
         use = protocol.usage(len(self.ids), 0, Stats(), [])
         with_usage = not body.stream or (body.stream_options is not None and body.stream_options.include_usage)
-        payload = protocol.envelope(False, protocol.new_id("cmpl"), model, protocol.now(), [choice], body.stream, use,
-                                    with_usage)
-        if not body.stream:
-            return JSONResponse(payload)
-        return StreamingResponse(iter([f"data: {json.dumps(payload)}\n\n", "data: [DONE]\n\n"]),
-                                 media_type="text/event-stream")
+        return protocol.envelope(False, protocol.new_id("cmpl"), model, protocol.now(), [choice], body.stream, use,
+                                 with_usage)
 
 
 class Run:

@@ -57,7 +57,8 @@ class Common(Sampling):  # type: ignore[misc, valid-type]
 
 
 class CompletionRequest(Common):
-    prompt: str | list[int] = Field(description="one prompt: text or token ids")
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(
+        description="one prompt (text or token ids), or a list of them: a choice per prompt (not streamed)")
     echo: bool = Field(False, description="the prompt before the completion, with its tokens' logprobs when asked; "
                                          "max_tokens 0 then scores the prompt alone")
     suffix: None = None
