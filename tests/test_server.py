@@ -183,6 +183,9 @@ def test_logprobs_whole_and_streamed_are_the_targets_for_the_tokens_served(serve
     assert [x.logprob for p in parts for x in p.content] == [c.logprob for c in content]
     bare = server.client.completions.create(model=MODEL, prompt="the", max_tokens=3)
     assert bare.choices[0].logprobs is None
+    forced = server.client.completions.create(model=MODEL, prompt="the", max_tokens=4, temperature=0,
+                                              logit_bias={"7": 100}, extra_body=EXTRA)
+    assert forced.choices[0].model_extra["token_ids"] == [7] * 4
 
 
 def test_echo_scores_the_prompt_as_lm_eval_reads_it(server, llm):
@@ -334,6 +337,9 @@ BAD = [
     ("chat", {"messages": [{"role": "user", "content": "x"}], "model": "gpt-9", "stream": True}, 404, "model", ""),
     ("completions", {"prompt": "x", "temperature": 0.5, "stream": True, "top_p": 2}, 400, "top_p", ""),
     ("completions", {"prompt": "x", "logprobs": 21}, 400, "logprobs", "[0, 20]"),
+    ("completions", {"prompt": "x", "logit_bias": {"x": 1}}, 400, "logit_bias", "token ids written as strings"),
+    ("completions", {"prompt": "x", "logit_bias": {"5": 101}}, 400, "logit_bias", "[-100, 100]"),
+    ("completions", {"prompt": "x", "logit_bias": {"500": 1}}, 400, "logit_bias", "outside the vocabulary"),
     ("chat", {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21}, 400,
      "top_logprobs", "top_logprobs=21 is not allowed"),
     ("chat", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, "top_logprobs",

@@ -50,6 +50,8 @@ class SamplingParams:
     suffix_global (the suffix drafter): False keeps this request out of the global tree over past
     responses, so that it neither reads other requests' outputs nor adds its own (drafts only:
     outputs never depend on it).
+    logit_bias: (token id, bias) pairs, each bias in [-100, 100] added to that token's logit before
+    anything else (OpenAI's; -100 all but bans a token, +100 all but forces it).
     logprobs: None, or 0..MAX_LOGPROBS: each emitted token's log-probability under the target, with
     that many likeliest alternatives. logprobs_mode "processed" (the default) reports the
     distribution the token is drawn from (penalties, temperature, top-k/top-p/min-p applied; when
@@ -71,6 +73,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     suffix_global: bool = True
+    logit_bias: tuple[tuple[int, float], ...] = ()
     logprobs: int | None = None
     logprobs_mode: str = "processed"
 
@@ -79,6 +82,7 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        object.__setattr__(self, "logit_bias", tuple(tuple(pair) for pair in self.logit_bias))
         _require(
             isinstance(self.max_tokens, int) and not isinstance(self.max_tokens, bool) and self.max_tokens >= 1,
             "max_tokens", f"max_tokens={self.max_tokens!r} is not allowed: it must be an integer >= 1",
@@ -128,6 +132,12 @@ class SamplingParams:
                      f"{name}={value!r} is not allowed: it must be in [-2, 2] (0 means off)")
         _require(isinstance(self.suffix_global, bool), "suffix_global",
                  f"suffix_global={self.suffix_global!r} is not allowed: it must be true or false")
+        _require(
+            all(len(pair) == 2 and isinstance(pair[0], int) and not isinstance(pair[0], bool) and pair[0] >= 0
+                and _is_real(pair[1]) and -100 <= pair[1] <= 100 for pair in self.logit_bias),
+            "logit_bias", f"logit_bias={dict(self.logit_bias) if all(len(p) == 2 for p in self.logit_bias) else self.logit_bias!r} "
+                          "is not allowed: it maps token ids >= 0 to biases in [-100, 100]",
+        )
         _require(self.logprobs is None or (isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool)
                                            and 0 <= self.logprobs <= MAX_LOGPROBS),
                  "logprobs", f"logprobs={self.logprobs!r} is not allowed: it must be an integer in [0, {MAX_LOGPROBS}] or None")

@@ -183,10 +183,10 @@ class LLM:
         if not isinstance(params, SamplingParams):
             raise InvalidInputError(f"params must be a SamplingParams, got {type(params).__name__}")
         vocab = self.target.config.vocab_size
-        outside = [t for t in params.stop_token_ids if t >= vocab]
-        if outside:
-            raise InvalidInputError(f"stop_token_ids {outside[:5]} are outside the vocabulary [0, {vocab})",
-                                    param="stop_token_ids")
+        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", [t for t, _ in params.logit_bias])):
+            outside = [t for t in ids if t >= vocab]
+            if outside:
+                raise InvalidInputError(f"{name} {outside[:5]} are outside the vocabulary [0, {vocab})", param=name)
         prompt_ids = self.encode(prompt, chat)
         stops = StopStrings(self.tokenizer, params.stop) if params.stop else None
         return Request(prompt_ids, params, self.eos_ids, self.engine.capacity, stops), Detokenizer(self.tokenizer, stops)

@@ -18,7 +18,17 @@ _KINDS: dict[str, dict[str, Any]] = {
     "bool": {"action": "store_true"},
     "tuple[str, ...]": {"action": "append", "type": str},
     "tuple[int, ...]": {"action": "append", "type": int},
+    "tuple[tuple[int, float], ...]": {"action": "append", "type": lambda text: _pair(text), "metavar": "ID=BIAS"},
 }
+
+
+def _pair(text: str) -> tuple[int, float]:
+    """ID=BIAS, as --logit-bias writes it."""
+    try:
+        token, bias = text.split("=")
+        return int(token), float(bias)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed: write TOKEN_ID=BIAS, e.g. 42=-100") from None
 
 
 def on_off(text: str) -> bool:

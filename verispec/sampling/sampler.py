@@ -71,13 +71,16 @@ class Sampler:
 
     def _processed(self, logits: torch.Tensor, history: Sequence[int], drafts: Sequence[int],
                    parents: Sequence[int] | None) -> torch.Tensor:
-        """The logits with min_tokens' masks and the penalties applied."""
+        """The logits with logit_bias, min_tokens' masks and the penalties applied."""
         x = logits.float()
         rows, vocab = x.shape
         depths = range(rows) if parents is None else tree.depths(parents[: rows - 1])
         masked = [i for i in range(rows) if len(history) + depths[i] < self.params.min_tokens]
-        if masked or self.params.penalized:
+        if masked or self.params.penalized or self.params.logit_bias:
             x = x.clone()
+        if self.params.logit_bias:
+            ids, biases = zip(*self.params.logit_bias)
+            x[:, list(ids)] += torch.tensor(biases, dtype=x.dtype, device=x.device)
         if masked and self.stop_ids:
             x[torch.tensor(masked)[:, None], torch.tensor(self.stop_ids)[None, :]] = float("-inf")
         if self.params.penalized:

@@ -29,6 +29,7 @@ COMPLETION_MAX_TOKENS = 16
 _WIRE_TYPES: dict[str, Any] = {
     "int": int, "float": float, "bool": bool, "int | None": int, "str": str,
     "tuple[str, ...]": str | list[str], "tuple[int, ...]": list[int],
+    "tuple[tuple[int, float], ...]": dict[str, float],  # logit_bias: OpenAI's {"token id": bias}
 }
 
 
@@ -100,6 +101,12 @@ def sampling_params(body: Common, prompt_tokens: int, capacity: int) -> Sampling
     error naming both; the default is clamped to the room left."""
     given = {f.name: getattr(body, f.name) for f in dataclasses.fields(SamplingParams)
              if getattr(body, f.name) is not None}
+    if "logit_bias" in given:
+        try:
+            given["logit_bias"] = tuple((int(k), v) for k, v in given["logit_bias"].items())
+        except ValueError:
+            raise InvalidInputError(f"logit_bias keys {list(given['logit_bias'])[:5]} are not allowed: they must be "
+                                    "token ids written as strings, e.g. {\"42\": -100}", param="logit_bias") from None
     renamed: dict[str, str] = {}  # SamplingParams' name -> the field this client used, named in errors
     if isinstance(body, ChatRequest):
         if body.top_logprobs is not None and not body.logprobs:
