@@ -245,6 +245,23 @@ def test_a_batch_of_prompts_gets_a_choice_per_prompt_as_each_alone(server, llm):
     assert server.http.get("/health").status_code == 200
 
 
+def test_n_choices_are_independent_samples_each_as_its_own_request(server, llm):
+    """n > 1: choice j of a seeded request is the request with seed + j; greedy choices are all the
+    target's one output; chat and completions alike, each choice with its own speculation stats."""
+    messages = [{"role": "user", "content": "the end the"}]
+    many = server.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=1.0, n=3,
+                                                 seed=11, extra_body=EXTRA)
+    assert [c.index for c in many.choices] == [0, 1, 2] and many.object == "chat.completion"
+    alone = [server.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=1.0,
+                                                   seed=11 + j, extra_body=EXTRA).choices[0].message.content
+             for j in range(3)]
+    assert [c.message.content for c in many.choices] == alone and len(set(alone)) > 1
+    assert len(many.usage.model_extra["speculation"]) == 3 and many.usage.completion_tokens == 36
+    greedy_many = server.client.completions.create(model=MODEL, prompt="the end the", max_tokens=10, temperature=0,
+                                                   n=2, extra_body=EXTRA)
+    assert [c.model_extra["token_ids"] for c in greedy_many.choices] == [greedy(llm, "the end the", 10)] * 2
+
+
 def test_stop_strings_and_seeded_sampling_are_honoured(server, llm):
     out = server.client.completions.create(model=MODEL, prompt="the end the", max_tokens=60, temperature=0,
                                            stop=[" "], extra_body=EXTRA)
@@ -330,7 +347,9 @@ BAD = [
     ("completions", {"prompt": "x", "top_p": 1.5}, 400, "top_p", "(0, 1]"),
     ("completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens", ">= 1"),
     ("completions", {"prompt": "x", "max_tokens": -5}, 400, "max_tokens", ">= 1"),
-    ("completions", {"prompt": "x", "n": 2}, 400, "n", "1"),
+    ("completions", {"prompt": "x", "n": 17}, 400, "n", "16"),
+    ("completions", {"prompt": "x", "n": 0}, 400, "n", "1"),
+    ("chat", {"messages": [{"role": "user", "content": "x"}], "n": 2, "stream": True}, 400, "n", "cannot be streamed"),
     ("completions", {"prompt": "x", "frobnicate": 1}, 400, "frobnicate", "not permitted"),
     ("completions", {"prompt": "x", "suffix_global": "off"}, 400, "suffix_global", "boolean"),
     ("completions", {"prompt": "x", "model": "gpt-9"}, 404, "model", "gpt-9"),

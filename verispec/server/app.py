@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
 from verispec import __version__
-from verispec.config import ServeConfig
+from verispec.config import MAX_SEED, ServeConfig
 from verispec.engine.generate import Cycle
 from verispec.engine.request import Request
 from verispec.engine.scheduler import EngineUnavailableError, QueueFullError, Scheduler, Ticket
@@ -154,11 +154,13 @@ def create_app(llm: LLM, scheduler: Scheduler, config: ServeConfig, model_name: 
         arrived = time.perf_counter()
         if body.model != model_name:
             raise not_served(body.model)
-        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], (int, dict)):  # a batch of prompts
+        batch = isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], (int, dict))
+        if batch or body.n > 1:
             if body.stream:
-                raise APIError(400, f"a list of {len(prompt)} prompts cannot be streamed (yet): send them one by one "
-                                    "or without stream", param="prompt")
-            return JSONResponse(await several(body, http, prompt, arrived))
+                raise APIError(400, f"{f'a list of {len(prompt)} prompts' if batch else f'n={body.n}'} cannot be "
+                                    "streamed (yet): send one prompt and n=1, or do not stream",
+                               param="prompt" if batch else "n")
+            return JSONResponse(await several(body, http, prompt if batch else [prompt], field, arrived))
         started = await start(body, prompt, field, arrived)
         if isinstance(started, dict):  # echo with max_tokens 0: the prompt scored, nothing generated
             if not body.stream:
@@ -170,13 +172,18 @@ def create_app(llm: LLM, scheduler: Scheduler, config: ServeConfig, model_name: 
                                      headers={"Cache-Control": "no-cache"})
         return JSONResponse(await started.whole(scheduler, http))
 
-    async def several(body: Common, http: HTTPRequest, prompts: list[Any], arrived: float) -> dict[str, Any]:
-        """A completions batch: every prompt its own request, all submitted at once (or none: a refusal
-        cancels those already in), answered as one response with a choice per prompt, in order."""
+    async def several(body: Common, http: HTTPRequest, prompts: list[Any], field: str, arrived: float
+                      ) -> dict[str, Any]:
+        """Several choices: every prompt of a completions batch, n times each, its own request (choice
+        j of a seeded prompt takes seed + j), all submitted at once (or none: a refusal cancels those
+        already in), answered as one response with the choices in order."""
         runs: list[Run | dict[str, Any]] = []
         try:
             for i, prompt in enumerate(prompts):
-                runs.append(await start(body, prompt, f"prompt.{i}", arrived))
+                for j in range(body.n):
+                    choice = body if body.seed is None or j == 0 else body.model_copy(
+                        update={"seed": (body.seed + j) % (MAX_SEED + 1)})
+                    runs.append(await start(choice, prompt, f"{field}.{i}" if len(prompts) > 1 else field, arrived))
         except APIError:
             for run in runs:
                 if isinstance(run, Run):
@@ -190,7 +197,9 @@ def create_app(llm: LLM, scheduler: Scheduler, config: ServeConfig, model_name: 
         usage = {k: sum(a["usage"][k] for a in answers) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
         usage["speculation"] = [a["usage"]["speculation"] for a in answers]  # per choice
         choices = [{**a["choices"][0], "index": i} for i, a in enumerate(answers)]
-        return protocol.envelope(False, protocol.new_id("cmpl"), model_name, protocol.now(), choices, False, usage)
+        chat = isinstance(body, ChatRequest)
+        return protocol.envelope(chat, protocol.new_id("chatcmpl" if chat else "cmpl"), model_name, protocol.now(),
+                                 choices, False, usage)
 
     async def start(body: Common, prompt: Any, field: str, arrived: float) -> Run | dict[str, Any]:
         """One prompt submitted to the engine; or, echo with max_tokens 0, its whole answer."""

@@ -23,6 +23,7 @@ from verispec.text import ROLES
 from verispec.types import Stats, TokenLogprob
 
 OPENAI_DEFAULTS = {"temperature": 1.0}
+MAX_CHOICES = 16  # n
 COMPLETION_MAX_TOKENS = 16
 
 # SamplingParams annotations (as written in config.py) -> what a request may send
@@ -52,7 +53,7 @@ class Common(Sampling):  # type: ignore[misc, valid-type]
     model: str
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: Literal[1] = 1
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description="choices per prompt, each sampled on its own (not streamed)")
     user: str | None = None
     return_token_ids: bool = Field(False, description="add each choice's (or chunk's) token ids (an extension)")
 
