@@ -114,6 +114,18 @@ def tiny_llm(tiny_llm_folder):
     return LLM(str(tiny_llm_folder))
 
 
+@pytest.fixture(scope="module")
+def ngram_llm(tmp_path_factory):
+    """A tiny random llama of 1024 positions with the ngram drafter at tau 4, one per test module
+    (tests may switch its drafter)."""
+    from verispec.llm import LLM
+
+    folder = tmp_path_factory.mktemp("tiny-ngram")
+    tiny_hf_model("llama", max_position_embeddings=1024, seed=3).save_pretrained(folder)
+    save_tiny_tokenizer(folder)
+    return LLM(str(folder), drafter="ngram", num_draft_tokens=4)
+
+
 @pytest.fixture(scope="session")
 def draft_pair(tmp_path_factory):
     """(target LLM, a draft model with the same tokenizer: the target with noise on its weights, so

@@ -16,14 +16,8 @@ PROMPT = "the end the end the stop the end the end"
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    from conftest import save_tiny_tokenizer, tiny_hf_model
-    from verispec.llm import LLM
-
-    folder = tmp_path_factory.mktemp("tiny-bias")
-    tiny_hf_model("llama", max_position_embeddings=1024, seed=3).save_pretrained(folder)
-    save_tiny_tokenizer(folder)
-    return LLM(str(folder), drafter="ngram", num_draft_tokens=4)
+def llm(ngram_llm):
+    return ngram_llm
 
 
 def test_a_bias_moves_greedy_output_and_speculation_still_equals_plain(llm):
