@@ -72,15 +72,15 @@ class Audit:
         def compare(event: Cycle | BaseException) -> None:
             if isinstance(event, BaseException) or not again.finished:
                 return
-            self.audited += 1
             a, b = original.output_ids, again.output_ids
-            if a != b:
-                self.mismatches += 1
+            if a != b:  # logged before it is counted: a reader of the counts finds the warning written
                 at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
                 margin = logit_margin(target, original.prompt_ids + b[:at])
                 log.warning("greedy speculation differs from plain decoding at output position %d: %s against "
                             "plain %s (%d and %d tokens; the target's logit margin there %g)", at, a[at: at + 1],
                             b[at: at + 1], len(a), len(b), margin)
+                self.mismatches += 1
+            self.audited += 1
 
         return Ticket(again, compare, plain=True)
 
