@@ -123,13 +123,13 @@ def price(llm: LLM, make: Drafters, drafter: str, policies: Sequence[int | str],
     """Each policy replayed over the prompts in order, with a drafter of its own that learns across
     them as a server's would (suffix: each output joins its global tree), and for `auto` one
     controller throughout."""
+    samplers = [Request(ids, SamplingParams(), llm.eos_ids, llm.engine.capacity).sampler for ids in prompt_ids]
     priced = []
     for tau in policies:
         made = make(drafter)
         policy: int | Controller = Controller(model) if tau == AUTO else int(tau)
         one = Priced(drafter, tau)
-        for ids, out in zip(prompt_ids, outputs):
-            sampler = Request(ids, SamplingParams(), llm.eos_ids, llm.engine.capacity).sampler
+        for ids, out, sampler in zip(prompt_ids, outputs, samplers):
             one.replays.append(replay(made, sampler, ids, out, policy, model, curves=curves))
             finish(made, out)
         priced.append(one)

@@ -47,7 +47,7 @@ def load_prompts(source: str, categories: list[str] | None = None, per_category:
             if not isinstance(turn, (str, list)) or not turn:
                 raise TypeError
             prompts.append(BenchPrompt(str(row.get("category", "all")), str(row.get("question_id", number)), turn,
-                                       "prompt" not in row or "turns" in row or "messages" in row))
+                                       "turns" in row or "messages" in row))
         except (ValueError, KeyError, IndexError, TypeError):
             raise InvalidInputError(f"{source}, line {number}: need a JSON object with 'turns', 'prompt' or "
                                     "'messages' (a non-empty string or list)") from None

@@ -29,10 +29,17 @@ class Replayed:
     ms: float  # priced by the cost model
     plain_ms: float  # plain decoding of the same tokens, priced alike
     taus: tuple[int, ...]  # τ of every cycle
-    cycles: tuple[tuple[int, int], ...]  # (draft positions, accepted) of every cycle
-    drafted: int  # draft positions (a tree's depth), summed over the cycles
-    accepted: int
+    cycles: tuple[tuple[int, int], ...]  # (draft positions, a tree's depth; accepted) of every cycle
     nodes: int  # draft tokens verified (a chain's equal its positions)
+
+    @property
+    def drafted(self) -> int:
+        """Draft positions, summed over the cycles."""
+        return sum(d for d, _ in self.cycles)
+
+    @property
+    def accepted(self) -> int:
+        return sum(a for _, a in self.cycles)
 
     @property
     def speedup(self) -> float:
@@ -73,5 +80,4 @@ def replay(drafter: Drafter, sampler: Sampler, prompt_ids: Sequence[int], output
         taus.append(tau)
         cycles.append((positions, accepted))
         verified += len(drafts)
-    return Replayed(len(output_ids), ms, plain_ms, tuple(taus), tuple(cycles), sum(d for d, _ in cycles),
-                    sum(a for _, a in cycles), verified)
+    return Replayed(len(output_ids), ms, plain_ms, tuple(taus), tuple(cycles), verified)

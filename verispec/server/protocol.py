@@ -198,8 +198,9 @@ def with_prompt(texts: list[str], scored: list[TokenLogprob], token_text: Callab
     rest = logprobs(False, scored, texts[1:], token_text, len(texts[0]))
     out = {"tokens": texts[:1] + rest["tokens"], "token_logprobs": [None] + rest["token_logprobs"],
            "top_logprobs": [None] + rest["top_logprobs"], "text_offset": [0] + rest["text_offset"]}
-    for key in out if completion else ():
-        out[key] += completion[key]
+    if completion is not None:
+        for key in out:
+            out[key] += completion[key]
     return out
 
 
