@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from verispec.errors import InvalidInputError
 
@@ -39,6 +41,50 @@ def _is_real(value: float) -> bool:
 
 
 @dataclass(frozen=True)
+class ResponseFormat:
+    """What every output of a request must match (structured output, verispec/sampling/grammar.py):
+    kind 'json_schema' (spec: a JSON schema as JSON text), 'regex' (spec: a regular expression the
+    whole output matches) or 'grammar' (spec: a Lark grammar, llguidance's dialect)."""
+
+    kind: str
+    spec: str
+
+    KINDS = ("json_schema", "regex", "grammar")
+
+    def __post_init__(self) -> None:
+        _require(self.kind in self.KINDS, "response_format",
+                 f"response_format kind={self.kind!r} is not allowed; allowed: {', '.join(self.KINDS)}")
+        _require(_is_text(self.spec), "response_format",
+                 f"response_format's {self.kind} must be a non-empty string")
+
+    @classmethod
+    def parse(cls, value: ResponseFormat | dict[str, Any] | None) -> ResponseFormat | None:
+        """OpenAI's response_format: {"type": "text"} (None: free text), {"type": "json_object"},
+        {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}; and verispec's
+        {"type": "regex", "regex": "..."} and {"type": "grammar", "grammar": "<lark>"}."""
+        if value is None or isinstance(value, ResponseFormat):
+            return value
+        _require(isinstance(value, dict), "response_format",
+                 f"response_format={value!r} is not allowed: it must be an object with a 'type'")
+        kind = value.get("type")
+        allowed = ("text", "json_object") + cls.KINDS
+        _require(kind in allowed, "response_format",
+                 f"response_format.type={kind!r} is not allowed; allowed: {', '.join(allowed)}")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return cls("json_schema", '{"type": "object"}')
+        if kind == "json_schema":
+            spec = value.get("json_schema")
+            _require(isinstance(spec, dict) and isinstance(spec.get("schema", {}), dict), "response_format",
+                     "response_format.json_schema must be an object {\"name\": ..., \"schema\": {...}}")
+            return cls(kind, json.dumps(spec.get("schema", {})))
+        _require(isinstance(value.get(kind), str), "response_format",
+                 f"response_format.{kind} must be a string, got {type(value.get(kind)).__name__}")
+        return cls(kind, value[kind])
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """How one request turns logits into tokens and when it stops.
 
@@ -57,6 +103,9 @@ class SamplingParams:
     distribution the token is drawn from (penalties, temperature, top-k/top-p/min-p applied; when
     greedy, the softmax of the penalized logits at temperature 1); "raw", the model's own
     log-softmax. Both come from the target's verify rows, so speculation reports what plain decoding does.
+    response_format: a ResponseFormat, or OpenAI's dict for one (ResponseFormat.parse): every output
+    token is drawn from the target's distribution restricted to what the format allows, and the
+    request stops when the format is complete.
     """
 
     max_tokens: int = 128
@@ -76,8 +125,10 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     logprobs: int | None = None
     logprobs_mode: str = "processed"
+    response_format: ResponseFormat | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "response_format", ResponseFormat.parse(self.response_format))
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -143,6 +194,9 @@ class SamplingParams:
                  "logprobs", f"logprobs={self.logprobs!r} is not allowed: it must be an integer in [0, {MAX_LOGPROBS}] or None")
         _require(self.logprobs_mode in LOGPROBS_MODES, "logprobs_mode",
                  f"logprobs_mode={self.logprobs_mode!r} is not allowed; allowed: {', '.join(LOGPROBS_MODES)}")
+        _require(self.response_format is None or self.min_tokens == 0, "min_tokens",
+                 f"min_tokens={self.min_tokens} is not allowed with a response_format: the format decides where the "
+                 "output ends")
 
     @property
     def greedy(self) -> bool:

@@ -23,6 +23,7 @@ from verispec.errors import InvalidInputError, TokenizerMismatchError
 from verispec.model import native
 from verispec.model.load import load_model, resolve_device
 from verispec.model.transformer import Transformer
+from verispec.sampling.grammar import Grammars
 from verispec.text import Detokenizer, Prompt, StopStrings, check_same_tokenizer, encode, eos_ids, load_tokenizer
 from verispec.types import Output
 
@@ -72,6 +73,7 @@ class LLM:
         if self.target.backend_name == "native" and runtime.threads:  # the backend took torch's count once
             native.set_threads(runtime.threads)
         self.eos_ids = eos_ids(self.tokenizer, self.source)
+        self.grammars = Grammars(self.tokenizer, self.target.config.vocab_size)
         self.drafter_name = drafter or "none"
         self.engine = Engine(self.target, self.make_drafter(drafter))
         self.use_tau(num_draft_tokens)
@@ -189,7 +191,9 @@ class LLM:
                 raise InvalidInputError(f"{name} {outside[:5]} are outside the vocabulary [0, {vocab})", param=name)
         prompt_ids = self.encode(prompt, chat)
         stops = StopStrings(self.tokenizer, params.stop) if params.stop else None
-        return Request(prompt_ids, params, self.eos_ids, self.engine.capacity, stops), Detokenizer(self.tokenizer, stops)
+        grammar = None if params.response_format is None else self.grammars.compile(params.response_format)
+        return (Request(prompt_ids, params, self.eos_ids, self.engine.capacity, stops, grammar=grammar),
+                Detokenizer(self.tokenizer, stops))
 
     @staticmethod
     def output(request: Request, text: Detokenizer) -> Output:

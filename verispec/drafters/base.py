@@ -43,8 +43,18 @@ class DraftProposal:
 
     def head(self, k: int) -> DraftProposal:
         """The first k nodes (a tree stays a tree: parents precede their children)."""
-        return DraftProposal(self.token_ids[:k], None if self.probs is None else self.probs[:k], self.fed,
-                             None if self.parents is None else self.parents[:k])
+        return self.subset(range(1, min(k, len(self.token_ids)) + 1))
+
+    def subset(self, nodes: Sequence[int]) -> DraftProposal:
+        """The draft nodes `nodes` (1-based, ascending, each node's parent among them or the root),
+        renumbered in that order; a chain cut this way stays a chain."""
+        nodes = list(nodes)
+        if nodes == list(range(1, len(self.token_ids) + 1)):
+            return self
+        index = {0: 0, **{node: i for i, node in enumerate(nodes, start=1)}}
+        parents = None if self.parents is None else [index[self.parents[node - 1]] for node in nodes]
+        probs = None if self.probs is None else self.probs[[node - 1 for node in nodes]]
+        return DraftProposal([self.token_ids[node - 1] for node in nodes], probs, self.fed, parents)
 
 
 class Drafter(Protocol):

@@ -189,6 +189,10 @@ def _draft(sequences: list[Sequence], taus: list[int], contexts: list[list[int]]
     proposals = [DraftProposal([]) for _ in sequences]
     for idx, (_, _, k), proposal in zip(owners, jobs, propose_all(jobs)):
         proposal = proposal.head(k)
+        grammar = sequences[idx].request.grammar
+        if grammar is not None:  # drafts the format refuses have p = 0: never spend rows on them
+            proposal = proposal.subset(grammar.fit(sequences[idx].request.output_ids, proposal.token_ids,
+                                                   proposal.parents))
         proposals[idx] = proposal if not tree.is_chain(proposal.parents) else DraftProposal(
             proposal.token_ids, proposal.probs, proposal.fed)
     return proposals

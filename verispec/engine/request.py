@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from verispec.config import SamplingParams
 from verispec.errors import ContextOverflowError
 from verispec.sampling import Sampler
+from verispec.sampling.grammar import Grammar
 from verispec.types import Stats, TokenLogprob
 
 # Given the output ids so far, does the text now contain a stop string? (the text layer supplies it)
@@ -21,6 +22,7 @@ class Request:
     eos_ids: frozenset[int]
     capacity: int
     stop_check: StopCheck | None = None
+    grammar: Grammar | None = None  # params.response_format compiled (Grammars.compile)
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output id, when params.logprobs asks
     finish_reason: str | None = None
@@ -36,7 +38,7 @@ class Request:
                 f"so the prompt must have at most {self.capacity - 1}"
             )
         self.stats = Stats(prompt_tokens=len(self.prompt_ids))
-        self.sampler = Sampler(self.params, self.prompt_ids, self.stop_ids)
+        self.sampler = Sampler(self.params, self.prompt_ids, self.stop_ids, self.grammar)
 
     @property
     def all_ids(self) -> list[int]:
@@ -65,7 +67,8 @@ class Request:
         """Append tokens in order until one finishes the request; returns how many were kept.
 
         A stop id ends the request and is not kept; a stop string keeps the token that completed it
-        (the text layer cuts the text); max_tokens and the context limit end with 'length'.
+        (the text layer cuts the text), and so does the token that completes the response format;
+        max_tokens and the context limit end with 'length'.
         """
         kept = 0
         for token in token_ids:
@@ -74,7 +77,10 @@ class Request:
                 break
             self.output_ids.append(int(token))
             kept += 1
-            if self.stop_check is not None and self.stop_check(self.output_ids):
+            if self.grammar is not None:
+                self.grammar.commit(int(token))
+            if self.stop_check is not None and self.stop_check(self.output_ids) or (
+                    self.grammar is not None and self.grammar.stopped):
                 self.finish_reason = "stop"
             elif len(self.output_ids) >= self.params.max_tokens or self.length >= self.capacity:
                 self.finish_reason = "length"

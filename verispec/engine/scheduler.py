@@ -67,7 +67,7 @@ class Audit:
 
     def ticket(self, original: Request, target: Transformer) -> Ticket:
         again = Request(original.prompt_ids, original.params, original.eos_ids, original.capacity,
-                        original.stop_check)
+                        original.stop_check, grammar=None if original.grammar is None else original.grammar.fresh())
 
         def compare(event: Cycle | BaseException) -> None:
             if isinstance(event, BaseException) or not again.finished:

@@ -10,6 +10,7 @@ import torch
 from verispec import tree
 from verispec.config import SamplingParams
 from verispec.sampling.distribution import check_finite, new_generator, probabilities, sample
+from verispec.sampling.grammar import Grammar
 from verispec.types import TokenLogprob
 
 
@@ -21,11 +22,13 @@ class Sampler:
     leaves no count behind.
     """
 
-    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int], stop_ids: Sequence[int]) -> None:
+    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int], stop_ids: Sequence[int],
+                 grammar: Grammar | None = None) -> None:
         self.params = params
         self.prompt_ids = list(prompt_ids)
         self.stop_ids = sorted(stop_ids)
         self.generator = new_generator(params.seed)
+        self.grammar = grammar  # params.response_format compiled (structured output), or None
 
     def probs(self, logits: torch.Tensor, history: Sequence[int], drafts: Sequence[int] = (),
               parents: Sequence[int] | None = None) -> torch.Tensor:
@@ -71,12 +74,12 @@ class Sampler:
 
     def _processed(self, logits: torch.Tensor, history: Sequence[int], drafts: Sequence[int],
                    parents: Sequence[int] | None) -> torch.Tensor:
-        """The logits with logit_bias, min_tokens' masks and the penalties applied."""
+        """The logits with logit_bias, min_tokens' masks, the penalties and the grammar's masks applied."""
         x = logits.float()
         rows, vocab = x.shape
         depths = range(rows) if parents is None else tree.depths(parents[: rows - 1])
         masked = [i for i in range(rows) if len(history) + depths[i] < self.params.min_tokens]
-        if masked or self.params.penalized or self.params.logit_bias:
+        if masked or self.params.penalized or self.params.logit_bias or self.grammar is not None:
             x = x.clone()
         if self.params.logit_bias:
             ids, biases = zip(*self.params.logit_bias)
@@ -85,6 +88,8 @@ class Sampler:
             x[torch.tensor(masked)[:, None], torch.tensor(self.stop_ids)[None, :]] = float("-inf")
         if self.params.penalized:
             x = self._penalize(x, history, drafts, tree.chain(rows - 1) if parents is None else parents)
+        if self.grammar is not None:
+            x.masked_fill_(~self.grammar.masks(history, drafts, parents, rows).to(x.device), float("-inf"))
         return x
 
     def sample(self, probs: torch.Tensor) -> torch.Tensor:
