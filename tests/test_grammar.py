@@ -158,3 +158,31 @@ def test_every_spec_bench_extraction_answer_validates_against_its_schema_and_equ
         assert spec.finish_reason == "stop", spec.text
         jsonschema.validate(json.loads(spec.text), SCHEMA)
         assert llm.generate(p.text, params, chat=p.chat, speculative=False).token_ids == spec.token_ids
+
+
+@pytest.mark.real
+@real
+def test_the_server_answers_a_json_schema_through_the_openai_client_whole_and_streamed():
+    import jsonschema
+
+    from test_server import KEY, MODEL, Server
+    from verispec.llm import LLM
+
+    schema = {"type": "object", "additionalProperties": False, "required": ["city", "year"],
+              "properties": {"city": {"type": "string", "maxLength": 40}, "year": {"type": "integer"}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "place", "schema": schema}}
+    messages = [{"role": "user", "content": "Where and when were the first modern Olympic Games held? Answer in JSON."}]
+    plain = LLM("smollm2-135m-instruct").generate(messages, SamplingParams(max_tokens=60, response_format=fmt),
+                                                   speculative=False)
+    server = Server("smollm2-135m-instruct", "--drafter", "ngram", "--num-draft-tokens", "4",
+                    "--api-key", KEY)
+    try:
+        whole = server.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=60, temperature=0,
+                                                      response_format=fmt)
+        chunks = server.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=60, temperature=0,
+                                                       response_format=fmt, stream=True)
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finally:
+        server.stop()
+    assert whole.choices[0].message.content == streamed == plain.text
+    jsonschema.validate(json.loads(streamed), schema)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -262,6 +263,18 @@ def test_n_choices_are_independent_samples_each_as_its_own_request(server, llm):
     assert [c.model_extra["token_ids"] for c in greedy_many.choices] == [greedy(llm, "the end the", 10)] * 2
 
 
+def test_a_guided_regex_is_followed_whole_and_streamed_as_the_library_follows_it(server, llm):
+    pattern = "(the end |[a-c]{1,3} ){2,6}the stop"
+    plain = llm.generate("the end the", SamplingParams(max_tokens=60, response_format={"type": "regex", "regex": pattern}),
+                         speculative=False)
+    assert re.fullmatch(pattern, plain.text) and plain.finish_reason == "stop"
+    for stream in (False, True):
+        r = server.client.completions.create(model=MODEL, prompt="the end the", max_tokens=60, temperature=0,
+                                             stream=stream, extra_body={"guided_regex": pattern})
+        text = "".join(c.choices[0].text for c in r if c.choices) if stream else r.choices[0].text
+        assert text == plain.text
+
+
 def test_stop_strings_and_seeded_sampling_are_honoured(server, llm):
     out = server.client.completions.create(model=MODEL, prompt="the end the", max_tokens=60, temperature=0,
                                            stop=[" "], extra_body=EXTRA)
@@ -364,6 +377,15 @@ BAD = [
     ("chat", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, "top_logprobs",
      "without logprobs: true"),
     ("completions", {"prompt": "x", "logprobs": 1, "logprobs_mode": "logits"}, 400, "logprobs_mode", "processed, raw"),
+    ("chat", {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}}, 400,
+     "response_format", "allowed: text, json_object"),
+    ("chat", {"messages": [{"role": "user", "content": "x"}], "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}}, 400, "response_format",
+     "the json_schema is not valid"),
+    ("completions", {"prompt": "x", "guided_regex": "(a"}, 400, "response_format", "the regex is not valid"),
+    ("completions", {"prompt": "x", "guided_regex": "a", "response_format": {"type": "text"}}, 400, "guided_regex",
+     "given together"),
+    ("completions", {"prompt": "x", "guided_grammar": "start: nowhere"}, 400, "response_format", "not valid"),
 ]
 
 
@@ -527,7 +549,8 @@ def test_fields_that_sdks_send_as_no_ops_are_accepted_and_typos_still_refused(se
         r = server.http.post("/v1/chat/completions", json={**chat, typo: value})
         assert r.status_code == 400 and r.json()["error"]["param"] == typo
     r = server.http.post("/v1/chat/completions", json={**chat, "response_format": {"type": "json_object"}})
-    assert r.status_code == 400 and r.json()["error"]["param"].startswith("response_format")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
+    assert "no token of this model's vocabulary can begin" in r.json()["error"]["message"]  # the tiny one has no '{'
 
 
 @pytest.mark.parametrize("global_tree", ["on", "off"])

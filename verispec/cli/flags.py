@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -19,7 +20,16 @@ _KINDS: dict[str, dict[str, Any]] = {
     "tuple[str, ...]": {"action": "append", "type": str},
     "tuple[int, ...]": {"action": "append", "type": int},
     "tuple[tuple[int, float], ...]": {"action": "append", "type": lambda text: _pair(text), "metavar": "ID=BIAS"},
+    "ResponseFormat | None": {"type": lambda text: _json(text), "metavar": "JSON"},
 }
+
+
+def _json(text: str) -> Any:
+    """A JSON value, as --response-format takes OpenAI's object, e.g. '{"type": "json_object"}'."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed: it must be JSON ({e})") from None
 
 
 def _pair(text: str) -> tuple[int, float]:

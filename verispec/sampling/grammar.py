@@ -55,16 +55,22 @@ class Grammars:
         problem = llguidance.LLMatcher.validate_grammar(text, self._tokenizer)
         if problem and not problem.startswith("WARNING"):
             raise InvalidInputError(f"response_format: the {fmt.kind} is not valid: {problem}", param="response_format")
-        return Grammar(llguidance.LLMatcher(self._tokenizer, text, log_level=0), self.vocab_size,
-                       frozenset(self._tokenizer.eos_tokens))
+        eos = frozenset(self._tokenizer.eos_tokens)
+        special = sorted(set(self._hf.all_special_ids) - eos)
+        grammar = Grammar(llguidance.LLMatcher(self._tokenizer, text, log_level=0), self.vocab_size, eos, special)
+        if not grammar.masks((), (), None, 1)[0, sorted(set(range(self.vocab_size)) - eos)].any():
+            raise InvalidInputError(f"response_format: no token of this model's vocabulary can begin the {fmt.kind}",
+                                    param="response_format")
+        return grammar
 
 
 class Grammar:
     """One request's matcher, positioned after its committed output."""
 
-    def __init__(self, matcher: Any, vocab_size: int, eos_ids: frozenset[int]) -> None:
+    def __init__(self, matcher: Any, vocab_size: int, eos_ids: frozenset[int], special: Sequence[int] = ()) -> None:
         self.matcher, self.vocab_size = matcher, vocab_size
         self.eos_ids = eos_ids  # a row after an EOS draft is never read; llguidance cannot roll EOS back
+        self.special = list(special)  # special tokens but EOS (<unk>, <|im_start|>): never part of a format
         self.committed = 0  # output tokens consumed
         self._words = (vocab_size + 31) // 32
         self._memo: tuple[tuple, torch.Tensor] | None = None  # the last masks asked for (verify asks twice)
@@ -73,7 +79,7 @@ class Grammar:
         """The same grammar at the start of an output (the audit's plain rerun)."""
         matcher = self.matcher.deep_copy()
         matcher.reset()
-        return Grammar(matcher, self.vocab_size, self.eos_ids)
+        return Grammar(matcher, self.vocab_size, self.eos_ids, self.special)
 
     @property
     def stopped(self) -> bool:
@@ -105,7 +111,8 @@ class Grammar:
         """[rows, V] bool, True where allowed: row i follows `history` + the drafts on the path to
         node i (a chain's drafts[:i]). A row behind a refused draft cannot be reached by the
         verifier, nor a row after an EOS draft (EOS ends the request); it allows everything, so that
-        it stays a distribution."""
+        it stays a distribution. Where the grammar can go on with no token of the vocabulary, EOS is
+        allowed, so the output ends there."""
         parents = tree.chain(rows - 1) if parents is None else list(parents[: rows - 1])
         key = (len(history), tuple(history[self.committed:]), tuple(drafts[: rows - 1]), tuple(parents))
         if self._memo is not None and self._memo[0] == key:
@@ -135,6 +142,10 @@ class Grammar:
         self.matcher.rollback(len(stack) + extra)
         bits = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")[:, : self.vocab_size]
         allowed = torch.from_numpy(bits.astype(bool))
+        allowed[:, self.special] = False
+        dead = ~allowed.any(-1)  # the grammar goes on, but with no token of this vocabulary: end the output
+        if dead.any():
+            allowed[dead.nonzero()[:, :1], torch.tensor(sorted(self.eos_ids))] = True
         self._memo = (key, allowed)
         return allowed
 

@@ -31,7 +31,9 @@ _WIRE_TYPES: dict[str, Any] = {
     "int": int, "float": float, "bool": bool, "int | None": int, "str": str,
     "tuple[str, ...]": str | list[str], "tuple[int, ...]": list[int],
     "tuple[tuple[int, float], ...]": dict[str, float],  # logit_bias: OpenAI's {"token id": bias}
+    "ResponseFormat | None": dict[str, Any],  # OpenAI's {"type": ...} (ResponseFormat.parse)
 }
+GUIDED = {"guided_json": "json_schema", "guided_regex": "regex", "guided_grammar": "grammar"}  # vLLM's extension
 
 
 class Body(BaseModel):
@@ -56,6 +58,9 @@ class Common(Sampling):  # type: ignore[misc, valid-type]
     n: int = Field(1, ge=1, le=MAX_CHOICES, description="choices per prompt, each sampled on its own (not streamed)")
     user: str | None = None
     return_token_ids: bool = Field(False, description="add each choice's (or chunk's) token ids (an extension)")
+    guided_json: dict[str, Any] | None = Field(None, description="a JSON schema the output follows (vLLM's extension)")
+    guided_regex: str | None = Field(None, description="a regular expression the whole output matches (an extension)")
+    guided_grammar: str | None = Field(None, description="a Lark grammar the output follows (an extension)")
 
 
 class CompletionRequest(Common):
@@ -80,17 +85,12 @@ class Message(Body):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class ResponseFormat(Body):
-    type: Literal["text"]
-
-
 class ChatRequest(Common):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool = False  # chat's switch; how many alternatives is top_logprobs
     top_logprobs: int | None = None
     # what OpenAI's SDKs send and OpenAI documents as no-ops here: accepted, ignored
-    response_format: ResponseFormat | None = None
     tool_choice: Literal["none"] | None = None
     parallel_tool_calls: bool | None = None
     store: bool | None = None
@@ -109,6 +109,14 @@ def sampling_params(body: Common, prompt_tokens: int, capacity: int) -> Sampling
             raise InvalidInputError(f"logit_bias keys {list(given['logit_bias'])[:5]} are not allowed: they must be "
                                     "token ids written as strings, e.g. {\"42\": -100}", param="logit_bias") from None
     renamed: dict[str, str] = {}  # SamplingParams' name -> the field this client used, named in errors
+    guided = [name for name in GUIDED if getattr(body, name) is not None]
+    if len(guided) + ("response_format" in given) > 1:
+        raise InvalidInputError(f"{' and '.join(guided + ['response_format'][: 'response_format' in given])} are "
+                                "given together: ask for one format", param=guided[-1])
+    for name in guided:
+        kind = GUIDED[name]
+        spec = {"name": name, "schema": body.guided_json} if kind == "json_schema" else getattr(body, name)
+        given["response_format"], renamed["response_format"] = {"type": kind, kind: spec}, name
     if isinstance(body, ChatRequest):
         if body.top_logprobs is not None and not body.logprobs:
             raise InvalidInputError(f"top_logprobs={body.top_logprobs} is not allowed without logprobs: true",
