@@ -48,6 +48,18 @@ def test_greedy_constrained_speculation_equals_plain_and_matches_the_format(llm,
     assert spec.finish_reason == "stop" and spec.stats.accepted > 0
 
 
+def test_greedy_constrained_speculation_with_a_draft_model_equals_plain(draft_pair):
+    llm, draft = draft_pair
+    params = regex(REGEX, max_tokens=60)
+    plain = llm.generate(PROMPT, params, speculative=False)
+    llm.engine.use(DraftModelDrafter(draft), 3)
+    try:
+        spec = llm.generate(PROMPT, params)
+    finally:
+        llm.engine.use(None, 0)
+    assert spec.token_ids == plain.token_ids and re.fullmatch(REGEX, plain.text) and spec.stats.accepted > 0
+
+
 class NoRollback:
     """A matcher that forgets to roll back the drafts it consumed for the masks (the planted bug)."""
 

@@ -89,7 +89,7 @@ class Sampler:
         if self.params.penalized:
             x = self._penalize(x, history, drafts, tree.chain(rows - 1) if parents is None else parents)
         if self.grammar is not None:
-            x.masked_fill_(~self.grammar.masks(history, drafts, parents, rows).to(x.device), float("-inf"))
+            x.masked_fill_(self.grammar.masks(history, drafts, parents, rows).to(x.device), float("-inf"))
         return x
 
     def sample(self, probs: torch.Tensor) -> torch.Tensor:
