@@ -342,3 +342,72 @@ def test_the_audit_decodes_greedy_requests_again_and_counts_a_difference(draft_p
                 float(top[0] - top[1]), abs=1e-4)
     finally:
         scheduler.stop(10)
+
+
+def prefill_rows(llm, monkeypatch) -> list[int]:
+    """Counts the rows of every prefill segment the target runs."""
+    rows: list[int] = []
+    forward = llm.target.forward_many
+
+    def counted(segments):
+        rows.extend(len(seg.token_ids) for seg in segments if seg.logits == "none")
+        return forward(segments)
+
+    monkeypatch.setattr(llm.target, "forward_many", counted)
+    return rows
+
+
+def test_choices_of_one_prompt_prefill_it_once_and_each_gets_what_it_gets_alone(draft_pair, monkeypatch):
+    """Four sampled choices of one prompt (seeds 0..3) and one of another, batched with chunked
+    prefill: the shared prompt enters the target once, the copies decode exactly as alone."""
+    llm, draft = draft_pair
+    prompt, other = llm.encode("the end the stop " * 12), llm.encode("a b c")
+    jobs = [(prompt, SamplingParams(max_tokens=30, temperature=0.9, seed=j, ignore_eos=True)) for j in range(4)]
+    jobs.append((other, SamplingParams(max_tokens=30, ignore_eos=True)))
+    expected = [alone(llm, p, q, lambda: DraftModelDrafter(draft), 3, lambda: None) for p, q in jobs]
+    rows = prefill_rows(llm, monkeypatch)
+    sequences = []
+    for p, q in jobs:
+        twin = next((s for s in sequences if s.request.prompt_ids == p), None)
+        sequences.append(Sequence(Request(p, q, llm.eos_ids, llm.engine.capacity), llm.target.new_cache(),
+                                  DraftModelDrafter(draft), 3, prefix_from=twin))
+    while any(not s.request.finished for s in sequences):
+        step(llm.target, [s for s in sequences if not s.request.finished], prefill_budget=16)
+    assert [s.request.output_ids for s in sequences] == expected
+    assert sum(rows) == len(prompt) - 1 + len(other) - 1, rows
+
+
+def test_a_choice_whose_prompt_source_is_cancelled_prefills_on_its_own(draft_pair, monkeypatch):
+    llm, draft = draft_pair
+    prompt = llm.encode("the end the stop " * 12)
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    expected = alone(llm, prompt, params, lambda: None, 0, lambda: None)
+    source = Sequence(Request(prompt, params, llm.eos_ids, llm.engine.capacity), llm.target.new_cache())
+    copy = Sequence(Request(prompt, params, llm.eos_ids, llm.engine.capacity), llm.target.new_cache(),
+                    prefix_from=source)
+    step(llm.target, [source, copy], prefill_budget=16)  # the source is mid-prefill, the copy waits
+    assert copy.cache.length == 0 and source.cache.length == 16
+    while not copy.request.finished:  # the source is gone (cancelled)
+        step(llm.target, [copy], prefill_budget=16)
+    assert copy.request.output_ids == expected
+
+
+def test_the_scheduler_prefills_n_choices_of_a_prompt_once(draft_pair, monkeypatch):
+    llm, draft = draft_pair
+    prompt = llm.encode("the end the stop " * 12)
+    jobs = [SamplingParams(max_tokens=20, temperature=1.0, seed=j, ignore_eos=True) for j in range(3)]
+    expected = [alone(llm, prompt, q, lambda: DraftModelDrafter(draft), 3, lambda: None) for q in jobs]
+    rows = prefill_rows(llm, monkeypatch)
+    scheduler = scheduler_for(llm, draft, max_batch=4)
+    try:
+        requests = [Request(prompt, q, llm.eos_ids, llm.engine.capacity) for q in jobs]
+        collectors = [Collector() for _ in jobs]
+        with scheduler._wake:  # submitted together, as the server submits n choices
+            for r, c in zip(requests, collectors):
+                scheduler.submit(r, c)
+        for c in collectors:
+            assert c.done.wait(60) and c.error is None
+    finally:
+        scheduler.stop(10)
+    assert [r.output_ids for r in requests] == expected
+    assert sum(rows) == len(prompt) - 1, rows

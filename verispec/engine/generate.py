@@ -45,6 +45,7 @@ class Sequence:
     controller: Controller | None = None
     trace: TraceWriter | None = None
     monitor: Monitor | None = None
+    prefix_from: Sequence | None = None  # a sequence with the same prompt whose prefill this one copies
     _decode_start: float | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -92,11 +93,14 @@ def step(target: Transformer, sequences: Seq[Sequence], prefill_budget: int | No
     `prefill_budget` rows (None: whole prompts at once). Returns the decoding sequences' cycles."""
     device = target.device
     t0 = time.perf_counter()
-    # 1. prefill chunks
+    # 1. prefill chunks; a prompt that another sequence is prefilling is copied from its cache instead
+    waiting = _share_prefill(sequences)
     prefill: list[Segment] = []
     filling: list[Sequence] = []
     budget = prefill_budget
     for seq in sequences:
+        if id(seq) in waiting:
+            continue
         n = seq.to_prefill if budget is None else min(seq.to_prefill, budget)
         if n > 0:
             start = seq.cache.length
@@ -104,7 +108,8 @@ def step(target: Transformer, sequences: Seq[Sequence], prefill_budget: int | No
                                    seq.cache, "none"))
             filling.append(seq)
             budget = None if budget is None else budget - n
-    decoding = [s for s in sequences if not s.request.finished and s.to_prefill == 0 and s not in filling]
+    decoding = [s for s in sequences if not s.request.finished and s.to_prefill == 0 and s not in filling
+                and id(s) not in waiting]
     # 2. drafts
     contexts = [seq.request.all_ids for seq in decoding]  # built once: the controller and drafter both read it
     taus = [seq.choose_tau(context) for seq, context in zip(decoding, contexts)]
@@ -133,6 +138,27 @@ def step(target: Transformer, sequences: Seq[Sequence], prefill_budget: int | No
         seq.request.stats.target_forwards += 1
     return [_commit(seq, tau, proposal, accepted, tokens, path, u, logprobs, t0, t1, t2)
             for seq, tau, proposal, (accepted, tokens, path, u, logprobs) in zip(decoding, taus, proposals, results)]
+
+
+def _share_prefill(sequences: Seq[Sequence]) -> set[int]:
+    """Sequences that copy another's prompt (Sequence.prefix_from; n choices of one prompt): those
+    whose source has its prompt in cache take it now, a copy instead of a forward; those whose
+    source still prefills wait (their ids are returned); a source that left the step leaves them
+    to prefill on their own."""
+    running = {id(seq) for seq in sequences}
+    waiting = set()
+    for seq in sequences:
+        source = seq.prefix_from
+        if source is None:
+            continue
+        if id(source) not in running or source.request.prompt_ids != seq.request.prompt_ids:
+            seq.prefix_from = None
+        elif source.to_prefill > 0:
+            waiting.add(id(seq))
+        else:
+            seq.cache.copy_prefix(source.cache, len(seq.request.prompt_ids) - 1)
+            seq.prefix_from = None
+    return waiting
 
 
 def _verify_chain(seq: Sequence, proposal: DraftProposal, rows: torch.Tensor

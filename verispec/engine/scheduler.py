@@ -228,7 +228,8 @@ class Scheduler:
                     ticket = self._waiting.popleft()
                     try:  # a drafter that cannot reset for this request fails the request, not the engine
                         slot.sequence = Sequence(ticket.request, slot.cache, None if ticket.plain else slot.drafter,
-                                                 self.num_draft_tokens, slot.controller, monitor=self.monitor)
+                                                 self.num_draft_tokens, slot.controller, monitor=self.monitor,
+                                                 prefix_from=self._same_prompt(ticket.request))
                     except Exception as e:  # noqa: BLE001
                         log.exception("a request could not start")
                         ticket.listener(e)
@@ -239,6 +240,14 @@ class Scheduler:
                 if self._stopping:
                     return False
                 self._wake.wait()
+
+    def _same_prompt(self, request: Request) -> Sequence | None:
+        """A running sequence with this request's prompt (n choices of one prompt, or a repeated
+        prompt), whose prefill the new one copies rather than repeats."""
+        for slot in self._slots:
+            if slot.sequence is not None and slot.sequence.request.prompt_ids == request.prompt_ids:
+                return slot.sequence
+        return None
 
     def _free_slot(self) -> Slot | None:
         for slot in self._slots:

@@ -48,6 +48,14 @@ class KVCache:
                 t[:, :, start: start + len(rows)] = t[:, :, src]  # the gather copies before the write
         self.truncate(start + len(rows))
 
+    def copy_prefix(self, other: KVCache, length: int) -> None:
+        """Hold other's first `length` positions (a prompt another sequence prefilled) and nothing after."""
+        if not 0 <= length <= min(other.length, self.capacity) or other.k.shape[:2] != self.k.shape[:2]:
+            raise ValueError(f"copy_prefix({length}) from a cache of {other.length} positions into one of {self.capacity}")
+        self.k[:, :, :length] = other.k[:, :, :length]
+        self.v[:, :, :length] = other.v[:, :, :length]
+        self.length = length
+
     def reserve(self, num_new: int) -> None:
         if self.length + num_new > self.capacity:
             raise ContextOverflowError(
