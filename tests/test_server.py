@@ -239,8 +239,11 @@ def test_a_batch_of_prompts_gets_a_choice_per_prompt_as_each_alone(server, llm):
         alone = server.client.completions.create(model=MODEL, prompt=prompt_ids, max_tokens=1, temperature=0,
                                                  logprobs=1, echo=True)
         assert c.logprobs.token_logprobs == alone.choices[0].logprobs.token_logprobs
-    r = server.http.post("/v1/completions", json={"model": MODEL, "prompt": texts, "stream": True})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    chunks = list(server.client.completions.create(model=MODEL, prompt=texts, max_tokens=8, temperature=0,
+                                                   stream=True, stream_options={"include_usage": True},
+                                                   extra_body=EXTRA))
+    assert [_streamed(chunks, i, "token_ids") for i in range(3)] == [c.model_extra["token_ids"] for c in batch.choices]
+    assert chunks[-1].usage.completion_tokens == 24 and len({c.id for c in chunks}) == 1
     r = server.http.post("/v1/completions", json={"model": MODEL, "prompt": [[5, 6], [500]]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt.1", r.text
     assert server.http.get("/health").status_code == 200
@@ -258,9 +261,21 @@ def test_n_choices_are_independent_samples_each_as_its_own_request(server, llm):
              for j in range(3)]
     assert [c.message.content for c in many.choices] == alone and len(set(alone)) > 1
     assert len(many.usage.model_extra["speculation"]) == 3 and many.usage.completion_tokens == 36
+    chunks = list(server.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=1.0,
+                                                        n=3, seed=11, stream=True, extra_body=EXTRA))
+    assert [_streamed(chunks, j) for j in range(3)] == alone
+    assert sorted(c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason) == [0, 1, 2]
     greedy_many = server.client.completions.create(model=MODEL, prompt="the end the", max_tokens=10, temperature=0,
                                                    n=2, extra_body=EXTRA)
     assert [c.model_extra["token_ids"] for c in greedy_many.choices] == [greedy(llm, "the end the", 10)] * 2
+
+
+def _streamed(chunks, index: int, what: str = "text") -> str | list[int]:
+    """What a stream's chunks carry for choice `index`: its text (completions' or chat's), or its token ids."""
+    picked = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == index]
+    if what == "token_ids":
+        return [t for c in picked for t in c.model_extra.get("token_ids") or []]
+    return "".join((c.text if hasattr(c, "text") else c.delta.content) or "" for c in picked)
 
 
 def test_a_guided_regex_is_followed_whole_and_streamed_as_the_library_follows_it(server, llm):
@@ -362,7 +377,6 @@ BAD = [
     ("completions", {"prompt": "x", "max_tokens": -5}, 400, "max_tokens", ">= 1"),
     ("completions", {"prompt": "x", "n": 17}, 400, "n", "16"),
     ("completions", {"prompt": "x", "n": 0}, 400, "n", "1"),
-    ("chat", {"messages": [{"role": "user", "content": "x"}], "n": 2, "stream": True}, 400, "n", "cannot be streamed"),
     ("completions", {"prompt": "x", "frobnicate": 1}, 400, "frobnicate", "not permitted"),
     ("completions", {"prompt": "x", "suffix_global": "off"}, 400, "suffix_global", "boolean"),
     ("completions", {"prompt": "x", "model": "gpt-9"}, 404, "model", "gpt-9"),

@@ -155,53 +155,45 @@ def create_app(llm: LLM, scheduler: Scheduler, config: ServeConfig, model_name: 
         if body.model != model_name:
             raise not_served(body.model)
         batch = isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], (int, dict))
-        if batch or body.n > 1:
-            if body.stream:
-                raise APIError(400, f"{f'a list of {len(prompt)} prompts' if batch else f'n={body.n}'} cannot be "
-                                    "streamed (yet): send one prompt and n=1, or do not stream",
-                               param="prompt" if batch else "n")
-            return JSONResponse(await several(body, http, prompt if batch else [prompt], field, arrived))
-        started = await start(body, prompt, field, arrived)
-        if isinstance(started, dict):  # echo with max_tokens 0: the prompt scored, nothing generated
-            if not body.stream:
-                return JSONResponse(started)
-            return StreamingResponse(iter([f"data: {json.dumps(started)}\n\n", "data: [DONE]\n\n"]),
-                                     media_type="text/event-stream")
+        runs = await submit(body, prompt if batch else [prompt], field, arrived)
+        chat = isinstance(body, ChatRequest)
         if body.stream:
-            return StreamingResponse(started.chunks(scheduler), media_type="text/event-stream",
+            return StreamingResponse(stream(runs, body, scheduler, chat, model_name), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        return JSONResponse(await started.whole(scheduler, http))
-
-    async def several(body: Common, http: HTTPRequest, prompts: list[Any], field: str, arrived: float
-                      ) -> dict[str, Any]:
-        """Several choices: every prompt of a completions batch, n times each, its own request (choice
-        j of a seeded prompt takes seed + j), all submitted at once (or none: a refusal cancels those
-        already in), answered as one response with the choices in order."""
-        runs: list[Run | dict[str, Any]] = []
-        try:
-            for i, prompt in enumerate(prompts):
-                for j in range(body.n):
-                    choice = body if body.seed is None or j == 0 else body.model_copy(
-                        update={"seed": (body.seed + j) % (MAX_SEED + 1)})
-                    runs.append(await start(choice, prompt, f"{field}.{i}" if len(prompts) > 1 else field, arrived))
-        except APIError:
-            for run in runs:
-                if isinstance(run, Run):
-                    scheduler.cancel(run.ticket)
-            raise
 
         async def answer(run: Run | dict[str, Any]) -> dict[str, Any]:
             return run if isinstance(run, dict) else await run.whole(scheduler, http)
 
         answers = await asyncio.gather(*map(answer, runs))
-        usage = {k: sum(a["usage"][k] for a in answers) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
-        usage["speculation"] = [a["usage"]["speculation"] for a in answers]  # per choice
+        if len(answers) == 1:
+            return JSONResponse(answers[0])
         choices = [{**a["choices"][0], "index": i} for i, a in enumerate(answers)]
-        chat = isinstance(body, ChatRequest)
-        return protocol.envelope(chat, protocol.new_id("chatcmpl" if chat else "cmpl"), model_name, protocol.now(),
-                                 choices, False, usage)
+        return JSONResponse(protocol.envelope(chat, protocol.new_id("chatcmpl" if chat else "cmpl"), model_name,
+                                              protocol.now(), choices, False,
+                                              protocol.total_usage([a["usage"] for a in answers])))
 
-    async def start(body: Common, prompt: Any, field: str, arrived: float) -> Run | dict[str, Any]:
+    async def submit(body: Common, prompts: list[Any], field: str, arrived: float) -> list[Run | dict[str, Any]]:
+        """Every prompt of a completions batch, n times each, as a request of its own (choice j of a
+        seeded prompt takes seed + j), all submitted at once, or none: a refusal cancels those
+        already in. Choices of one prompt share its prefill (the scheduler copies the cache)."""
+        runs: list[Run | dict[str, Any]] = []
+        echoes: dict[tuple[int, ...], Echo] = {}  # a prompt is scored once for all its choices
+        try:
+            for i, prompt in enumerate(prompts):
+                for j in range(body.n):
+                    choice = body if body.seed is None or j == 0 else body.model_copy(
+                        update={"seed": (body.seed + j) % (MAX_SEED + 1)})
+                    runs.append(await start(choice, prompt, f"{field}.{i}" if len(prompts) > 1 else field, arrived,
+                                            echoes))
+        except APIError:
+            for run in runs:
+                if isinstance(run, Run):
+                    scheduler.cancel(run.ticket)
+            raise
+        return runs
+
+    async def start(body: Common, prompt: Any, field: str, arrived: float, echoes: dict[tuple[int, ...], Echo]
+                    ) -> Run | dict[str, Any]:
         """One prompt submitted to the engine; or, echo with max_tokens 0, its whole answer."""
         scores_only = isinstance(body, CompletionRequest) and body.echo and body.max_tokens == 0
         try:
@@ -215,8 +207,10 @@ def create_app(llm: LLM, scheduler: Scheduler, config: ServeConfig, model_name: 
         if isinstance(body, CompletionRequest) and body.echo:
             if not scheduler.alive:
                 raise APIError(503, "the engine is not running", "server_error", code="engine_unavailable")
-            async with scoring:  # one prompt at a time: its forward runs beside the engine's
-                echo = await asyncio.to_thread(Echo.of, llm, ids, params.logprobs)
+            if tuple(ids) not in echoes:
+                async with scoring:  # one prompt at a time: its forward runs beside the engine's
+                    echoes[tuple(ids)] = await asyncio.to_thread(Echo.of, llm, ids, params.logprobs)
+            echo = echoes[tuple(ids)]
             if scores_only:
                 metrics.prompt_tokens.inc(len(ids))
                 return echo.alone(body, model_name, token_text)
@@ -373,37 +367,63 @@ class Run:
         choice = protocol.choice(self.chat, text, self.finish_reason, False, ids, logprobs=logprobs)
         return protocol.envelope(self.chat, self.id, self.model, self.created, [choice], False, self.usage())
 
-    async def chunks(self, scheduler: Scheduler) -> AsyncIterator[str]:
-        """Server-sent events; a client that hangs up cancels this generator, which frees the slot."""
-        options = self.body.stream_options
-        with_usage = options is not None and options.include_usage
+    async def pieces(self) -> AsyncIterator[dict[str, Any]]:
+        """This choice's stream chunks (index 0): chat's role first, an echoed prompt, then what
+        each cycle adds. Raises APIError when the request fails."""
+        if self.chat:
+            yield protocol.choice(True, "", None, True, None, first=True)
+        if self.echo is not None:  # the prompt first, in a chunk of its own
+            yield protocol.choice(False, self.echo.text, None, True, None, logprobs=self.echo.logprobs(self.token_text, None))
+        async for item in self.cycles():
+            piece = self.text.new(self.ids, self.finish_reason)
+            ids = item.tokens if self.body.return_token_ids else None
+            if piece or self.finish_reason is not None or ids:
+                yield protocol.choice(self.chat, piece, self.finish_reason, True, ids, logprobs=self.take_logprobs())
 
-        def event(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
-            payload = protocol.envelope(self.chat, self.id, self.model, self.created, choices, True, usage, with_usage)
-            return f"data: {json.dumps(payload)}\n\n"
 
+async def stream(runs: list[Run | dict[str, Any]], body: Common, scheduler: Scheduler, chat: bool, model: str
+                 ) -> AsyncIterator[str]:
+    """Server-sent events for one or several choices (a batch, n > 1), interleaved as the engine
+    commits them, each chunk naming its choice's index; an error ends the stream as its last event.
+    A client that hangs up cancels this generator, which frees every slot."""
+    with_usage = body.stream_options is not None and body.stream_options.include_usage
+    rid, created = protocol.new_id("chatcmpl" if chat else "cmpl"), protocol.now()
+    heard: asyncio.Queue[tuple[int, dict[str, Any] | APIError | None]] = asyncio.Queue()
+
+    async def pump(index: int, run: Run | dict[str, Any]) -> None:
         try:
-            if self.chat:
-                yield event([protocol.choice(True, "", None, True, None, first=True)])
-            if self.echo is not None:  # the prompt first, in a chunk of its own
-                yield event([protocol.choice(False, self.echo.text, None, True, None,
-                                             logprobs=self.echo.logprobs(self.token_text, None))])
-            try:
-                async for item in self.cycles():
-                    piece = self.text.new(self.ids, self.finish_reason)
-                    ids = item.tokens if self.body.return_token_ids else None
-                    if piece or self.finish_reason is not None or ids:
-                        yield event([protocol.choice(self.chat, piece, self.finish_reason, True, ids,
-                                                     logprobs=self.take_logprobs())])
-            except APIError as e:  # the stream has begun: the error is its last event
-                yield f"data: {json.dumps(e.body)}\n\n"
-                yield "data: [DONE]\n\n"
-                return
-            if with_usage:
-                yield event([], self.usage())
-            yield "data: [DONE]\n\n"
-        finally:
-            scheduler.cancel(self.ticket)
+            if isinstance(run, dict):  # echo with max_tokens 0: the prompt scored, nothing generated
+                await heard.put((index, {**run["choices"][0], "index": 0}))
+            else:
+                async for piece in run.pieces():
+                    await heard.put((index, piece))
+            await heard.put((index, None))
+        except APIError as e:
+            await heard.put((index, e))
+
+    def event(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
+        return f"data: {json.dumps(protocol.envelope(chat, rid, model, created, choices, True, usage, with_usage))}\n\n"
+
+    tasks = [asyncio.ensure_future(pump(i, run)) for i, run in enumerate(runs)]
+    try:
+        for _ in range(len(runs)):
+            while (got := await heard.get())[1] is not None:
+                index, piece = got
+                if isinstance(piece, APIError):
+                    yield f"data: {json.dumps(piece.body)}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+                yield event([{**piece, "index": index}])
+        if with_usage:
+            yield event([], protocol.total_usage([run["usage"] if isinstance(run, dict) else run.usage()
+                                                  for run in runs]))
+        yield "data: [DONE]\n\n"
+    finally:
+        for task in tasks:
+            task.cancel()
+        for run in runs:
+            if isinstance(run, Run):
+                scheduler.cancel(run.ticket)
 
 
 class BodyTooLarge(APIError):

@@ -164,6 +164,16 @@ def usage(prompt_tokens: int, completion_tokens: int, stats: Stats, taus: list[i
     }
 
 
+def total_usage(usages: list[dict[str, Any]]) -> dict[str, Any]:
+    """One usage for several choices: the counts summed, `speculation` a list with one per choice
+    (one choice's usage is its own)."""
+    if len(usages) == 1:
+        return usages[0]
+    out: dict[str, Any] = {k: sum(u[k] for u in usages) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    out["speculation"] = [u.get("speculation") for u in usages]
+    return out
+
+
 def choice(chat: bool, text: str, finish_reason: str | None, delta: bool, token_ids: list[int] | None,
            first: bool = False, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     """One choice of a response (delta=False) or of a stream chunk (delta=True)."""
