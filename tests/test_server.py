@@ -802,3 +802,21 @@ def test_metrics_report_the_greedy_audit(folder):
         assert "verispec_audited_requests 1.0" in metrics and "verispec_audit_mismatches 0.0" in metrics
     finally:
         scheduler.stop(10)
+
+
+def test_best_of_returns_the_candidates_of_highest_log_probability_per_token(server, llm):
+    """best_of 4, n 2, seeded: the candidates are the requests with seeds s..s+3; the two returned
+    are those of highest mean log-probability per token, best first; usage counts all four."""
+    fields = dict(model=MODEL, prompt="the end the", max_tokens=10, temperature=1.0, seed=21)
+    candidates = []
+    for j in range(4):
+        r = server.client.completions.create(**{**fields, "seed": 21 + j}, logprobs=0)
+        lp = r.choices[0].logprobs.token_logprobs
+        candidates.append((sum(lp) / len(lp), r.choices[0].text, r.usage.completion_tokens))
+    best = server.client.completions.create(**fields, n=2, best_of=4)
+    assert [c.text for c in best.choices] == [t for _, t, _ in sorted(candidates, key=lambda c: -c[0])[:2]]
+    assert [c.index for c in best.choices] == [0, 1] and all(c.logprobs is None for c in best.choices)
+    assert best.usage.completion_tokens == sum(c[2] for c in candidates) and len(best.usage.model_extra["speculation"]) == 4
+    for body, says in (({"n": 3, "best_of": 2}, "at least n=3"), ({"best_of": 2, "stream": True}, "cannot be streamed")):
+        r = server.http.post("/v1/completions", json={"model": MODEL, "prompt": "x", **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "best_of" and says in r.json()["error"]["message"]

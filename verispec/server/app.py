@@ -155,7 +155,15 @@ def create_app(llm: LLM, scheduler: Scheduler, config: ServeConfig, model_name: 
         if body.model != model_name:
             raise not_served(body.model)
         batch = isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], (int, dict))
-        runs = await submit(body, prompt if batch else [prompt], field, arrived)
+        best_of = getattr(body, "best_of", None) or body.n
+        if best_of < body.n:
+            raise APIError(400, f"best_of={best_of} is not allowed: it must be at least n={body.n}", param="best_of")
+        if best_of > body.n and body.stream:
+            raise APIError(400, f"best_of={best_of} cannot be streamed: the best are known only at the end",
+                           param="best_of")
+        scored = best_of > body.n and body.logprobs is None  # candidates are ranked by their log-probabilities
+        runs = await submit(body.model_copy(update={"logprobs": 0}) if scored else body,
+                            prompt if batch else [prompt], field, arrived, best_of)
         chat = isinstance(body, ChatRequest)
         if body.stream:
             return StreamingResponse(stream(runs, body, scheduler, chat, model_name), media_type="text/event-stream",
@@ -165,22 +173,26 @@ def create_app(llm: LLM, scheduler: Scheduler, config: ServeConfig, model_name: 
             return run if isinstance(run, dict) else await run.whole(scheduler, http)
 
         answers = await asyncio.gather(*map(answer, runs))
+        usage = protocol.total_usage([a["usage"] for a in answers])  # every candidate's tokens were generated
+        if best_of > body.n:
+            answers = _best(runs, answers, best_of, body.n, scored)
         if len(answers) == 1:
-            return JSONResponse(answers[0])
+            return JSONResponse({**answers[0], "usage": usage})
         choices = [{**a["choices"][0], "index": i} for i, a in enumerate(answers)]
         return JSONResponse(protocol.envelope(chat, protocol.new_id("chatcmpl" if chat else "cmpl"), model_name,
-                                              protocol.now(), choices, False,
-                                              protocol.total_usage([a["usage"] for a in answers])))
+                                              protocol.now(), choices, False, usage))
 
-    async def submit(body: Common, prompts: list[Any], field: str, arrived: float) -> list[Run | dict[str, Any]]:
-        """Every prompt of a completions batch, n times each, as a request of its own (choice j of a
+    async def submit(body: Common, prompts: list[Any], field: str, arrived: float, candidates: int
+                     ) -> list[Run | dict[str, Any]]:
+        """Every prompt of a completions batch, `candidates` times each (n, or best_of), as a request
+        of its own (choice j of a
         seeded prompt takes seed + j), all submitted at once, or none: a refusal cancels those
         already in. Choices of one prompt share its prefill (the scheduler copies the cache)."""
         runs: list[Run | dict[str, Any]] = []
         echoes: dict[tuple[int, ...], Echo] = {}  # a prompt is scored once for all its choices
         try:
             for i, prompt in enumerate(prompts):
-                for j in range(body.n):
+                for j in range(candidates):
                     choice = body if body.seed is None or j == 0 else body.model_copy(
                         update={"seed": (body.seed + j) % (MAX_SEED + 1)})
                     runs.append(await start(choice, prompt, f"{field}.{i}" if len(prompts) > 1 else field, arrived,
@@ -282,6 +294,23 @@ class Echo:
                                  with_usage)
 
 
+def _best(runs: list[Run | dict[str, Any]], answers: list[dict[str, Any]], best_of: int, n: int, scored: bool
+          ) -> list[dict[str, Any]]:
+    """Of each prompt's best_of candidates, the n of highest mean log-probability per token (the
+    processed distribution's, as logprobs reports it), best first. Log-probabilities asked for only
+    to rank are left out of the answer."""
+    out = []
+    for first in range(0, len(runs), best_of):
+        ranked = sorted(range(first, first + best_of),
+                        key=lambda i: -runs[i].mean_logprob if isinstance(runs[i], Run) else 0.0)
+        for i in ranked[:n]:
+            answer = answers[i]
+            if scored:
+                answer = {**answer, "choices": [{**answer["choices"][0], "logprobs": None}]}
+            out.append(answer)
+    return out
+
+
 class Run:
     """One request's answer, whole or streamed, from the cycles the engine reports."""
 
@@ -292,6 +321,7 @@ class Run:
         self.progress, self.metrics, self.arrived, self.model, self.chat = progress, metrics, arrived, model, chat
         self.token_text, self.echo = token_text, echo
         self.logprobs: list[TokenLogprob] = []  # the kept tokens' not yet sent (a stream) or all (whole)
+        self.scores: list[float] = []  # every kept token's log-probability, when asked (best_of ranks by it)
         self._offset = len(echo.text) if echo else 0  # completions: the text covered by logprobs sent
         self._told: list[int] = []  # the output ids whose logprobs were sent
         self.id = protocol.new_id("chatcmpl" if chat else "cmpl")
@@ -310,6 +340,7 @@ class Run:
                 raise APIError(500, f"the engine failed on this request: {item!r}", "server_error")
             self.ids += item.tokens
             self.logprobs += item.logprobs
+            self.scores += [e.logprob for e in item.logprobs]
             self.taus.append(item.tau)
             self.finish_reason = item.finish_reason
             self._record(item)
@@ -339,6 +370,10 @@ class Run:
         self._told += ids
         self.logprobs = []
         return out
+
+    @property
+    def mean_logprob(self) -> float:
+        return sum(self.scores) / len(self.scores) if self.scores else float("-inf")
 
     def usage(self) -> dict[str, Any]:
         return protocol.usage(len(self.request.prompt_ids), len(self.ids), self.request.stats, self.taus)

@@ -55,7 +55,7 @@ class Common(Sampling):  # type: ignore[misc, valid-type]
     model: str
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=MAX_CHOICES, description="choices per prompt, each sampled on its own (not streamed)")
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description="choices per prompt, each sampled on its own")
     user: str | None = None
     return_token_ids: bool = Field(False, description="add each choice's (or chunk's) token ids (an extension)")
     guided_json: dict[str, Any] | None = Field(None, description="a JSON schema the output follows (vLLM's extension)")
@@ -65,7 +65,9 @@ class Common(Sampling):  # type: ignore[misc, valid-type]
 
 class CompletionRequest(Common):
     prompt: str | list[int] | list[str] | list[list[int]] = Field(
-        description="one prompt (text or token ids), or a list of them: a choice per prompt (not streamed)")
+        description="one prompt (text or token ids), or a list of them: a choice per prompt")
+    best_of: int | None = Field(None, ge=1, le=MAX_CHOICES, description="candidates per prompt, of which the n with "
+                                "the highest log-probability per token are returned (not streamed)")
     echo: bool = Field(False, description="the prompt before the completion, with its tokens' logprobs when asked; "
                                          "max_tokens 0 then scores the prompt alone")
     suffix: None = None
