@@ -820,3 +820,42 @@ def test_best_of_returns_the_candidates_of_highest_log_probability_per_token(ser
     for body, says in (({"n": 3, "best_of": 2}, "at least n=3"), ({"best_of": 2, "stream": True}, "cannot be streamed")):
         r = server.http.post("/v1/completions", json={"model": MODEL, "prompt": "x", **body})
         assert r.status_code == 400 and r.json()["error"]["param"] == "best_of" and says in r.json()["error"]["message"]
+
+
+def test_n_samples_at_temperature_1_follow_the_targets_distribution(server, llm):
+    """640 first tokens from 40 requests of n=16 (speculation on, the prompt prefilled once per
+    request and copied into the other 15 choices) against the target's softmax at the prompt's
+    end: a chi-square over bins of consecutive ids holding 5 % of the mass or more. The same
+    samples as an identical-seed bug would give them (choice 0 sixteen times) must fail."""
+    from scipy.stats import chisquare
+
+    import torch
+
+    from verispec.model.transformer import Segment
+
+    ids = llm.encode("the end the")
+    with torch.no_grad():
+        logits = llm.target.forward_many([Segment(torch.tensor(ids), llm.target.new_cache(), "last")])[0][-1]
+    p = torch.softmax(logits.double(), -1)
+    draws = []
+    for r in range(40):
+        out = server.client.completions.create(model=MODEL, prompt="the end the", max_tokens=1, temperature=1.0, n=16,
+                                               seed=1000 + 16 * r, extra_body=EXTRA)
+        draws.append([c.model_extra["token_ids"][0] for c in out.choices])
+
+    bins, mass = [0] * len(p), 0.0  # token id -> bin
+    for t in range(len(p)):
+        bins[t] = bins[t - 1] + (mass >= 0.05) if t else 0
+        mass = float(p[t]) if t and mass >= 0.05 else mass + float(p[t])
+
+    def pvalue(samples: list[int]) -> float:
+        expected = [0.0] * (bins[-1] + 1)
+        for t, q in enumerate(p.tolist()):
+            expected[bins[t]] += q * len(samples)
+        observed = [0] * len(expected)
+        for t in samples:
+            observed[bins[t]] += 1
+        return chisquare(observed, expected).pvalue
+
+    assert pvalue([t for row in draws for t in row]) > 1e-4
+    assert pvalue([row[0] for row in draws for _ in row]) < 1e-6
