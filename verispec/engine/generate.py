@@ -167,8 +167,10 @@ def _verify_chain(seq: Sequence, proposal: DraftProposal, rows: torch.Tensor
     None, their log-probabilities or None); token j was emitted at row j."""
     d, sampler, history = proposal.token_ids, seq.request.sampler, seq.request.output_ids
     if sampler.params.greedy:  # point masses: no [k + 1, V] rows to build (a tenth of a plain step)
-        accepted, tokens = verify_greedy(d, sampler.greedy(rows, history, d))
-        return accepted, tokens, None, _logprobs(sampler, rows, history, d, None, range(len(tokens)), tokens)
+        x = sampler.processed(rows, history, d)
+        accepted, tokens = verify_greedy(d, sampler.argmax(x))
+        return accepted, tokens, None, _logprobs(sampler, rows, history, d, None, range(len(tokens)), tokens,
+                                                 processed=x)
     target_probs = sampler.probs(rows, history, d)  # [k + 1, V]
     accepted, tokens = verify(torch.tensor(d, dtype=torch.long), proposal.probs, target_probs, sampler.generator)
     u = seq.monitor.observe(seq.drafter_name, target_probs[: accepted + 1], tokens) if seq.monitor is not None else None
@@ -183,8 +185,9 @@ def _verify_tree(seq: Sequence, proposal: DraftProposal, rows: torch.Tensor
     d, parents = proposal.token_ids, proposal.parents
     sampler, history = seq.request.sampler, seq.request.output_ids
     if sampler.params.greedy:
-        path, tokens = verify_tree_greedy(d, parents, sampler.greedy(rows, history, d, parents))
-        return path, tokens, None, _logprobs(sampler, rows, history, d, parents, [0] + path, tokens)
+        x = sampler.processed(rows, history, d, parents)
+        path, tokens = verify_tree_greedy(d, parents, sampler.argmax(x))
+        return path, tokens, None, _logprobs(sampler, rows, history, d, parents, [0] + path, tokens, processed=x)
     target_probs = sampler.probs(rows, history, d, parents)  # [n + 1, V]
     uniforms = uniforms_for(1, len(d), sampler.generator, target_probs.device)[0].tolist()
     path, tokens = verify_tree(d, parents, proposal.probs, target_probs, uniforms)
@@ -193,11 +196,12 @@ def _verify_tree(seq: Sequence, proposal: DraftProposal, rows: torch.Tensor
 
 
 def _logprobs(sampler: Sampler, rows: torch.Tensor, history: list[int], drafts: list[int], parents: list[int] | None,
-              at: Seq[int], tokens: list[int], probs: torch.Tensor | None = None) -> list[TokenLogprob] | None:
+              at: Seq[int], tokens: list[int], probs: torch.Tensor | None = None,
+              processed: torch.Tensor | None = None) -> list[TokenLogprob] | None:
     """The tokens' log-probabilities (emitted at rows `at`) when the request asked for them."""
     if sampler.params.logprobs is None:
         return None
-    return sampler.logprobs(rows, history, drafts, parents, at, tokens, probs)
+    return sampler.logprobs(rows, history, drafts, parents, at, tokens, probs, processed)
 
 
 def _draft(sequences: list[Sequence], taus: list[int], contexts: list[list[int]]) -> list[DraftProposal]:

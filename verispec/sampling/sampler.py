@@ -9,6 +9,7 @@ import torch
 
 from verispec import tree
 from verispec.config import SamplingParams
+from verispec.sampling import reduce
 from verispec.sampling.distribution import check_finite, new_generator, probabilities, sample
 from verispec.sampling.grammar import Grammar
 from verispec.types import TokenLogprob
@@ -34,46 +35,42 @@ class Sampler:
               parents: Sequence[int] | None = None) -> torch.Tensor:
         """logits [rows, V] -> [rows, V]; row i follows output `history` + drafts[:i], or in a draft tree
         (parents, verispec/tree.py) `history` + the drafts on the path to node i."""
-        return probabilities(self._processed(logits, history, drafts, parents), self.params)
+        return probabilities(self.processed(logits, history, drafts, parents), self.params)
 
     def greedy(self, logits: torch.Tensor, history: Sequence[int], drafts: Sequence[int] = (),
                parents: Sequence[int] | None = None) -> list[int]:
         """logits [rows, V] -> the id each row's greedy distribution (probs) puts all its mass on."""
-        x = self._processed(logits, history, drafts, parents)
-        best = x.max(-1)  # the first maximal id, as argmax; one pass where check_finite makes three
-        if not torch.isfinite(best.values).all():  # NaN propagates through max; +inf and all -inf rows land here too
+        return self.argmax(self.processed(logits, history, drafts, parents))
+
+    @staticmethod
+    def argmax(x: torch.Tensor) -> list[int]:
+        """processed logits [rows, V] -> each row's first maximal id, refusing NaN and infinite rows."""
+        ids, finite = reduce.argmax(x)  # one pass where check_finite makes three
+        if not finite:
             check_finite(x)
-        return best.indices.tolist()
+        return ids
 
     def logprobs(self, logits: torch.Tensor, history: Sequence[int], drafts: Sequence[int], parents: Sequence[int] | None,
-                 rows: Sequence[int], tokens: Sequence[int], probs: torch.Tensor | None = None) -> list[TokenLogprob]:
-        """logits [R, V]; tokens[j] was emitted at row rows[j] -> its log-probability and the
-        params.logprobs likeliest at that row (SamplingParams: processed or raw). probs [R, V]: this
-        cycle's processed distribution when the verifier already made it (sampled requests).
-        Alternatives that cannot be drawn (log-probability -inf) are left out."""
+                 at: Sequence[int], tokens: Sequence[int], probs: torch.Tensor | None = None,
+                 processed: torch.Tensor | None = None) -> list[TokenLogprob]:
+        """logits [R, V]; tokens[j] was emitted at row at[j] -> its log-probability and the
+        params.logprobs likeliest at that row (SamplingParams: processed or raw). probs [R, V] and
+        processed [R, V]: this cycle's processed distribution or logits when the verifier already
+        made them. Alternatives that cannot be drawn (log-probability -inf) are left out."""
         p = self.params
-        at = torch.tensor(list(rows), dtype=torch.long, device=logits.device)  # [T]
-        chosen_ids = torch.tensor(list(tokens), dtype=torch.long, device=logits.device)[:, None]  # [T, 1]
+        k = p.logprobs or 0
         if p.logprobs_mode == "processed" and not p.greedy:
-            q = (probs if probs is not None else self.probs(logits, history, drafts, parents))[at]  # [T, V]
-            chosen = torch.log(q.gather(1, chosen_ids))[:, 0]
-            top = torch.topk(q, p.logprobs, -1) if p.logprobs else None
-            top_values = None if top is None else torch.log(top.values)
-        else:  # a log-softmax read at the entries wanted, never made whole: x - logsumexp(x)
-            x = logits.float()[at] if p.logprobs_mode == "raw" else self._processed(logits, history, drafts, parents)[at]
-            lse = torch.logsumexp(x, -1, keepdim=True)  # [T, 1]
-            chosen = (x.gather(1, chosen_ids) - lse)[:, 0]
-            top = torch.topk(x, p.logprobs, -1) if p.logprobs else None
-            top_values = None if top is None else top.values - lse
-        out = []
-        for j, (token, logprob) in enumerate(zip(tokens, chosen.tolist())):
-            alternatives = () if top is None else tuple(
-                (i, v) for i, v in zip(top.indices[j].tolist(), top_values[j].tolist()) if v != float("-inf"))
-            out.append(TokenLogprob(int(token), logprob, alternatives))
-        return out
+            q = probs if probs is not None else self.probs(logits, history, drafts, parents)
+            entries = reduce.log_entries(q, at, tokens, k)
+        else:
+            x = logits.float() if p.logprobs_mode == "raw" else (
+                processed if processed is not None else self.processed(logits, history, drafts, parents))
+            entries = reduce.log_softmax_entries(x, at, tokens, k)
+        return [TokenLogprob(int(token), logprob, tuple((i, v) for i, v in top if v != float("-inf")))
+                for token, (logprob, top) in zip(tokens, entries)]
 
-    def _processed(self, logits: torch.Tensor, history: Sequence[int], drafts: Sequence[int],
-                   parents: Sequence[int] | None) -> torch.Tensor:
+    def processed(self, logits: torch.Tensor, history: Sequence[int], drafts: Sequence[int] = (),
+                  parents: Sequence[int] | None = None) -> torch.Tensor:
         """The logits with logit_bias, min_tokens' masks, the penalties and the grammar's masks applied."""
         x = logits.float()
         rows, vocab = x.shape

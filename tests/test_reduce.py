@@ -1,0 +1,53 @@
+"""verispec/sampling/reduce.py: the per-row argmax and the log-probabilities with the k likeliest
+alternatives equal torch's (first maximal id; log-softmax to float32 rounding; the k largest, equal
+values by lower id), and a row reduces the same wherever it lies in memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from verispec.sampling import reduce
+
+
+def rows(seed: int, vocab: int = 49152) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(5, vocab, generator=g) * 3
+    x[1, ::7] = float("-inf")  # a masked row
+    x[2, 100:140] = x[2].max() + 1  # ties at the top, in one group and beyond
+    x[2, 5000] = x[2, 100]
+    x[3, -10:] = 50.0  # the top past the last whole group
+    return x
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("k", [0, 1, 5, 20])
+def test_log_softmax_entries_equal_a_sort_by_value_then_id_and_torchs_log_softmax(seed, k):
+    x = rows(seed, 49152 + 37)
+    at, ids = [0, 1, 2, 3, 4, 2], [5, 7 * 3 + 1, 100, 49152 + 30, 9, 0]
+    reference = torch.log_softmax(x.double(), -1)
+    for (logprob, top), r, token in zip(reduce.log_softmax_entries(x, at, ids, k), at, ids):
+        order = sorted(range(x.shape[1]), key=lambda t: (-float(x[r, t]), t))[:k]
+        assert [i for i, _ in top] == order
+        assert logprob == pytest.approx(float(reference[r, token]), abs=1e-5)
+        assert [v for _, v in top] == pytest.approx(reference[r, order].tolist(), abs=1e-5)
+    p = torch.softmax(x, -1)
+    for (logprob, top), r, token in zip(reduce.log_entries(p, at, ids, k), at, ids):
+        assert [i for i, _ in top] == sorted(range(x.shape[1]), key=lambda t: (-float(p[r, t]), t))[:k]
+        assert logprob == pytest.approx(float(torch.log(p[r, token])), abs=1e-5) or logprob == float("-inf")
+
+
+def test_argmax_equals_torchs_and_a_row_gives_the_same_numbers_wherever_it_lies():
+    x = rows(7)
+    ids, finite = reduce.argmax(x)
+    assert ids == x.argmax(-1).tolist() and finite
+    for bad in (float("nan"), float("inf")):
+        y = x.clone()
+        y[3, 17] = bad
+        assert reduce.argmax(y)[1] is False
+    assert reduce.argmax(torch.full((2, 9), float("-inf")))[1] is False
+    padded = torch.empty(x.numel() + 3)[3:].view_as(x)  # the same rows at another alignment
+    padded.copy_(x)
+    here, there, alone = (reduce.log_softmax_entries(x, [2], [5], 5), reduce.log_softmax_entries(padded, [2], [5], 5),
+                          reduce.log_softmax_entries(x[2:3].clone(), [0], [5], 5))
+    assert here == there == alone
