@@ -4,6 +4,7 @@ weights draft in one forward per step; the scheduler's queue, cancellation, deat
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import threading
 
@@ -17,6 +18,7 @@ from verispec.engine import generate
 from verispec.engine.generate import Engine, Sequence, step
 from verispec.engine.request import Request
 from verispec.engine.scheduler import Audit, EngineUnavailableError, QueueFullError, Scheduler
+from verispec.errors import InvalidInputError
 
 
 def cases(llm, draft):
@@ -411,3 +413,21 @@ def test_the_scheduler_prefills_n_choices_of_a_prompt_once(draft_pair, monkeypat
         scheduler.stop(10)
     assert [r.output_ids for r in requests] == expected
     assert sum(rows) == len(prompt) - 1, rows
+
+
+def test_n_choices_from_the_library_are_each_their_seeded_request_and_share_one_prefill(ngram_llm, monkeypatch):
+    llm = ngram_llm
+    prompt = "the end the stop the end " * 6
+    params = SamplingParams(max_tokens=24, temperature=1.0, seed=40, ignore_eos=True)
+    alone = [llm.generate(prompt, dataclasses.replace(params, seed=40 + j)).token_ids for j in range(3)]
+    rows = prefill_rows(llm, monkeypatch)
+    out = llm.generate(prompt, dataclasses.replace(params, n=3))
+    assert [c.token_ids for c in out.choices] == alone and out.token_ids == alone[0] and len(set(map(tuple, alone))) > 1
+    assert sum(rows) == len(llm.encode(prompt)) - 1 and all(c.stats.drafted > 0 for c in out.choices)
+    greedy = llm.generate(prompt, SamplingParams(max_tokens=24, ignore_eos=True, n=2), speculative=False)
+    assert [c.token_ids for c in greedy.choices] == [llm.generate(prompt, SamplingParams(max_tokens=24,
+                                                                                          ignore_eos=True)).token_ids] * 2
+    with pytest.raises(InvalidInputError, match="n=17 is not allowed"):
+        SamplingParams(n=17)
+    with pytest.raises(InvalidInputError, match="n=2 cannot be streamed"):
+        next(llm.stream(prompt, SamplingParams(n=2)))

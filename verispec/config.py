@@ -17,6 +17,7 @@ MAX_SEED = 2**32 - 1
 # Dividing logits by a smaller repetition penalty (or multiplying by a larger one) overflows float32.
 REPETITION_PENALTY_RANGE = (1e-2, 1e2)
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs
+MAX_CHOICES = 16  # n
 LOGPROBS_MODES = ("processed", "raw")
 
 
@@ -106,6 +107,8 @@ class SamplingParams:
     response_format: a ResponseFormat, or OpenAI's dict for one (ResponseFormat.parse): every output
     token is drawn from the target's distribution restricted to what the format allows, and the
     request stops when the format is complete.
+    n: choices of the prompt (1..MAX_CHOICES), each sampled on its own (choice j of a seeded request
+    with seed + j, so it equals that request alone), the prompt prefilled once for all.
     """
 
     max_tokens: int = 128
@@ -126,6 +129,7 @@ class SamplingParams:
     logprobs: int | None = None
     logprobs_mode: str = "processed"
     response_format: ResponseFormat | None = None
+    n: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "response_format", ResponseFormat.parse(self.response_format))
@@ -194,6 +198,8 @@ class SamplingParams:
                  "logprobs", f"logprobs={self.logprobs!r} is not allowed: it must be an integer in [0, {MAX_LOGPROBS}] or None")
         _require(self.logprobs_mode in LOGPROBS_MODES, "logprobs_mode",
                  f"logprobs_mode={self.logprobs_mode!r} is not allowed; allowed: {', '.join(LOGPROBS_MODES)}")
+        _require(isinstance(self.n, int) and not isinstance(self.n, bool) and 1 <= self.n <= MAX_CHOICES, "n",
+                 f"n={self.n!r} is not allowed: it must be an integer in [1, {MAX_CHOICES}]")
         _require(self.response_format is None or self.min_tokens == 0, "min_tokens",
                  f"min_tokens={self.min_tokens} is not allowed with a response_format: the format decides where the "
                  "output ends")

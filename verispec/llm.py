@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from verispec import hub
-from verispec.config import RuntimeConfig, SamplingParams
+from verispec.config import MAX_SEED, RuntimeConfig, SamplingParams
 from verispec.drafters import DraftModelDrafter, Drafter, NgramDrafter, SuffixDrafter
 from verispec.drafters.suffix import BUDGET, History
 from verispec.drafters.select import TREE, parse_drafter
 from verispec.engine.calibrate import (Calibration, calibration_path, drafter_costs_ms, load_calibration,
                                        save_calibration, verify_curve_ms)
 from verispec.engine.controller import Controller
-from verispec.engine.generate import Engine
+from verispec.engine.generate import Engine, Sequence, step
 from verispec.engine.request import Request
 from verispec.engine.scheduler import Audit, Scheduler
 from verispec.engine.trace import TraceWriter
@@ -161,16 +162,41 @@ class LLM:
         """Generate for a string (wrapped in the chat template when chat=True), token ids, or chat messages.
 
         speculative=False runs plain decoding with the same target (for comparisons); `trace` gets
-        one line per cycle."""
+        one line per cycle. With params.n > 1 the Output is choice 0 and Output.choices holds all n
+        (batched, the prompt prefilled once; not traced)."""
+        params = params or SamplingParams()
+        if isinstance(params, SamplingParams) and params.n > 1:
+            return self._choices(prompt, params, chat, speculative)
         request, text = self.prepare(prompt, params, chat)
         self.engine.run(request, speculative, trace)
         return self.output(request, text)
+
+    def _choices(self, prompt: Prompt, params: SamplingParams, chat: bool, speculative: bool) -> Output:
+        """params.n choices of one prompt, batched, each with its own cache (sized to the need),
+        drafter and controller; the prompt enters the target once and is copied into the others."""
+        prepared = [self.prepare(prompt, replace(params, n=1, seed=None if params.seed is None else
+                                                 (params.seed + j) % (MAX_SEED + 1)), chat) for j in range(params.n)]
+        sequences: list[Sequence] = []
+        for j, (request, _) in enumerate(prepared):
+            drafter = None if not speculative or self.engine.drafter is None else (
+                self.engine.drafter if j == 0 else self.engine.drafter.fork())
+            cache = self.target.new_cache(min(self.engine.capacity, len(request.prompt_ids) + params.max_tokens + 1))
+            sequences.append(Sequence(request, cache, drafter, self.engine.num_draft_tokens,
+                                      self.new_controller() if drafter is not None else None,
+                                      monitor=self.engine.monitor, prefix_from=sequences[0] if sequences else None))
+        while running := [seq for seq in sequences if not seq.request.finished]:
+            step(self.target, running)
+        first, *more = [self.output(request, text) for request, text in prepared]
+        first.more = more
+        return first
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None, *, chat: bool = False,
                speculative: bool = True, trace: TraceWriter | None = None) -> Iterator[str | Output]:
         """Like generate, but yields text as cycles commit it, then the Output (whose text is the
         concatenation of the pieces). Text that may still become a stop string or an unfinished
         UTF-8 character is held back until it is certain."""
+        if params is not None and params.n > 1:
+            raise InvalidInputError(f"n={params.n} cannot be streamed: generate returns every choice", param="n")
         request, text = self.prepare(prompt, params, chat)
         for _ in self.engine.steps(request, speculative, trace):
             piece = text.new(request.output_ids, request.finish_reason)

@@ -113,10 +113,18 @@ class Output:
     stats: Stats = field(default_factory=Stats)
     prompt_token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None  # one per token id, when SamplingParams.logprobs asked
+    more: list[Output] = field(default_factory=list)  # choices 1..n-1, when SamplingParams.n > 1
+
+    @property
+    def choices(self) -> list[Output]:
+        """Every choice, this one (choice 0) first."""
+        return [self, *self.more]
 
     def to_dict(self) -> dict[str, Any]:
         out = {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason,
                "prompt_tokens": len(self.prompt_token_ids), "stats": self.stats.to_dict()}
         if self.logprobs is not None:
             out["logprobs"] = [t.to_dict() for t in self.logprobs]
+        if self.more:
+            out["more"] = [choice.to_dict() for choice in self.more]
         return out

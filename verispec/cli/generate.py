@@ -68,8 +68,10 @@ def run(args: argparse.Namespace) -> None:
             warm_up(llm.target, llm.engine.cache, seconds=1.0)
             trace = TraceWriter(file, model=args.model, drafter=args.drafter, num_draft_tokens=args.num_draft_tokens,
                                 target_step_ms=round(forward_ms(llm.target, llm.engine.cache, 1), 4))
-        if args.json:
+        if args.json or params.n > 1:
             out = llm.generate(args.prompt, params, chat=args.chat, trace=trace)
+            for j, choice in enumerate(out.choices if not args.json and params.n > 1 else []):
+                print(f"[choice {j}]\n{choice.text}")
         else:
             for piece in llm.stream(args.prompt, params, chat=args.chat, trace=trace):
                 if isinstance(piece, Output):

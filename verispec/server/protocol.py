@@ -17,13 +17,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from verispec.config import SamplingParams
+from verispec.config import MAX_CHOICES, SamplingParams
 from verispec.errors import InvalidInputError
 from verispec.text import ROLES
 from verispec.types import Stats, TokenLogprob
 
 OPENAI_DEFAULTS = {"temperature": 1.0}
-MAX_CHOICES = 16  # n
 COMPLETION_MAX_TOKENS = 16
 
 # SamplingParams annotations (as written in config.py) -> what a request may send
@@ -103,7 +102,7 @@ def sampling_params(body: Common, prompt_tokens: int, capacity: int) -> Sampling
     """The request's SamplingParams. An explicit max_tokens that does not fit beside the prompt is an
     error naming both; the default is clamped to the room left."""
     given = {f.name: getattr(body, f.name) for f in dataclasses.fields(SamplingParams)
-             if getattr(body, f.name) is not None}
+             if getattr(body, f.name) is not None and f.name != "n"}  # n: the server makes each choice a request
     if "logit_bias" in given:
         try:
             given["logit_bias"] = tuple((int(k), v) for k, v in given["logit_bias"].items())
