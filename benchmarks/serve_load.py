@@ -1,13 +1,16 @@
-"""Serving under load: throughput and latency with 1, 4 and 16 concurrent clients against a real
-`verispec serve` process, for each drafter, beside serving the same requests one at a time.
+"""Serving under load: throughput and latency with 1, 4, 8 and 16 concurrent clients against a real
+`verispec serve` process, speculative (each drafter, τ auto: the controllers and the batch planner)
+beside plain decoding (--drafter none), and beside serving the same requests one at a time.
 
     python benchmarks/serve_load.py [--model smollm2-135m-instruct] [--drafter ngram,none]
-                                    [--requests 16] [--max-tokens 64] [--concurrency 1,4,16]
+                                    [--requests 32] [--max-tokens 64] [--concurrency 1,4,8,16] [--rounds 2]
 
 Every client streams (so time to first token is measured) a greedy chat request over Spec-Bench
-prompts (2 a category, in turn). Concurrency 1 is the one-at-a-time baseline; the speedup column is
-throughput over it, same server, same requests. Each server gets one warm-up round first. The
-last line is one JSON object.
+prompts (2 a category, in turn), or over the grounded categories only with --grounded. The
+servers take turns (A B A B: one round is every server, started fresh, warmed up, through every
+concurrency); figures are medians over rounds. "vs plain" is a drafter's throughput over the
+plain server's at the same concurrency, "vs 1" over its own at concurrency 1. Two servers never run
+at once (they would share the two cores). The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -87,37 +90,51 @@ def load(client: OpenAI, model: str, prompts: list[str], max_tokens: int, concur
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=hub.DEFAULT_MODEL)
-    ap.add_argument("--drafter", default="ngram,none", help="comma-separated drafters, one server each")
-    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--drafter", default="ngram,none", help="comma-separated drafters, one server each ('none': plain)")
+    ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--concurrency", default="1,4,16")
+    ap.add_argument("--concurrency", default="1,4,8,16")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--grounded", action="store_true", help="summarization, rag, extraction and qa prompts only")
     ap.add_argument("--threads", type=int, help="the server's torch threads (default: torch's)")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
-    pool = [p.text for p in load_prompts("spec-bench", per_category=2)]
+    categories = ["summarization", "rag", "extraction", "qa"] if args.grounded else None
+    pool = [p.text for p in load_prompts("spec-bench", categories, per_category=8 if args.grounded else 2)]
     prompts = [pool[(i * 7) % len(pool)] for i in range(args.requests)]  # spread over the categories
-    rows = []
-    for drafter in args.drafter.split(","):
-        proc, url = start(args.model, drafter, max(levels), ["--threads", str(args.threads)] if args.threads else [])
-        try:
-            client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
-            load(client, args.model, prompts[: max(levels)], 16, max(levels))  # warm-up
-            for level in levels:
-                row = {"drafter": drafter, **load(client, args.model, prompts, args.max_tokens, level)}
-                rows.append(row)
-                print(f"{drafter:>8} c={level:<3} {row['tok_s']:>7.1f} tok/s  p50 {row['latency_p50_s']:>6.2f}s  "
-                      f"p90 {row['latency_p90_s']:>6.2f}s  ttft p50 {row['ttft_p50_s']:>5.2f}s", flush=True)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
+    drafters = args.drafter.split(",")
+    runs: dict[tuple[str, int], list[dict[str, float]]] = {}
+    for r in range(args.rounds):
+        for drafter in drafters:
+            flags = ["--max-context", "2048"] + (["--threads", str(args.threads)] if args.threads else [])
+            proc, url = start(args.model, drafter, max(levels), flags)
+            try:
+                client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
+                load(client, args.model, prompts[: max(levels)], 16, max(levels))  # warm-up
+                for level in levels:
+                    row = load(client, args.model, prompts, args.max_tokens, level)
+                    runs.setdefault((drafter, level), []).append(row)
+                    print(f"round {r} {drafter:>8} c={level:<3} {row['tok_s']:>7.1f} tok/s  p50 {row['latency_p50_s']:>6.2f}s"
+                          f"  ttft p50 {row['ttft_p50_s']:>5.2f}s", flush=True)
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(60)
+    rows = [{"drafter": d, "concurrency": c, **{k: round(statistics.median(x[k] for x in runs[d, c]), 3)
+                                                  for k in runs[d, c][0] if k not in ("concurrency", "requests")}}
+            for d in drafters for c in levels]
     print()
-    print(f"{'drafter':>8} {'clients':>7} {'tok/s':>7} {'vs 1 at a time':>14} {'p50 s':>6} {'p90 s':>6} {'ttft s':>6}")
+    print(f"{'drafter':>8} {'clients':>7} {'tok/s':>7} {'vs plain':>8} {'vs 1':>6} {'p50 s':>6} {'p90 s':>6} {'ttft s':>6}")
     for row in rows:
-        base = next(r for r in rows if r["drafter"] == row["drafter"] and r["concurrency"] == levels[0])
-        row["speedup_vs_one_at_a_time"] = round(row["tok_s"] / base["tok_s"], 3)
-        print(f"{row['drafter']:>8} {row['concurrency']:>7} {row['tok_s']:>7.1f} {row['speedup_vs_one_at_a_time']:>13.2f}x "
-              f"{row['latency_p50_s']:>6.2f} {row['latency_p90_s']:>6.2f} {row['ttft_p50_s']:>6.2f}")
-    print(json.dumps({"benchmark": "serve_load", "model": args.model, "max_tokens": args.max_tokens, "rows": rows}))
+        base = next(x for x in rows if x["drafter"] == row["drafter"] and x["concurrency"] == levels[0])
+        plain = next((x for x in rows if x["drafter"] == "none" and x["concurrency"] == row["concurrency"]), None)
+        row["vs_one_at_a_time"] = round(row["tok_s"] / base["tok_s"], 3)
+        if plain is not None:
+            row["vs_plain"] = round(row["tok_s"] / plain["tok_s"], 3)
+        print(f"{row['drafter']:>8} {row['concurrency']:>7} {row['tok_s']:>7.1f} {row.get('vs_plain', 0):>7.2f}x "
+              f"{row['vs_one_at_a_time']:>5.2f}x {row['latency_p50_s']:>6.2f} {row['latency_p90_s']:>6.2f} "
+              f"{row['ttft_p50_s']:>6.2f}")
+    print(json.dumps({"benchmark": "serve_load", "model": args.model, "max_tokens": args.max_tokens,
+                      "rounds": args.rounds, "grounded": args.grounded, "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -83,3 +83,16 @@ def test_stats_name_vllms_measures_and_the_conditional_ones_apart():
     assert stats.tokens_per_cycle == pytest.approx(1 + 4 / 4), "over every cycle"
     assert stats.per_position_acceptance == pytest.approx([2 / 3, 2 / 3, 0, 0]), "vLLM's: accepted at i / drafts"
     assert stats.conditional_acceptance == pytest.approx([2 / 3, 1.0, 0.0]), "accepted at i / tried at i"
+
+
+def test_speedups_in_one_pass_equal_the_speedup_of_every_tau():
+    import random
+
+    r = random.Random(1)
+    for _ in range(300):
+        curve = VerifyCurve(tuple(sorted(r.uniform(3, 12) for _ in range(r.randint(1, 16)))))
+        model = CostModel(curve, r.uniform(0, 2), r.uniform(0, 0.5))
+        alphas = [r.random() for _ in range(r.randint(1, 9))]
+        offered = [r.random() for _ in range(r.randint(1, 9))]
+        assert model.speedups(alphas, 8, offered) == pytest.approx([model.speedup(alphas, t, offered) for t in range(9)],
+                                                                   rel=1e-12)

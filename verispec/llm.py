@@ -17,6 +17,7 @@ from verispec.engine.calibrate import (Calibration, calibration_path, drafter_co
                                        save_calibration, verify_curve_ms)
 from verispec.engine.controller import Controller
 from verispec.engine.generate import Engine, Sequence, step
+from verispec.engine.load import BatchPlanner
 from verispec.engine.request import Request
 from verispec.engine.scheduler import Audit, Scheduler
 from verispec.engine.trace import TraceWriter
@@ -98,11 +99,14 @@ class LLM:
 
     def scheduler(self, max_batch: int = 8, max_queue: int = 64, audit_rate: float = 0.01) -> Scheduler:
         """Serve many requests at once, batched, on an engine thread (started here) with this target,
-        drafter kind and τ; audit_rate of the greedy speculative requests are decoded again plainly."""
+        drafter kind and τ (with τ 'auto', a planner caps the batch's τ by the step's goodput);
+        audit_rate of the greedy speculative requests are decoded again plainly."""
         drafter = self.engine.drafter
+        stored = load_calibration(self.calibration_path) if self.auto else None
+        planner = BatchPlanner(stored.cost_model().curve if stored is not None else None) if self.auto else None
         scheduler = Scheduler(self.target, (lambda: drafter.fork()) if drafter is not None else (lambda: None),
                               self.engine.num_draft_tokens, self.new_controller, max_batch, max_queue,
-                              audit=Audit(audit_rate))
+                              audit=Audit(audit_rate), planner=planner)
         scheduler.start()
         return scheduler
 

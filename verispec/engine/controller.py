@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from verispec.engine.cost import CostModel, VerifyCurve, budget_tokens
+from verispec.engine.cost import CostModel, VerifyCurve, at, budget_tokens
 
 # Without a calibration, the shape of the verify curve: T(k) = T(1) * (1 + GROWTH_GUESS * (k - 1))
 GROWTH_GUESS = 0.1
@@ -53,8 +53,8 @@ class VerifyTimes:
 
     def _set_prior(self, ms: list[float]) -> None:
         self._prior = ms
-        self._prior_moments = _moments([(1.0 / self._max_k, k, m) for k, m in enumerate(ms, 1)])
-        self._prior_line = _line(self._prior_moments)
+        self._prior_moments = line_moments([(1.0 / self._max_k, k, m) for k, m in enumerate(ms, 1)])
+        self._prior_line = fit_line(self._prior_moments)
 
     def observe(self, k: int, ms: float) -> None:
         if not 1 <= k <= self._max_k:
@@ -63,7 +63,7 @@ class VerifyTimes:
             self._set_prior([ms * (1 + GROWTH_GUESS * (j - k)) for j in range(1, self._max_k + 1)])
         d = self._decay
         self._prior_weight = max(d * self._prior_weight, self.PRIOR_FLOOR)
-        self._data = [d * x + y for x, y in zip(self._data, _moments([(1.0, k, ms)]))]
+        self._data = [d * x + y for x, y in zip(self._data, line_moments([(1.0, k, ms)]))]
         self._sums = [d * x for x in self._sums]
         self._weights = [d * x for x in self._weights]
         self._sums[k - 1] += ms
@@ -73,19 +73,19 @@ class VerifyTimes:
         """None until something was timed (without a prior)."""
         if not self._prior:
             return None
-        a, b = _line([self._prior_weight * p + x for p, x in zip(self._prior_moments, self._data)])
+        a, b = fit_line([self._prior_weight * p + x for p, x in zip(self._prior_moments, self._data)])
         a0, b0 = self._prior_line
         moved = [max(m + (a - a0) + (b - b0) * k, 1e-3) for k, m in enumerate(self._prior, 1)]
         return VerifyCurve(tuple((s + m) / (w + 1) for s, w, m in zip(self._sums, self._weights, moved)))
 
 
-def _moments(points: list[tuple[float, float, float]]) -> list[float]:
+def line_moments(points: list[tuple[float, float, float]]) -> list[float]:
     """Σw, Σw·k, Σw·k², Σw·y, Σw·k·y of weighted points (w, k, y)."""
     return [sum(w * f for w, f in zip((p[0] for p in points), column)) for column in
             zip(*((1.0, k, k * k, y, k * y) for _, k, y in points))]
 
 
-def _line(moments: list[float]) -> tuple[float, float]:
+def fit_line(moments: list[float]) -> tuple[float, float]:
     """(a, b) of the weighted least-squares line y ≈ a + b·k, with 0 ≤ b ≤ mean y / mean k."""
     sw, sk, skk, sy, sky = moments
     spread = sw * skk - sk * sk
@@ -229,6 +229,28 @@ class Controller:
     def offered(self) -> list[float]:
         """P(the drafter proposes more than i tokens (a tree: nodes) | asked for more than i)."""
         return [n / a for n, a in zip(self._longer, self._asked)]
+
+    def outlooks(self, tau: int) -> list[tuple[float, float, float]]:
+        """For τ' = 0..τ: (tokens a cycle at τ' is expected to commit, draft rows it is expected to
+        verify, the drafter's ms per draft), by the current estimates (a tree drafter: τ' is the
+        node budget)."""
+        offered, draft_ms = self.offered, self.draft_ms
+        if self.tree:
+            tokens = [1.0] + budget_tokens(self._trees.by_budget())[:tau]
+        else:
+            alphas, tokens, reach = self.alphas, [1.0], 1.0
+            for i in range(tau):
+                reach *= at(alphas, i)
+                tokens.append(tokens[-1] + at(offered, i) * reach)
+        rows = [0.0]
+        for i in range(tau):
+            rows.append(rows[-1] + at(offered, i))
+        return [(e, r, draft_ms) for e, r in zip(tokens, rows)]
+
+    @property
+    def draft_ms(self) -> float:
+        """The drafter's estimated cost per proposed token."""
+        return self._draft.estimate()[0]
 
     def cost_model(self) -> CostModel | None:
         curve = self._times.curve()

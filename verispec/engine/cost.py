@@ -132,10 +132,26 @@ class CostModel:
         feed = self.feed_ms * tokens if tau > 0 else 0.0  # speculating every cycle, a draft model takes these in
         return tokens * self.t1 / (self.cycle_ms(tau, offered) + feed)
 
+    def speedups(self, alphas: Sequence[float], max_tau: int = MAX_TAU, offered: Sequence[float] = ALWAYS
+                 ) -> list[float]:
+        """speedup(alphas, τ, offered) for τ = 0..max_tau in one pass: each τ adds one term to E(τ),
+        and one to the cycle's cost, Σ_d P(D = d)·c(d) = c(0) + Σ_{d=1..τ} P(D ≥ d)·(c(d) − c(d − 1)),
+        c(d) = d·draft_ms + T(1 + d)."""
+        out, tokens, reach, longer = [1.0], 1.0, 1.0, 1.0
+        cycle = previous = self.curve(1)
+        for tau in range(1, max_tau + 1):
+            reach *= at(alphas, tau - 1)
+            tokens += at(offered, tau - 1) * reach
+            longer = min(longer, at(offered, tau - 1))
+            cost = tau * self.draft_ms + self.curve(1 + tau)
+            cycle, previous = cycle + longer * (cost - previous), cost
+            out.append(tokens * self.t1 / (cycle + self.feed_ms * tokens))
+        return out
+
     def best_tau(self, alphas: Sequence[float], max_tau: int = MAX_TAU, offered: Sequence[float] = ALWAYS
                  ) -> tuple[int, float]:
         """(τ, speedup) maximising the speedup over τ = 0..max_tau (τ = 0 is plain decoding: 1.0)."""
-        return max(((tau, self.speedup(alphas, tau, offered)) for tau in range(max_tau + 1)), key=lambda x: x[1])
+        return max(enumerate(self.speedups(alphas, max_tau, offered)), key=lambda x: x[1])
 
     def best_budget(self, alphas_by_budget: Sequence[Sequence[float]], offered: Sequence[float] = ALWAYS
                     ) -> tuple[int, float]:

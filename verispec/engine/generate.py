@@ -24,6 +24,7 @@ import torch
 from verispec import tree
 from verispec.drafters.base import DraftProposal, Drafter, finish, propose_all
 from verispec.engine.controller import Controller
+from verispec.engine.load import BatchPlanner
 from verispec.engine.monitor import Monitor
 from verispec.engine.request import Request
 from verispec.engine.trace import TraceWriter
@@ -88,9 +89,11 @@ class Cycle:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # the kept tokens', when the request asked
 
 
-def step(target: Transformer, sequences: Seq[Sequence], prefill_budget: int | None = None) -> list[Cycle]:
+def step(target: Transformer, sequences: Seq[Sequence], prefill_budget: int | None = None,
+         planner: BatchPlanner | None = None) -> list[Cycle]:
     """One target forward for every unfinished sequence; prefill chunks share at most
-    `prefill_budget` rows (None: whole prompts at once). Returns the decoding sequences' cycles."""
+    `prefill_budget` rows (None: whole prompts at once); a planner caps the batch's τ by the
+    step's goodput (engine/load.py). Returns the decoding sequences' cycles."""
     device = target.device
     t0 = time.perf_counter()
     # 1. prefill chunks; a prompt that another sequence is prefilling is copied from its cache instead
@@ -113,6 +116,9 @@ def step(target: Transformer, sequences: Seq[Sequence], prefill_budget: int | No
     # 2. drafts
     contexts = [seq.request.all_ids for seq in decoding]  # built once: the controller and drafter both read it
     taus = [seq.choose_tau(context) for seq, context in zip(decoding, contexts)]
+    prefill_rows = sum(len(segment.token_ids) for segment in prefill)
+    if planner is not None:
+        taus = planner.plan([seq.controller for seq in decoding], taus, prefill_rows)
     proposals = _draft(decoding, taus, contexts)
     t1 = time.perf_counter()
     # 3. one forward: prefill chunks and [pending] + drafts of every decoding sequence
@@ -120,6 +126,7 @@ def step(target: Transformer, sequences: Seq[Sequence], prefill_budget: int | No
                  for seq, p in zip(decoding, proposals)]
     bases = [seq.cache.length for seq in decoding]
     logits = target.forward_many(prefill + verifying)[len(prefill):]
+    verify_rows = sum(len(segment.token_ids) for segment in verifying)
     # 4. accept, roll back, commit
     results = []
     for seq, proposal, rows, base in zip(decoding, proposals, logits, bases):
@@ -133,6 +140,8 @@ def step(target: Transformer, sequences: Seq[Sequence], prefill_budget: int | No
             accepted = len(path)
         results.append((accepted, tokens, path, u, logprobs))
     t2 = time.perf_counter()
+    if planner is not None:
+        planner.observe(verify_rows, (t2 - t1) * 1e3, prefill_rows)
     for seq in filling:
         seq.request.stats.prefill_s += t2 - t0
         seq.request.stats.target_forwards += 1

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from verispec.drafters.base import Drafter
 from verispec.engine.controller import Controller
 from verispec.engine.generate import Cycle, Sequence, step
+from verispec.engine.load import BatchPlanner
 from verispec.engine.monitor import Monitor
 from verispec.engine.request import Request
 from verispec.engine.score import logit_margin
@@ -104,6 +105,7 @@ class Scheduler:
     max_queue: int = 64
     prefill_budget: int = PREFILL_BUDGET
     audit: Audit = field(default_factory=Audit)
+    planner: BatchPlanner | None = None  # caps the batch's τ by the step's goodput (engine/load.py)
     monitor: Monitor = field(default_factory=Monitor, init=False)  # every slot's sampled tokens
     error: BaseException | None = field(default=None, init=False)
     _slots: list[Slot] = field(default_factory=list, init=False)
@@ -199,7 +201,7 @@ class Scheduler:
         the cache and the drafter, so the engine goes on serving the queue."""
         owners = {id(slot.sequence): slot.ticket for slot in busy}
         try:
-            cycles = step(self.target, [slot.sequence for slot in busy], self.prefill_budget)
+            cycles = step(self.target, [slot.sequence for slot in busy], self.prefill_budget, self.planner)
         except Exception as e:  # noqa: BLE001: one bad step must not take the engine down
             log.exception("a step failed; its %d request(s) failed with it", len(busy))
             for slot in busy:

@@ -1,0 +1,101 @@
+"""Load-aware speculation (verispec/engine/load.py) on simulated batches: the planner caps the
+batch's τ at the cap of highest expected goodput (checked against a plain recomputation over every
+cap), drafts less as the batch grows, not at all where verify rows cost as much as decoding, keeps a
+lone sequence's τ and fixed τs; in the engine it never changes an output."""
+
+from __future__ import annotations
+
+import pytest
+
+from verispec.config import SamplingParams
+from verispec.drafters import NgramDrafter
+from verispec.engine.controller import Controller
+from verispec.engine.cost import CostModel, VerifyCurve, drafted_rows, expected_tokens
+from verispec.engine.generate import Engine, Sequence, step
+from verispec.engine.load import BatchPlanner
+from verispec.engine.request import Request
+
+
+def curve(t1: float, per_row: float) -> VerifyCurve:
+    return VerifyCurve(tuple(t1 + per_row * (rows - 1) for rows in range(1, 17)))
+
+
+def controller(alpha: float, draft_ms: float = 0.05) -> Controller:
+    """A controller that has seen 200 cycles of τ 4 accept at a constant α (a seeded sequence)."""
+    c = Controller(CostModel(curve(4.0, 0.05), draft_ms))
+    state = 12345
+    for _ in range(200):
+        accepted = 0
+        while accepted < 4:
+            state = (state * 1103515245 + 12345) % 2**31
+            if state / 2**31 >= alpha:
+                break
+            accepted += 1
+        c.observe(4, 4, accepted, draft_ms * 4, 4.0 + 0.05 * 4)
+    return c
+
+
+def rate(controllers, taus, cap, steps: VerifyCurve, prefill_rows=0) -> float:
+    """The goodput of a cap, written out plainly: tokens expected over the step's time."""
+    tokens = rows = draft = 0.0
+    for c, tau in zip(controllers, taus):
+        t = min(tau, cap)
+        e, drafts = expected_tokens(c.alphas, t, c.offered), drafted_rows(c.offered, t)
+        tokens += e
+        rows += 1 + drafts
+        draft += drafts * c.draft_ms
+    return tokens / (steps(rows + prefill_rows) + draft)  # the curve is a line: extended by its slope
+
+
+@pytest.mark.parametrize("per_row, alpha", [(0.05, 0.7), (0.3, 0.7), (1.0, 0.7), (0.3, 0.3), (4.0, 0.9)])
+def test_the_cap_is_the_one_of_highest_goodput(per_row, alpha):
+    steps = curve(4.0, per_row)
+    planner = BatchPlanner(steps)
+    controllers = [controller(alpha) for _ in range(8)]
+    taus = [4, 4, 3, 4, 2, 4, 4, 1]
+    planned = planner.plan(controllers, taus, prefill_rows=16)
+    cap = planner.last["cap"]
+    assert planned == [min(t, cap) for t in taus]
+    rates = [rate(controllers, taus, c, steps, 16) for c in range(5)]
+    assert rates[cap] == pytest.approx(max(rates), rel=1e-9)
+
+
+def test_drafts_fall_as_the_batch_grows_and_stop_where_rows_cost_as_much_as_a_step():
+    steps = curve(4.0, 0.25)
+    caps = []
+    for batch in (1, 2, 4, 8, 16):
+        planner = BatchPlanner(steps)
+        planner.plan([controller(0.6) for _ in range(batch)], [6] * batch)
+        caps.append(planner.last.get("cap", 6))
+    assert caps == sorted(caps, reverse=True) and caps[0] == 6 and caps[-1] < caps[1], caps
+    dear = BatchPlanner(curve(4.0, 4.0))  # a row costs a whole step: drafting never pays in a batch
+    assert dear.plan([controller(0.9) for _ in range(4)], [4] * 4) == [0] * 4
+    flat = BatchPlanner(curve(4.0, 0.0))  # rows and drafts are free: every sequence keeps its τ
+    assert flat.plan([controller(0.3, draft_ms=0.0) for _ in range(16)], [4] * 16) == [4] * 16
+    # but 16 sequences' drafting is sequential: at 0.05 ms a draft, four drafts each cost most of a step
+    assert flat.plan([controller(0.3) for _ in range(16)], [4] * 16) == [1] * 16
+
+
+def test_a_lone_sequence_and_fixed_taus_are_left_alone():
+    dear = BatchPlanner(curve(4.0, 4.0))
+    assert dear.plan([controller(0.9)], [4]) == [4]
+    planned = dear.plan([None, controller(0.2), None], [3, 4, 5])
+    assert planned[0] == 3 and planned[2] == 5 and planned[1] < 4
+
+
+def test_a_planned_batch_gives_every_sequence_what_it_gets_alone(ngram_llm):
+    llm = ngram_llm
+    prompts = [llm.encode(p) for p in ("the end the end the", "stop the stop the stop", "the end stop the end")]
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    alone = []
+    for ids in prompts:
+        request = Request(ids, params, llm.eos_ids, llm.engine.capacity)
+        Engine(llm.target, NgramDrafter(), 0, Controller()).run(request)
+        alone.append(request.output_ids)
+    planner = BatchPlanner(curve(0.5, 0.2))
+    sequences = [Sequence(Request(ids, params, llm.eos_ids, llm.engine.capacity), llm.target.new_cache(),
+                          NgramDrafter(), 0, Controller()) for ids in prompts]
+    while running := [s for s in sequences if not s.request.finished]:
+        step(llm.target, running, planner=planner)
+    assert [s.request.output_ids for s in sequences] == alone
+    assert "cap" in planner.last
