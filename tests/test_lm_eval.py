@@ -78,8 +78,10 @@ def test_lm_eval_scores_are_identical_with_speculation_on_and_off(tmp_path, task
         server = Server(folder, *flags, "--api-key", KEY)
         try:
             outcomes.append(evaluate(server, folder, tasks))
+            drafted = server.metrics().get("verispec_spec_decode_num_draft_tokens_total", 0)
         finally:
             server.stop()
+        assert (drafted > 0) == (flags[1] != "none"), "the generation task was verified speculatively"
     spec, plain = outcomes
     assert spec == plain
     assert len(spec["verispec_mc"]) == len(QUESTIONS) and len(spec["verispec_gen"]) == len(QUESTIONS)

@@ -51,3 +51,6 @@ def test_argmax_equals_torchs_and_a_row_gives_the_same_numbers_wherever_it_lies(
     here, there, alone = (reduce.log_softmax_entries(x, [2], [5], 5), reduce.log_softmax_entries(padded, [2], [5], 5),
                           reduce.log_softmax_entries(x[2:3].clone(), [0], [5], 5))
     assert here == there == alone
+    assert reduce.log_softmax_entries(torch.full((1, 300), float("-inf")), [0], [4], 3) == [(float("-inf"), [])]
+    small = torch.randn(1, 200)  # k above V // 64: the search scans every entry
+    assert [i for i, _ in reduce.log_softmax_entries(small, [0], [1], 5)[0][1]] == torch.topk(small[0], 5).indices.tolist()

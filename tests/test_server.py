@@ -397,7 +397,7 @@ BAD = [
         "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}}, 400, "response_format",
      "the json_schema is not valid"),
     ("completions", {"prompt": "x", "guided_regex": "(a"}, 400, "response_format", "the regex is not valid"),
-    ("completions", {"prompt": "x", "guided_regex": "a", "response_format": {"type": "text"}}, 400, "guided_regex",
+    ("completions", {"prompt": "x", "guided_regex": "a", "response_format": {"type": "json_object"}}, 400, "guided_regex",
      "given together"),
     ("completions", {"prompt": "x", "guided_grammar": "start: nowhere"}, 400, "response_format", "not valid"),
 ]
@@ -822,9 +822,12 @@ def test_best_of_returns_the_candidates_of_highest_log_probability_per_token(ser
         assert r.status_code == 400 and r.json()["error"]["param"] == "best_of" and says in r.json()["error"]["message"]
 
 
+REPEATED = "the end the end the end the"  # the ngram drafter drafts the first tokens
+
+
 def test_n_samples_at_temperature_1_follow_the_targets_distribution(server, llm):
-    """640 first tokens from 40 requests of n=16 (speculation on, the prompt prefilled once per
-    request and copied into the other 15 choices) against the target's softmax at the prompt's
+    """640 first tokens from 40 requests of n=16 (speculation on: the first token comes from a
+    verify of up to 2 drafts; the prompt prefilled once per request and copied into the other 15 choices) against the target's softmax at the prompt's
     end: a chi-square over bins of consecutive ids holding 5 % of the mass or more. The same
     samples as an identical-seed bug would give them (choice 0 sixteen times) must fail."""
     from scipy.stats import chisquare
@@ -833,15 +836,16 @@ def test_n_samples_at_temperature_1_follow_the_targets_distribution(server, llm)
 
     from verispec.model.transformer import Segment
 
-    ids = llm.encode("the end the")
+    ids = llm.encode(REPEATED)
     with torch.no_grad():
         logits = llm.target.forward_many([Segment(torch.tensor(ids), llm.target.new_cache(), "last")])[0][-1]
     p = torch.softmax(logits.double(), -1)
-    draws = []
+    draws, drafted = [], 0
     for r in range(40):
-        out = server.client.completions.create(model=MODEL, prompt="the end the", max_tokens=1, temperature=1.0, n=16,
-                                               seed=1000 + 16 * r, extra_body=EXTRA)
+        out = server.client.completions.create(model=MODEL, prompt=REPEATED, max_tokens=3, temperature=1.0, n=16,
+                                               seed=1000 + 16 * r, extra_body=EXTRA)  # room for drafts: 2
         draws.append([c.model_extra["token_ids"][0] for c in out.choices])
+        drafted += sum(s["drafted"] for s in out.usage.model_extra["speculation"])
 
     bins, mass = [0] * len(p), 0.0  # token id -> bin
     for t in range(len(p)):
@@ -857,5 +861,6 @@ def test_n_samples_at_temperature_1_follow_the_targets_distribution(server, llm)
             observed[bins[t]] += 1
         return chisquare(observed, expected).pvalue
 
+    assert drafted > 100, "the first tokens were verified speculatively"
     assert pvalue([t for row in draws for t in row]) > 1e-4
     assert pvalue([row[0] for row in draws for _ in row]) < 1e-6

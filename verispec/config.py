@@ -203,6 +203,8 @@ class SamplingParams:
         _require(self.response_format is None or self.min_tokens == 0, "min_tokens",
                  f"min_tokens={self.min_tokens} is not allowed with a response_format: the format decides where the "
                  "output ends")
+        _require(self.response_format is None or not self.ignore_eos, "ignore_eos",
+                 "ignore_eos=True is not allowed with a response_format: the format decides where the output ends")
 
     @property
     def greedy(self) -> bool:

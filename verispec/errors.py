@@ -33,3 +33,8 @@ class NumericsError(VerispecError):
 class DraftProposalError(VerispecError, ValueError):
     """A drafter proposed something malformed (a tree whose parents do not precede their children,
     probabilities of the wrong shape): a bug in the drafter, refused before the target runs."""
+
+
+class GrammarError(VerispecError, RuntimeError):
+    """A response format's matcher failed mid-output (a refused token, a limit of the grammar
+    library): the request fails rather than end as if its format were complete."""

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from verispec.engine.cost import CostModel, VerifyCurve, at, budget_tokens
+from verispec.engine.cost import CostModel, VerifyCurve, budget_tokens, drafted_rows, expected_tokens
 
 # Without a calibration, the shape of the verify curve: T(k) = T(1) * (1 + GROWTH_GUESS * (k - 1))
 GROWTH_GUESS = 0.1
@@ -235,17 +235,9 @@ class Controller:
         verify, the drafter's ms per draft), by the current estimates (a tree drafter: τ' is the
         node budget)."""
         offered, draft_ms = self.offered, self.draft_ms
-        if self.tree:
-            tokens = [1.0] + budget_tokens(self._trees.by_budget())[:tau]
-        else:
-            alphas, tokens, reach = self.alphas, [1.0], 1.0
-            for i in range(tau):
-                reach *= at(alphas, i)
-                tokens.append(tokens[-1] + at(offered, i) * reach)
-        rows = [0.0]
-        for i in range(tau):
-            rows.append(rows[-1] + at(offered, i))
-        return [(e, r, draft_ms) for e, r in zip(tokens, rows)]
+        tokens = ([1.0] + budget_tokens(self._trees.by_budget())[:tau] if self.tree else
+                  [expected_tokens(self.alphas, t, offered) for t in range(tau + 1)])
+        return [(e, drafted_rows(offered, t), draft_ms) for t, e in enumerate(tokens)]
 
     @property
     def draft_ms(self) -> float:

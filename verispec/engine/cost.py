@@ -119,7 +119,7 @@ class CostModel:
         return sum(p * (d * self.draft_ms + self.curve(1 + d)) for d, p in enumerate(law))
 
     def speedup(self, alphas: Sequence[float], tau: int, offered: Sequence[float] = ALWAYS) -> float:
-        return self._speedup(expected_tokens(alphas, tau, offered), tau, offered)
+        return self.speedups(alphas, tau, offered)[tau]
 
     def tree_speedup(self, alphas_by_budget: Sequence[Sequence[float]], budget: int,
                      offered: Sequence[float] = ALWAYS) -> float:

@@ -145,8 +145,12 @@ def step(target: Transformer, sequences: Seq[Sequence], prefill_budget: int | No
     for seq in filling:
         seq.request.stats.prefill_s += t2 - t0
         seq.request.stats.target_forwards += 1
-    return [_commit(seq, tau, proposal, accepted, tokens, path, u, logprobs, t0, t1, t2)
-            for seq, tau, proposal, (accepted, tokens, path, u, logprobs) in zip(decoding, taus, proposals, results)]
+    # each sequence's drafting time: its share (by tokens drafted and taken in) of the step's
+    work = [len(p.token_ids) + p.fed for p in proposals]
+    shares = [(t1 - t0) * (w / sum(work) if sum(work) else 1 / len(work)) for w in work]
+    return [_commit(seq, tau, proposal, accepted, tokens, path, u, logprobs, t0, share, t2 - t1)
+            for seq, tau, proposal, (accepted, tokens, path, u, logprobs), share
+            in zip(decoding, taus, proposals, results, shares)]
 
 
 def _share_prefill(sequences: Seq[Sequence]) -> set[int]:
@@ -239,10 +243,12 @@ def _draft(sequences: list[Sequence], taus: list[int], contexts: list[list[int]]
 
 def _commit(seq: Sequence, tau: int, proposal: DraftProposal, accepted: int, tokens: list[int],
             path: list[int] | None, u: list[float] | None, logprobs: list[TokenLogprob] | None,
-            t0: float, t1: float, t2: float) -> Cycle:
+            t0: float, draft_s: float, verify_s: float) -> Cycle:
     """drafted: the draft positions (a tree's depth), so that per-position acceptance reads a tree as
     the chain of its accepted path; nodes, what the forward verified, prices the cycle (stats, the
-    controller; the trace also carries a tree's parents); path, a tree's kept nodes (None for a chain)."""
+    controller; the trace also carries a tree's parents); path, a tree's kept nodes (None for a chain).
+    t0: when the step began; draft_s: this sequence's share of the step's drafting; verify_s: the
+    step's forward and verification (every sequence of a batch waits for all of it)."""
     request, stats = seq.request, seq.request.stats
     nodes, fed = len(proposal.token_ids), proposal.fed
     drafted = nodes if proposal.parents is None else max(tree.depths(proposal.parents))
@@ -258,20 +264,20 @@ def _commit(seq: Sequence, tau: int, proposal: DraftProposal, accepted: int, tok
     if request.finished and seq.monitor is not None and not request.sampler.params.greedy:
         report = seq.monitor.report(seq.drafter_name)
         stats.monitor_tokens, stats.monitor_p_value = report["tokens"], report["p_value"]
-    stats.draft_s += t1 - t0
-    stats.verify_s += t2 - t1
+    stats.draft_s += draft_s
+    stats.verify_s += verify_s
     stats.target_forwards += 1
     stats.record_cycle(drafted, accepted, nodes)
     if seq.controller is not None:
-        seq.controller.observe(tau, drafted, accepted, (t1 - t0) * 1e3, (t2 - t1) * 1e3, fed, nodes, path)
+        seq.controller.observe(tau, drafted, accepted, draft_s * 1e3, verify_s * 1e3, fed, nodes, path)
     if seq.trace is not None:
         extra = {"controller": seq.controller.last} if seq.controller is not None else {}
         if proposal.parents is not None:
             extra.update(nodes=nodes, parents=proposal.parents, path=path)
         if u is not None:
             extra.update(u=[round(x, 6) for x in u[: len(kept)]])
-        seq.trace.cycle(tau=tau, drafted=drafted, accepted=accepted, fed=fed, draft_ms_per_cycle=(t1 - t0) * 1e3,
-                        verify_ms_per_cycle=(t2 - t1) * 1e3, tokens=kept, **extra)
+        seq.trace.cycle(tau=tau, drafted=drafted, accepted=accepted, fed=fed, draft_ms_per_cycle=draft_s * 1e3,
+                        verify_ms_per_cycle=verify_s * 1e3, tokens=kept, **extra)
     stats.decode_s = time.perf_counter() - seq._decode_start
     stats.completion_tokens = len(request.output_ids)
     return Cycle(seq, tau, drafted, accepted, kept, nodes, kept_logprobs)

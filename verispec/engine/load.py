@@ -40,7 +40,7 @@ class BatchPlanner:
         """One forward of `rows` verify rows (every sequence's) and `prefill_rows` prompt rows took
         `ms`. Only steps without prefill are fitted: a prompt row skips the LM head and sampling
         (about half a verify row here), and big prefill chunks would set the line's slope."""
-        if prefill_rows:
+        if prefill_rows or rows == 0:
             return
         d = self._decay
         self._prior_weight = max(d * self._prior_weight, PRIOR_FLOOR)

@@ -215,7 +215,10 @@ class Scheduler:
                 ticket, slot.ticket, slot.sequence = slot.ticket, None, None
                 with self._wake:
                     if not ticket.plain and not self._waiting and self.audit.wants(ticket.request):
-                        self._waiting.append(self.audit.ticket(ticket.request, self.target))
+                        try:
+                            self._waiting.append(self.audit.ticket(ticket.request, self.target))
+                        except Exception:  # noqa: BLE001: an audit that cannot start must not end the engine
+                            log.exception("an audit could not start")
 
     def _admit(self) -> bool:
         """Drop cancelled requests, fill free slots from the queue; block while there is nothing to

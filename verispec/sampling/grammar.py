@@ -15,6 +15,8 @@ llguidance nothing.
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,7 +25,9 @@ import torch
 
 from verispec import tree
 from verispec.config import ResponseFormat
-from verispec.errors import InvalidInputError
+from verispec.errors import GrammarError, InvalidInputError
+
+log = logging.getLogger(__name__)
 
 # JSON on one line, laid out as json.dumps does: with free whitespace a small model can pad an
 # object with newlines up to max_tokens; a schema's "x-guidance" options override this.
@@ -36,13 +40,16 @@ class Grammars:
     def __init__(self, tokenizer: Any, vocab_size: int) -> None:
         self._hf, self.vocab_size = tokenizer, vocab_size
         self._tokenizer: Any = None  # llguidance's, made on first use (about 0.3 s)
+        self._beginnings: list[int] = []  # every id but EOS: what a format's first token must be among
+        self._lock = threading.Lock()
 
     def compile(self, fmt: ResponseFormat) -> Grammar:
         import llguidance
-        import llguidance.hf
 
-        if self._tokenizer is None:
-            self._tokenizer = _llg_tokenizer(self._hf, self.vocab_size)
+        with self._lock:  # the server compiles on worker threads
+            if self._tokenizer is None:
+                self._tokenizer = _llg_tokenizer(self._hf, self.vocab_size)
+                self._beginnings = sorted(set(range(self.vocab_size)) - set(self._tokenizer.eos_tokens))
         try:
             if fmt.kind == "json_schema":
                 text = llguidance.LLMatcher.grammar_from_json_schema(fmt.spec, defaults=JSON_LAYOUT)
@@ -58,7 +65,7 @@ class Grammars:
         eos = frozenset(self._tokenizer.eos_tokens)
         special = sorted(set(self._hf.all_special_ids) - eos)
         grammar = Grammar(llguidance.LLMatcher(self._tokenizer, text, log_level=0), self.vocab_size, eos, special)
-        if grammar.masks((), (), None, 1)[0, sorted(set(range(self.vocab_size)) - eos)].all():
+        if grammar.masks((), (), None, 1)[0, self._beginnings].all():
             raise InvalidInputError(f"response_format: no token of this model's vocabulary can begin the {fmt.kind}",
                                     param="response_format")
         return grammar
@@ -74,7 +81,6 @@ class Grammar:
         self.committed = 0  # output tokens consumed
         self._special_words = _bits(self.special, vocab_size)  # the special tokens' bits, cleared from every mask
         self._eos_words = _bits(eos_ids, vocab_size)
-        self._memo: tuple[tuple, torch.Tensor] | None = None  # the last masks asked for (verify asks twice)
 
     def fresh(self) -> Grammar:
         """The same grammar at the start of an output (the audit's plain rerun)."""
@@ -90,7 +96,7 @@ class Grammar:
     def commit(self, token: int) -> None:
         """A token the request kept; it was drawn from masked rows, so the grammar allows it."""
         if not self.matcher.consume_token(token):
-            raise RuntimeError(f"the grammar refused committed token {token}: {self.matcher.get_error()}")
+            raise GrammarError(f"the grammar refused committed token {token}: {self.matcher.get_error()}")
         self.committed += 1
 
     def fit(self, history: Sequence[int], drafts: Sequence[int], parents: Sequence[int] | None) -> list[int]:
@@ -115,9 +121,6 @@ class Grammar:
         nothing, so that it stays a distribution. Where the grammar could go on but with no token of
         the vocabulary, it allows EOS, so the output ends there."""
         parents = tree.chain(rows - 1) if parents is None else list(parents[: rows - 1])
-        key = (len(history), tuple(history[self.committed:]), tuple(drafts[: rows - 1]), tuple(parents))
-        if self._memo is not None and self._memo[0] == key:
-            return self._memo[1]
         words = np.zeros((rows, self._special_words.size), dtype=np.int32)  # llguidance's: bit t % 32 of word t // 32
         extra = self._enter(history)
         stack: list[int] = []  # the draft nodes the matcher holds beyond history
@@ -141,21 +144,26 @@ class Grammar:
             else:
                 words[j] = -1
         self.matcher.rollback(len(stack) + extra)
+        self._check()
         # on the packed words (a 32nd of the vocabulary), then one unpacking: these rows come right
         # after a forward, with cold caches, where every pass over V costs tens of microseconds
         words &= ~self._special_words
         words[~words.any(axis=1)] |= self._eos_words
         refused = np.unpackbits((~words).view(np.uint8), axis=1, bitorder="little")[:, : self.vocab_size]
-        out = torch.from_numpy(refused.view(np.bool_))
-        self._memo = (key, out)
-        return out
+        return torch.from_numpy(refused.view(np.bool_))
+
+    def _check(self) -> None:
+        """llguidance's errors (a limit hit mid-output, a refused token) are sticky and show as an
+        empty mask; raise rather than end the output as if the format were complete."""
+        if self.matcher.is_error():
+            raise GrammarError(f"the response format's matcher failed: {self.matcher.get_error()}")
 
     def _enter(self, history: Sequence[int]) -> int:
         """Consume history's tokens past the committed output (a draft model's drafts so far);
         returns how many, for the caller to roll back."""
         extra = list(history[self.committed:])
         if extra and not self.matcher.consume_tokens(extra):
-            raise RuntimeError(f"the grammar refused drafted tokens {extra}: {self.matcher.get_error()}")
+            raise GrammarError(f"the grammar refused drafted tokens {extra}: {self.matcher.get_error()}")
         return len(extra)
 
 
@@ -167,8 +175,9 @@ def _llg_tokenizer(hf: Any, vocab_size: int) -> Any:
 
     try:
         return llguidance.hf.from_tokenizer(hf, n_vocab=vocab_size)
-    except ValueError:
-        pass
+    except ValueError as e:
+        log.warning("llguidance cannot read this tokenizer (%s): formats match each token's decoded text, which "
+                    "can differ from its bytes (SentencePiece spaces, byte-fallback tokens)", e)
 
     class Vocabulary:
         eos_token_id, bos_token_id = hf.eos_token_id, hf.bos_token_id

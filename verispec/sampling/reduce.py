@@ -49,6 +49,9 @@ def log_softmax_entries(x: torch.Tensor, at: Sequence[int], ids: Sequence[int], 
     for r, token in zip(at, ids):
         row = a[r]
         m = row.max()
+        if np.isneginf(m):  # every entry masked: nothing can be drawn here
+            out.append((float("-inf"), []))
+            continue
         np.subtract(row, m, out=buffer)
         np.exp(buffer, out=buffer)
         lse = m + np.log(buffer.sum(dtype=np.float32))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -32,6 +33,8 @@ from verispec.server.metrics import Metrics
 from verispec.server.protocol import ChatRequest, Common, CompletionRequest, error
 from verispec.text import Detokenizer, token_texts
 from verispec.types import Stats, TokenLogprob
+
+log = logging.getLogger(__name__)
 
 
 UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
@@ -172,7 +175,11 @@ def create_app(llm: LLM, scheduler: Scheduler, config: ServeConfig, model_name: 
         async def answer(run: Run | dict[str, Any]) -> dict[str, Any]:
             return run if isinstance(run, dict) else await run.whole(scheduler, http)
 
-        answers = await asyncio.gather(*map(answer, runs))
+        try:
+            answers = await asyncio.gather(*map(answer, runs))
+        except BaseException:  # one choice failed or the client left: the others stop too
+            cancel(runs)
+            raise
         usage = protocol.total_usage([a["usage"] for a in answers])  # every candidate's tokens were generated
         if best_of > body.n:
             answers = _best(runs, answers, best_of, body.n, scored)
@@ -197,12 +204,15 @@ def create_app(llm: LLM, scheduler: Scheduler, config: ServeConfig, model_name: 
                         update={"seed": (body.seed + j) % (MAX_SEED + 1)})
                     runs.append(await start(choice, prompt, f"{field}.{i}" if len(prompts) > 1 else field, arrived,
                                             echoes))
-        except APIError:
-            for run in runs:
-                if isinstance(run, Run):
-                    scheduler.cancel(run.ticket)
+        except BaseException:  # a refusal, a failure or a cancellation: none of the choices runs
+            cancel(runs)
             raise
         return runs
+
+    def cancel(runs: list[Run | dict[str, Any]]) -> None:
+        for run in runs:
+            if isinstance(run, Run):
+                scheduler.cancel(run.ticket)
 
     async def start(body: Common, prompt: Any, field: str, arrived: float, echoes: dict[tuple[int, ...], Echo]
                     ) -> Run | dict[str, Any]:
@@ -212,7 +222,10 @@ def create_app(llm: LLM, scheduler: Scheduler, config: ServeConfig, model_name: 
             ids = llm.encode(prompt)
             params = protocol.sampling_params(body.model_copy(update={"max_tokens": 1}) if scores_only else body,
                                               len(ids), llm.engine.capacity)
-            request, text = llm.prepare(ids, params)
+            # compiling a response format can take a while (the first one builds llguidance's view of
+            # the tokenizer): off the event loop, so that other streams go on
+            request, text = await asyncio.to_thread(llm.prepare, ids, params) if params.response_format else \
+                llm.prepare(ids, params)
         except InvalidInputError as e:
             raise APIError(400, str(e), param=e.param or field) from None
         echo = None
@@ -296,8 +309,8 @@ class Echo:
 
 def _best(runs: list[Run | dict[str, Any]], answers: list[dict[str, Any]], best_of: int, n: int, scored: bool
           ) -> list[dict[str, Any]]:
-    """Of each prompt's best_of candidates, the n of highest mean log-probability per token (the
-    processed distribution's, as logprobs reports it), best first. Log-probabilities asked for only
+    """Of each prompt's best_of candidates, the n of highest mean log-probability per token (as the
+    request's logprobs report it: processed unless it asked for raw), best first. Log-probabilities asked for only
     to rank are left out of the answer."""
     out = []
     for first in range(0, len(runs), best_of):
@@ -435,6 +448,9 @@ async def stream(runs: list[Run | dict[str, Any]], body: Common, scheduler: Sche
             await heard.put((index, None))
         except APIError as e:
             await heard.put((index, e))
+        except Exception as e:  # noqa: BLE001: a bug here must end the stream, not leave it waiting
+            log.exception("a stream's choice failed")
+            await heard.put((index, APIError(500, f"this choice failed: {e!r}", "server_error")))
 
     def event(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
         return f"data: {json.dumps(protocol.envelope(chat, rid, model, created, choices, True, usage, with_usage))}\n\n"

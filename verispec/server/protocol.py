@@ -111,6 +111,8 @@ def sampling_params(body: Common, prompt_tokens: int, capacity: int) -> Sampling
                                     "token ids written as strings, e.g. {\"42\": -100}", param="logit_bias") from None
     renamed: dict[str, str] = {}  # SamplingParams' name -> the field this client used, named in errors
     guided = [name for name in GUIDED if getattr(body, name) is not None]
+    if given.get("response_format", {}).get("type") == "text":  # free text: no format at all
+        given.pop("response_format")
     if len(guided) + ("response_format" in given) > 1:
         raise InvalidInputError(f"{' and '.join(guided + ['response_format'][: 'response_format' in given])} are "
                                 "given together: ask for one format", param=guided[-1])
