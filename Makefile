@@ -16,7 +16,7 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: demo test bench clean
 
-NATIVE_SOURCES := setup.py $(wildcard verispec/model/native/csrc/*)
+NATIVE_SOURCES := setup.py $(wildcard verispec/model/native/csrc/*) $(wildcard verispec/sampling/csrc/*)
 
 $(VENV)/.base: pyproject.toml constraints.txt $(NATIVE_SOURCES)
 	$(PYTHON) -m venv $(VENV)

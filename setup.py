@@ -1,7 +1,9 @@
-"""The native CPU kernels: one C++ extension, built from source by pip with the machine's compiler.
+"""The native CPU kernels, built from source by pip with the machine's compiler: the model's (one
+C++ extension) and the samplers' row reductions (one C file).
 
-It is optional: where it cannot be built (no compiler, not x86-64) verispec installs without it and
-runs on the torch backend. Nothing here needs torch, so an isolated build never pulls it in.
+Both are optional: where they cannot be built (no compiler, not x86-64) verispec installs without
+them and runs on the torch backend and numpy. Nothing here needs torch, so an isolated build never
+pulls it in.
 """
 
 import platform
@@ -20,6 +22,13 @@ if platform.machine().lower() in ("x86_64", "amd64"):
         extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden", "-mavx2", "-mfma", "-mf16c", "-fno-math-errno", "-pthread"],
         extra_link_args=["-pthread"],
         language="c++",
+        optional=True,
+    ))
+
+    extensions.append(Extension(  # the samplers' row reductions (verispec/sampling/reduce.py)
+        "verispec.sampling._rows",
+        sources=["verispec/sampling/csrc/rows.c"],
+        extra_compile_args=["-O3", "-fvisibility=default", "-mavx2", "-mfma", "-fno-math-errno"],
         optional=True,
     ))
 

@@ -1,5 +1,5 @@
-"""verispec/sampling/reduce.py: the per-row argmax and the log-probabilities with the k likeliest
-alternatives equal torch's (first maximal id; log-softmax to float32 rounding; the k largest, equal
+"""verispec/sampling/reduce.py, with its kernel and with numpy: the per-row argmax and the
+log-probabilities with the k likeliest alternatives equal torch's (first maximal id; log-softmax to float32 rounding; the k largest, equal
 values by lower id), and a row reduces the same wherever it lies in memory."""
 
 from __future__ import annotations
@@ -8,6 +8,16 @@ import pytest
 import torch
 
 from verispec.sampling import reduce
+
+
+@pytest.fixture(params=["kernel", "numpy"], autouse=True)
+def path(request, monkeypatch):
+    """Every test on both paths: csrc/rows.c's kernel, and numpy where it was not built."""
+    if request.param == "kernel" and reduce._kernel() is None:
+        pytest.skip("the row kernel was not built here")
+    if request.param == "numpy":
+        monkeypatch.setattr(reduce, "_kernel", lambda: None)
+    return request.param
 
 
 def rows(seed: int, vocab: int = 49152) -> torch.Tensor:

@@ -2,17 +2,22 @@
 and the log-probabilities of emitted tokens with the likeliest alternatives (logprobs).
 
 On the CPU torch spends 25-45 µs on each over one row of 49 152 logits (its argmax, logsumexp and
-topk kernels), and more once a forward has flushed the caches; NumPy's argmax and a grouped search
-for the top k take a fraction of that. A row reduces the same wherever it lies in memory (sums run
-over a private buffer: numpy's SIMD sums start at the first aligned element), so a row verified at
-any position of a forward gives exactly what the same row gives alone, and speculation reports
-plain decoding's numbers. Other devices use torch's kernels.
+topk kernels), and more once a forward has flushed the caches. Here the argmax is numpy's (5 µs),
+and a row's logsumexp and top k are one call of csrc/rows.c (AVX2), or, where it was not built,
+numpy's exp over a private buffer and a grouped search for the top k. Either way a row reduces the
+same wherever it lies in memory (numpy's SIMD sums start at the first aligned element, hence the
+buffer; the kernel sums from the row's first entry), so a row verified at any position of a
+forward gives exactly what the same row gives alone, and speculation reports plain decoding's
+numbers. Other devices use torch's kernels.
 """
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from collections.abc import Sequence
+from functools import cache
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,6 +49,8 @@ def log_softmax_entries(x: torch.Tensor, at: Sequence[int], ids: Sequence[int], 
         values, top_ids = torch.topk(rows, k, -1)
         return list(zip(chosen, [list(zip(i, v)) for i, v in zip(top_ids.tolist(), (values - lse).tolist())]))
     a = x.detach().numpy()
+    if (kernel := _kernel()) is not None and a.dtype == np.float32 and a.flags.c_contiguous:
+        return _entries(kernel, a, at, ids, k)
     buffer = _buffer(a.shape[1])
     out = []
     for r, token in zip(at, ids):
@@ -71,6 +78,40 @@ def log_entries(q: torch.Tensor, at: Sequence[int], ids: Sequence[int], k: int) 
     with np.errstate(divide="ignore"):  # log 0 = -inf: a token that cannot be drawn
         return [(float(np.log(a[r, token])), list(zip((best := _top(a[r], k)).tolist(), np.log(a[r, best]).tolist())))
                 for r, token in zip(at, ids)]
+
+
+@cache
+def _kernel() -> Any:
+    """csrc/rows.c's vs_row_stats through ctypes, where it was built and the CPU has AVX2 (else None:
+    numpy serves)."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return None
+    try:
+        from verispec.sampling import _rows
+    except ImportError:
+        return None
+    kernel = ctypes.CDLL(_rows.__file__).vs_row_stats
+    kernel.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                       ctypes.c_void_p]
+    kernel.restype = ctypes.c_int
+    return kernel
+
+
+def _entries(kernel: Any, a: np.ndarray, at: Sequence[int], ids: Sequence[int], k: int) -> list[Entry]:
+    """log_softmax_entries through the kernel: one call per row gives its logsumexp and top k."""
+    lse = np.empty(1, dtype=np.float32)
+    top_ids = np.empty(max(k, 1), dtype=np.int64)
+    values = np.empty(max(k, 1), dtype=np.float32)
+    base, stride, pointers = a.ctypes.data, a.strides[0], (lse.ctypes.data, top_ids.ctypes.data, values.ctypes.data)
+    out = []
+    for r, token in zip(at, ids):
+        have = kernel(base + r * stride, a.shape[1], k, *pointers)
+        if np.isneginf(lse[0]):  # every entry masked: nothing can be drawn here
+            out.append((float("-inf"), []))
+        else:
+            out.append((float(a[r, token] - lse[0]),
+                        list(zip(top_ids[:have].tolist(), (values[:have] - lse[0]).tolist()))))
+    return out
 
 
 _local = threading.local()  # a scratch row per thread (the engine's, and the prompt scorer's)
