@@ -37,8 +37,8 @@ def test_a_slow_spell_does_not_single_out_one_k(spell_start):
     """Timing each k's repeats back to back (as calibrate once did) puts the whole spell on one k,
     whose median then reads 25 ms: a made-up step in the curve that steers τ away from it."""
     curve = forward_times_ms(SpellTarget(spell_start), NoCache(), range(1, 10), repeats=5)
-    for k, ms in enumerate(curve, 1):
-        assert ms == pytest.approx(k, abs=2.0), (k, curve)
+    for k, ms in enumerate(curve, 1):  # a loaded machine oversleeps by a third at most; the spell reads 25
+        assert ms == pytest.approx(k, abs=2.0, rel=0.35), (k, curve)
 
 
 def test_calibrate_stores_a_curve_that_a_later_controller_starts_from(tiny_llm_folder, tmp_path, monkeypatch, capsys):
