@@ -28,6 +28,7 @@ if platform.machine().lower() in ("x86_64", "amd64"):
     extensions.append(Extension(  # the samplers' row reductions (verispec/sampling/reduce.py)
         "verispec.sampling._rows",
         sources=["verispec/sampling/csrc/rows.c"],
+        depends=[str(CSRC / "exp8.h")],
         extra_compile_args=["-O3", "-fvisibility=default", "-mavx2", "-mfma", "-fno-math-errno"],
         optional=True,
     ))

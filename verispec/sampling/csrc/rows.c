@@ -3,30 +3,14 @@
  *
  * The sum of exponentials runs over eight lanes from the row's first entry, unaligned loads, so a
  * row gives the same float wherever it lies in memory (speculation reports plain decoding's
- * numbers). exp is the Cephes polynomial (relative error ~1e-7), clamped below at -88.4, where an
- * entry's share is far under float32's resolution; -inf entries (masked) contribute nothing. */
+ * numbers). exp is the model's (exp8.h: Cephes' polynomial), clamped below at -87.3, where an entry's
+ * share is far under float32's resolution; -inf entries (masked) contribute nothing. */
 #include <Python.h>
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 
-static inline __m256 exp8(__m256 x) {
-    const __m256 one = _mm256_set1_ps(1.0f);
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f)), _mm256_set1_ps(88.3762626647949f));
-    __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-    __m256 z = _mm256_mul_ps(x, x);
-    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-    y = _mm256_add_ps(_mm256_fmadd_ps(y, z, x), one);
-    __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
-}
+#include "../../model/native/csrc/exp8.h"
 
 /* x [n] -> its logsumexp; ids/values [k]: the k largest, descending, equal values by lower id
  * (k <= n). Returns -inf (and no entries) for a row that is -inf everywhere. */
@@ -47,7 +31,7 @@ int vs_row_stats(const float* x, int64_t n, int k, float* lse, int64_t* ids, flo
     __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
     __m256 mm = _mm256_set1_ps(m);
     for (i = 0; i + 8 <= n; i += 8) {
-        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), mm));
+        __m256 e = vs_exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), mm));
         lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
         hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1)));
     }
@@ -57,7 +41,7 @@ int vs_row_stats(const float* x, int64_t n, int k, float* lse, int64_t* ids, flo
     float tail[8] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
     for (int64_t t = i; t < n; t++) tail[t - i] = x[t];
     float rest[8];
-    _mm256_storeu_ps(rest, exp8(_mm256_sub_ps(_mm256_loadu_ps(tail), mm)));
+    _mm256_storeu_ps(rest, vs_exp8(_mm256_sub_ps(_mm256_loadu_ps(tail), mm)));
     double sum = 0.0;
     for (int j = 0; j < 8; j++) sum += halves[j] + (i + j < n ? rest[j] : 0.0);
     *lse = (float)((double)m + log(sum));

@@ -5,32 +5,14 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "exp8.h"
 #include "matmul.h"
 
 namespace vs {
 
-// e^x for x <= 88.7 (Cephes' polynomial, ~1 ulp); x below -87.3 gives 0.
-static inline __m256 exp8(__m256 x) {
-  const __m256 hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-87.3365447504f);
-  x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
-  __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-  __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
-}
-
 static inline float exp1(float x) {  // the same function on one value (tails of rows)
   float in[8] = {x}, out[8];
-  _mm256_storeu_ps(out, exp8(_mm256_loadu_ps(in)));
+  _mm256_storeu_ps(out, vs_exp8(_mm256_loadu_ps(in)));
   return out[0];
 }
 
@@ -42,12 +24,12 @@ static void gated(int32_t kind, float* gate, const float* up, int n) {
   for (int i = 0; i < n; i += 8) {
     __m256 g = _mm256_loadu_ps(gate + i), a;
     if (kind == SILU) {
-      a = _mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+      a = _mm256_div_ps(g, _mm256_add_ps(one, vs_exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
     } else {  // 0.5 g (1 + tanh(u)), tanh(u) = 1 - 2 / (e^2u + 1)
       const __m256 c = _mm256_set1_ps(0.7978845608028654f), k = _mm256_set1_ps(0.044715f);
       __m256 u = _mm256_mul_ps(c, _mm256_fmadd_ps(_mm256_mul_ps(k, g), _mm256_mul_ps(g, g), g));
       __m256 t = _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.0f),
-                                                  _mm256_add_ps(exp8(_mm256_add_ps(u, u)), one)));
+                                                  _mm256_add_ps(vs_exp8(_mm256_add_ps(u, u)), one)));
       a = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), g), _mm256_add_ps(one, t));
     }
     _mm256_storeu_ps(gate + i, _mm256_mul_ps(a, _mm256_loadu_ps(up + i)));
@@ -135,7 +117,7 @@ static float exponentiate(float* scores, int n) {
   const __m256 m = _mm256_set1_ps(top);
   __m256 sum8 = _mm256_setzero_ps();
   for (t = 0; t + 8 <= n; t += 8) {
-    __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + t), m));
+    __m256 e = vs_exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + t), m));
     _mm256_storeu_ps(scores + t, e);
     sum8 = _mm256_add_ps(sum8, e);
   }
