@@ -111,10 +111,18 @@ class TorchBackend:
         masks = [{sliding: kernels.attention_masks(pos, group, c.sliding_window if sliding else None)
                   for sliding in self._kinds} for pos in positions]
         x = self.embed[torch.cat(ids)] * c.embed_scale  # [rows, hidden]
+        capture = next((seg.capture for seg in segments if seg.capture), ())
+        taken: dict[int, torch.Tensor] = {}  # layer -> the residual stream entering it [rows, hidden]
         for i, layer in enumerate(self.layers):
+            if i in capture:
+                taken[i] = x
             x = x + self._attention(layer, i, x, rope[layer.sliding], [m[layer.sliding] for m in masks], segments,
                                     spans, paths)
             x = x + self._mlp(layer, x)
+        taken[c.num_layers] = x
+        for seg, (first, _) in zip(segments, spans):
+            if seg.capture:
+                seg.features = torch.stack([taken[i][first: first + seg.token_ids.shape[0]] for i in capture], dim=1)
         outputs = []
         for seg, (first, _) in zip(segments, spans):
             n = seg.token_ids.shape[0]

@@ -44,7 +44,8 @@ class Batch(ctypes.Structure):
                 ("positions", POINTER(c_int32)), ("first_row", POINTER(c_int32)),
                 ("k_cache", POINTER(c_void_p)), ("v_cache", POINTER(c_void_p)), ("stride", POINTER(c_int32)),
                 ("outputs", c_int32), ("output_rows", POINTER(c_int32)), ("logits", POINTER(c_float)),
-                ("int8", c_int32), ("parent", POINTER(c_int32)), ("slot", POINTER(c_int32))]
+                ("int8", c_int32), ("parent", POINTER(c_int32)), ("slot", POINTER(c_int32)),
+                ("captures", c_int32), ("capture_layers", POINTER(c_int32)), ("features", POINTER(c_float))]
 
 
 @cache

@@ -104,6 +104,9 @@ class NativeBackend:
         k = (ctypes.c_void_p * len(segments))(*[seg.cache.k.data_ptr() for seg in segments])
         v = (ctypes.c_void_p * len(segments))(*[seg.cache.v.data_ptr() for seg in segments])
         logits = torch.empty(len(outputs), self.config.vocab_size)  # [wanted rows, vocab]
+        capture = next((seg.capture for seg in segments if seg.capture), ())
+        features = torch.empty(len(ids) if capture else 0, len(capture), self.config.hidden_size)
+        arrays.append(int32_array(list(capture)))
         i32 = ctypes.POINTER(ctypes.c_int32)
         batch = Batch(rows=len(ids), segments=len(segments), token_ids=arrays[0].ctypes.data_as(i32),
                       positions=arrays[1].ctypes.data_as(i32), first_row=arrays[2].ctypes.data_as(i32),
@@ -111,8 +114,12 @@ class NativeBackend:
                       v_cache=ctypes.cast(v, ctypes.POINTER(ctypes.c_void_p)), stride=arrays[4].ctypes.data_as(i32),
                       outputs=len(outputs), output_rows=arrays[3].ctypes.data_as(i32), logits=float_ptr(logits),
                       int8=int(self.int8), parent=arrays[5].ctypes.data_as(i32) if trees else None,
-                      slot=arrays[6].ctypes.data_as(i32) if trees else None)
+                      slot=arrays[6].ctypes.data_as(i32) if trees else None, captures=len(capture),
+                      capture_layers=arrays[7].ctypes.data_as(i32), features=float_ptr(features) if capture else None)
         native.lib().vs_forward(ctypes.byref(self.model), ctypes.byref(batch))
+        for seg, first in zip(segments, first_row):
+            if seg.capture:
+                seg.features = features[first: first + seg.token_ids.shape[0]]
         parts = iter(logits.split([seg.token_ids.shape[0] if seg.logits == "all" else 1
                                    for seg in segments if seg.logits != "none"]))
         return [None if seg.logits == "none" else next(parts) for seg in segments]

@@ -43,6 +43,10 @@ struct Batch {  // the new rows of several sequences, each continuing its own ca
   // Draft trees; both null when every row is a chain (row r at slot positions[r], seeing slots 0..it).
   const int32_t* parent;     // [rows]: row r's parent row in the batch; -1: r sees its cache's slots 0..its own
   const int32_t* slot;       // [rows]: where row r's key and value go in its cache
+  // Hidden states to hand back (EAGLE-3 features); null when none is asked for.
+  int32_t captures;
+  const int32_t* capture_layers;  // [captures]: the residual stream entering layer capture_layers[c] (layers: leaving the last)
+  float* features;                // [rows, captures, hidden]
 };
 
 static Pool pool;
@@ -85,7 +89,15 @@ static void forward(const Model& m, const Batch& b) {
     if (m.embed_scale != 1.0f)
       for (int i = 0; i < H; i++) xr[i] *= m.embed_scale;
   });
+  auto capture = [&](int L) {
+    for (int c = 0; c < b.captures; c++)
+      if (b.capture_layers[c] == L)
+        for (int r = 0; r < R; r++)
+          memcpy(b.features + (static_cast<int64_t>(r) * b.captures + c) * H, &x[static_cast<size_t>(r) * H],
+                 H * sizeof(float));
+  };
   for (int L = 0; L < m.layers; L++) {
+    capture(L);
     const LayerWeights& w = m.layer[L];
     auto cache_at = [&](float* const* caches, int r, int kvh) {
       return caches[segment[r]] + (static_cast<int64_t>(L * m.kv_heads + kvh) * b.stride[segment[r]]) * d;
@@ -151,6 +163,7 @@ static void forward(const Model& m, const Batch& b) {
       for (int i = 0; i < H; i++) x[r * H + i] += orow[i];
     });
   }
+  capture(m.layers);
   // 3. the final norm and the LM head, for the rows whose logits are wanted
   if (b.outputs == 0) return;
   std::vector<float> out(static_cast<size_t>(b.outputs) * H);
