@@ -279,3 +279,31 @@ class ServeConfig:
                  f"shutdown_timeout={self.shutdown_timeout!r} is not allowed: it must be a number of seconds >= 0")
         _require(self.api_key is None or (isinstance(self.api_key, str) and self.api_key != ""), "api_key",
                  "api_key='' is not allowed: give a non-empty key, or none for an open server")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How `verispec train-drafter` trains an EAGLE-3 head (verispec/eagle/train.py)."""
+
+    draft_vocab: int = 8192
+    unroll: int = 5  # training-time-test steps
+    decay: float = 0.8  # step j's loss weight is decay ** j
+    lr: float = 5e-4
+    batch_tokens: int = 2048  # positions per optimizer step
+    minutes: float = 60.0  # the budget of training, data making aside
+    held_out: float = 0.1  # the share of examples kept out for acceptance
+    chain: int = 4  # held-out acceptance is the mean accepted length of chains this long
+    evaluate_every_s: float = 60.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, low in (("draft_vocab", 2), ("unroll", 1), ("batch_tokens", 1), ("chain", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise InvalidInputError(f"{name}={value!r} is not allowed: an integer >= {low}", param=name)
+        for name, low, high in (("decay", 0.0, 1.0), ("held_out", 0.0, 0.9)):
+            if not low < getattr(self, name) <= high:
+                raise InvalidInputError(f"{name}={getattr(self, name)!r} is not allowed: in ({low}, {high}]", param=name)
+        for name in ("lr", "minutes", "evaluate_every_s"):
+            if not getattr(self, name) > 0:
+                raise InvalidInputError(f"{name}={getattr(self, name)!r} is not allowed: a number > 0", param=name)

@@ -11,6 +11,7 @@ import torch
 from verispec import hub
 from verispec.config import MAX_SEED, RuntimeConfig, SamplingParams
 from verispec.drafters import DraftModelDrafter, Drafter, NgramDrafter, SuffixDrafter
+from verispec.drafters.eagle import EagleDrafter
 from verispec.drafters.suffix import BUDGET, History
 from verispec.drafters.select import TREE, parse_drafter
 from verispec.engine.calibrate import (Calibration, calibration_path, drafter_costs_ms, load_calibration,
@@ -20,6 +21,8 @@ from verispec.engine.generate import Engine, Sequence, step
 from verispec.engine.load import BatchPlanner
 from verispec.engine.request import Request
 from verispec.engine.scheduler import Audit, Scheduler
+from verispec.eagle.head import Head, builtin_head, tokenizer_hash
+from verispec.eagle.head import load as load_head
 from verispec.engine.trace import TraceWriter
 from verispec.errors import InvalidInputError, TokenizerMismatchError
 from verispec.model import native
@@ -112,7 +115,7 @@ class LLM:
 
     def make_drafter(self, name: str | None) -> Drafter | None:
         """A drafter for this target from its name: 'none', 'ngram', 'suffix' (their '-tree' forms
-        propose trees) or 'draft:MODEL'. Each suffix drafter made here has a global tree of its own
+        propose trees), 'draft:MODEL' or 'eagle[:DIR]'. Each suffix drafter made here has a global tree of its own
         (its forks share it)."""
         kind, draft_model = parse_drafter(name)
         tree = kind.endswith(TREE)
@@ -122,7 +125,16 @@ class LLM:
             return SuffixDrafter(History(self.suffix_budget) if self.suffix_global else None, tree=tree)
         if kind == "draft":
             return DraftModelDrafter(self._load_draft_model(draft_model))
+        if kind == "eagle":
+            return EagleDrafter(self._load_head(draft_model), self.target.max_context)
         return None
+
+    def _load_head(self, folder: str | None) -> Head:
+        """An EAGLE-3 head for this target: the one in `folder`, or the default model's built-in one."""
+        if folder is None:
+            folder = builtin_head()
+        embed = self.target.output_weights()[0]
+        return load_head(Path(folder).expanduser(), self.target.config, embed, tokenizer_hash(self.source.folder))
 
     def _load_draft_model(self, name: str) -> Transformer:
         source = hub.resolve(name)

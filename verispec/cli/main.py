@@ -6,14 +6,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from verispec.cli import advise, bench, calibrate, diagnose, generate, models, serve
+from verispec.cli import advise, bench, calibrate, diagnose, generate, models, serve, train
 from verispec.errors import VerispecError
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="verispec", description="Lossless speculative decoding.")
     sub = p.add_subparsers(dest="command", required=True)
-    for command in (generate, serve, bench, advise, calibrate, diagnose, models):
+    for command in (generate, serve, bench, advise, calibrate, diagnose, train, models):
         command.add_parser(sub)
     return p
 

@@ -77,6 +77,12 @@ class Drafter(Protocol):
         random stream), so that q is shaped like the target's p."""
 
 
+def feature_layers(drafter: Drafter | None) -> tuple[int, ...]:
+    """The target layers whose hidden states the drafter reads (EAGLE-3: its optional
+    `feature_layers`, with `features(rows)` to hear them), () for the others."""
+    return tuple(getattr(drafter, "feature_layers", ()))
+
+
 def learns_across_requests(drafter: Drafter | None) -> bool:
     return hasattr(drafter, "finish")
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from verispec import tree
-from verispec.drafters.base import DraftProposal, Drafter, finish, propose_all
+from verispec.drafters.base import DraftProposal, Drafter, feature_layers, finish, propose_all
 from verispec.engine.controller import Controller
 from verispec.engine.load import BatchPlanner
 from verispec.engine.monitor import Monitor
@@ -108,7 +108,7 @@ def step(target: Transformer, sequences: Seq[Sequence], prefill_budget: int | No
         if n > 0:
             start = seq.cache.length
             prefill.append(Segment(torch.tensor(seq.request.prompt_ids[start: start + n], device=device),
-                                   seq.cache, "none"))
+                                   seq.cache, "none", capture=feature_layers(seq.drafter)))
             filling.append(seq)
             budget = None if budget is None else budget - n
     decoding = [s for s in sequences if not s.request.finished and s.to_prefill == 0 and s not in filling
@@ -122,22 +122,29 @@ def step(target: Transformer, sequences: Seq[Sequence], prefill_budget: int | No
     proposals = _draft(decoding, taus, contexts)
     t1 = time.perf_counter()
     # 3. one forward: prefill chunks and [pending] + drafts of every decoding sequence
-    verifying = [Segment(torch.tensor([seq.request.last_id] + p.token_ids, device=device), seq.cache, "all", p.parents)
-                 for seq, p in zip(decoding, proposals)]
+    verifying = [Segment(torch.tensor([seq.request.last_id] + p.token_ids, device=device), seq.cache, "all", p.parents,
+                         feature_layers(seq.drafter)) for seq, p in zip(decoding, proposals)]
     bases = [seq.cache.length for seq in decoding]
     logits = target.forward_many(prefill + verifying)[len(prefill):]
     verify_rows = sum(len(segment.token_ids) for segment in verifying)
-    # 4. accept, roll back, commit
+    for seq, segment in zip(filling, prefill):
+        if segment.capture:
+            seq.drafter.features(segment.features)  # type: ignore[union-attr]
+    # 4. accept, roll back, commit (a drafter that reads features hears the kept rows')
     results = []
-    for seq, proposal, rows, base in zip(decoding, proposals, logits, bases):
+    for seq, proposal, rows, base, segment in zip(decoding, proposals, logits, bases, verifying):
         if proposal.parents is None:
             accepted, tokens, u, logprobs = _verify_chain(seq, proposal, rows)
             seq.cache.truncate(base + 1 + accepted)
             path = None
+            kept = slice(0, accepted + 1)
         else:
             path, tokens, u, logprobs = _verify_tree(seq, proposal, rows)
             seq.cache.keep(base, [0] + path)
             accepted = len(path)
+            kept = [0] + path
+        if segment.capture:
+            seq.drafter.features(segment.features[kept])  # type: ignore[union-attr]
         results.append((accepted, tokens, path, u, logprobs))
     t2 = time.perf_counter()
     if planner is not None:
@@ -164,7 +171,7 @@ def _share_prefill(sequences: Seq[Sequence]) -> set[int]:
         source = seq.prefix_from
         if source is None:
             continue
-        if id(source) not in running or source.request.prompt_ids != seq.request.prompt_ids:
+        if feature_layers(seq.drafter) or id(source) not in running or source.request.prompt_ids != seq.request.prompt_ids:
             seq.prefix_from = None
         elif source.to_prefill > 0:
             waiting.add(id(seq))

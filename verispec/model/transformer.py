@@ -48,6 +48,8 @@ class Transformer:
         rope = {False: global_rope, True: local_rope}
         self.backend_name = backend
         self.activations = activations
+        self._output = {name: weights[name] for name in ("embed", "lm_head", "final_norm") if name in weights}
+        self._dense: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.backend: Backend
         if backend == "native":
             from verispec.model.native.backend import NativeBackend
@@ -57,6 +59,18 @@ class Transformer:
             from verispec.model.torch_backend import TorchBackend
 
             self.backend = TorchBackend(config, weights, rope, device)
+
+    def output_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(embedding [vocab, hidden], LM head [vocab, hidden], final norm [hidden]) in fp32 on the CPU,
+        dequantized once: what an EAGLE head shares with its target and trains against."""
+        def dense(w: Weight | torch.Tensor) -> torch.Tensor:
+            return (w.dequantize() if isinstance(w, Weight) else w).to("cpu", torch.float32)
+
+        if self._dense is None:
+            embed = dense(self._output["embed"])
+            head = dense(self._output["lm_head"]) if "lm_head" in self._output else embed
+            self._dense = embed, head, dense(self._output["final_norm"])
+        return self._dense
 
     def new_cache(self, capacity: int | None = None) -> KVCache:
         """A cache for `capacity` positions (at most max_context, the default)."""

@@ -1,0 +1,105 @@
+"""An EAGLE-3 head drafts from the target's hidden states (verispec/eagle/head.py).
+
+The engine hands the drafter the target's features of every token it commits (`features`, for the
+layers in `feature_layers`); the context's last token (pending) has none yet. A proposal first takes
+in the pairs it has not seen (pair t: the features at t and the token at t + 1; the last pair ends
+at the pending token), then drafts one token per head step on its own features. Its head cache
+keeps the pairs built from the target's features; the drafted ones are dropped at the next proposal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from verispec.drafters.base import DraftProposal
+from verispec.eagle.head import Head
+from verispec.sampling import Sampler
+
+
+class EagleDrafter:
+    def __init__(self, head: Head, capacity: int) -> None:
+        self.head = head
+        self.capacity = capacity
+        self.cache = head.new_cache(capacity)
+        self._unseen: list[torch.Tensor] = []  # target features [m, layers, H] not yet in the head cache
+        self._seen = 0  # pairs in the head cache built from the target's features
+        self._sampler: Sampler | None = None
+
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        return self.head.config.layers
+
+    @property
+    def batch_key(self) -> int:
+        return id(self.head)
+
+    def fork(self) -> EagleDrafter:
+        return EagleDrafter(self.head, self.capacity)
+
+    def reset(self, sampler: Sampler) -> None:
+        self._sampler = sampler
+        self._unseen, self._seen = [], 0
+        self.cache.truncate(0)
+
+    def features(self, rows: torch.Tensor) -> None:
+        """The target's features [m, layers, H] of the next m committed tokens."""
+        self._unseen.append(rows)
+
+    def backlog(self, context: Sequence[int]) -> int:
+        return sum(len(rows) for rows in self._unseen)
+
+    def observe(self, num_accepted: int) -> None:
+        pass  # drafted pairs are dropped from the head cache at the next proposal
+
+    def propose(self, context: Sequence[int], k: int) -> DraftProposal:
+        return self.propose_many([(self, context, k)])[0]
+
+    @staticmethod
+    def propose_many(jobs: Sequence[tuple[EagleDrafter, Sequence[int], int]]) -> list[DraftProposal]:
+        """Proposals for drafters that share one head: every head step is one pass for all."""
+        head = jobs[0][0].head
+        drafts: list[list[int]] = [[] for _ in jobs]
+        rows: list[list[torch.Tensor]] = [[] for _ in jobs]
+        fed = [0] * len(jobs)
+        # never past the head's context, nor the target's (RELIABILITY.md D9)
+        limits = [min(k, drafter.cache.capacity - len(context)) for drafter, context, k in jobs]
+        feeds: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # job -> (tokens [n], g [n, H]) to take in
+        for idx, (drafter, context, _) in enumerate(jobs):
+            if drafter._sampler is None:
+                raise RuntimeError("EagleDrafter.propose before reset(sampler)")
+            feed = drafter._catch_up(context)
+            if feed is not None:
+                feeds[idx], fed[idx] = feed, len(feed[0])
+        while feeds:
+            found = head.step([(tokens, g, jobs[idx][0].cache) for idx, (tokens, g) in feeds.items()])
+            for idx, h in zip(list(feeds), found):
+                drafter, context, _ = jobs[idx]
+                sampler = drafter._sampler
+                history = list(context[len(sampler.prompt_ids):]) + drafts[idx]
+                with torch.inference_mode():
+                    probs = sampler.probs(head.full_logits(h[-1:]), history)  # [1, V], zero outside the draft vocabulary
+                del feeds[idx]
+                if limits[idx] <= 0 or not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+                    continue  # the request's rules leave no draft-vocabulary token: stop drafting here
+                drafts[idx].append(int(sampler.sample(probs)[0]))
+                rows[idx].append(probs[0])
+                if len(drafts[idx]) < limits[idx] and drafts[idx][-1] not in sampler.stop_ids:
+                    feeds[idx] = (torch.tensor(drafts[idx][-1:]), h[-1:])
+        return [DraftProposal(tokens, torch.stack(r) if r else None, fed[idx])
+                for idx, (tokens, r) in enumerate(zip(drafts, rows))]
+
+    def _catch_up(self, context: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Drop the drafted pairs; the unseen pairs (tokens [n], fused g [n, H]) to take in next, or
+        None when the features do not cover the context (the drafter joined a sequence late)."""
+        self.cache.truncate(self._seen)
+        n = sum(len(rows) for rows in self._unseen)
+        if n == 0 or self._seen + n != len(context) - 1:
+            self._unseen = []
+            return None
+        with torch.inference_mode():
+            g = self.head.fuse(torch.cat(self._unseen))
+        tokens = torch.tensor(list(context[self._seen + 1:]))
+        self._unseen, self._seen = [], self._seen + n
+        return tokens, g

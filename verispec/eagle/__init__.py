@@ -1,0 +1,1 @@
+"""EAGLE-3 heads: the head, its training data and its training."""
