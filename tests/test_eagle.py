@@ -21,6 +21,7 @@ from verispec.engine.generate import Engine, Sequence, step
 from verispec.engine.request import Request
 from verispec.errors import InvalidInputError, ModelLoadError
 from verispec.llm import LLM
+from verispec.model.segment import Segment
 
 PROMPTS = ["the end", "stop the", "then the end", "a b c", "hello there", "it is the", "sto sto", "one two"]
 
@@ -203,7 +204,7 @@ def test_training_refuses_spec_bench_and_bad_settings(trained):
 def test_the_target_writes_distinct_prompts_of_its_own(trained):
     llm, _, _ = trained
     prompts = data.own_prompts(llm, 6, seed=1, max_tokens=16)
-    assert len(prompts) <= 6 and len({tuple(p) for p in prompts}) == len(prompts)
+    assert 3 <= len(prompts) <= 6 and len({tuple(p) for p in prompts}) == len(prompts)  # seeds differ
     prefix = data.user_prefix(llm)
     assert all(p[: len(prefix)] == prefix for p in prompts)  # each is a user turn under the template
 
@@ -222,3 +223,43 @@ def test_cli_trains_and_resumes(tmp_path, trained, capsys):
     assert "resuming at step" in out and json.loads(out.strip().splitlines()[-1])["steps"] > first["steps"]
     assert main(["generate", "--model", str(llm.source.folder), "--drafter", f"eagle:{tmp_path / 'head'}",
                  "--prompt", "the end", "--max-tokens", "8"]) == 0
+
+
+def test_calibration_prices_eagle_drafting_from_the_targets_features(trained):
+    """calibrate hands the head the target's features of its context: a proposal drafts, proposing
+    again after the same context drafts the same tokens (no pair to take in), and both costs are
+    measured."""
+    llm, folder, _ = trained
+    eagle = LLM(str(llm.source.folder), drafter=f"eagle:{folder}", num_draft_tokens=4)
+    per_draft, per_fed = eagle.drafter_costs(eagle.engine.drafter, repeats=2)
+    assert per_draft > 0 and per_fed >= 0
+    drafter, context = eagle.engine.drafter, eagle.encode("the end of it")
+    drafter.reset(Request(context, SamplingParams(), eagle.eos_ids, 64).sampler)
+    assert drafter.propose(context, 4).token_ids == []  # no features yet: no drafts
+    segment = Segment(torch.tensor(context[:-1]), eagle.target.new_cache(64), "none", capture=drafter.feature_layers)
+    eagle.target.forward_many([segment])
+    drafter.features(segment.features)
+    first = drafter.propose(context, 4)
+    again = drafter.propose(context, 4)
+    assert len(first.token_ids) == 4 and again.token_ids == first.token_ids
+    assert first.fed == len(context) - 1 and again.fed == 0
+
+
+def test_replay_of_eagle_runs_the_cycles_the_engine_ran(trained):
+    """advise replays a head over the target's greedy output with the target's features of it (one
+    prefill): its cycles are those of a real run, draft for draft."""
+    from verispec.benchmark.replay import replay
+    from verispec.engine.cost import CostModel, VerifyCurve
+
+    llm, folder, _ = trained
+    eagle = LLM(str(llm.source.folder), drafter=f"eagle:{folder}", num_draft_tokens=3)
+    drafter = eagle.engine.drafter
+    for prompt in PROMPTS[:3]:
+        out = eagle.generate(prompt, SamplingParams(max_tokens=30))
+        ids = out.prompt_token_ids
+        sampler = Request(ids, SamplingParams(), llm.eos_ids, 1024).sampler
+        features = llm.target.features(ids + out.token_ids, drafter.feature_layers)
+        replayed = replay(drafter, sampler, ids, out.token_ids, 3, CostModel(VerifyCurve((1.0, 1.1, 1.2, 1.3)), 0.1),
+                          features=features)
+        assert (replayed.drafted, replayed.accepted) == (out.stats.drafted, out.stats.accepted), prompt
+        assert replayed.accepted > 0 or prompt != PROMPTS[0]

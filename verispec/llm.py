@@ -11,6 +11,7 @@ import torch
 from verispec import hub
 from verispec.config import MAX_SEED, RuntimeConfig, SamplingParams
 from verispec.drafters import DraftModelDrafter, Drafter, NgramDrafter, SuffixDrafter
+from verispec.drafters.base import feature_layers
 from verispec.drafters.eagle import EagleDrafter
 from verispec.drafters.suffix import BUDGET, History
 from verispec.drafters.select import TREE, parse_drafter
@@ -27,7 +28,7 @@ from verispec.engine.trace import TraceWriter
 from verispec.errors import InvalidInputError, TokenizerMismatchError
 from verispec.model import native
 from verispec.model.load import load_model, resolve_device
-from verispec.model.transformer import Transformer
+from verispec.model.transformer import Segment, Transformer
 from verispec.sampling.grammar import Grammars
 from verispec.text import Detokenizer, Prompt, StopStrings, check_same_tokenizer, encode, eos_ids, load_tokenizer
 from verispec.types import Output
@@ -168,7 +169,13 @@ class LLM:
             return 0.0, 0.0
         context = self.encode(CALIBRATION_TEXT * 4)[:128]
         sampler = Request(context, SamplingParams(), self.eos_ids, self.engine.capacity).sampler
-        return drafter_costs_ms(drafter, context, sampler, repeats=repeats)
+        features = None
+        if feature_layers(drafter):  # what the target's forward over the context hands an EAGLE head
+            segment = Segment(torch.tensor(context[:-1]), self.target.new_cache(len(context)), "none",
+                              capture=feature_layers(drafter))
+            self.target.forward_many([segment])
+            features = segment.features
+        return drafter_costs_ms(drafter, context, sampler, repeats=repeats, features=features)
 
     def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
         return encode(self.tokenizer, prompt, self.target.config.vocab_size, chat)

@@ -17,12 +17,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from verispec.benchmark.prompts import BenchPrompt
 from verispec.benchmark.replay import Replayed, replay
 from verispec.config import SamplingParams
-from verispec.drafters.base import Drafter, finish
+from verispec.drafters.base import Drafter, feature_layers, finish
 from verispec.engine.calibrate import forward_times_ms, warm_up
 from verispec.engine.controller import Controller
 from verispec.engine.cost import (
@@ -66,11 +67,13 @@ class Priced:
         return sum(r.accepted for r in self.replays) / drafted if drafted else 0.0
 
 
-def decode_all(llm: LLM, prompt_ids: list[list[int]], params: SamplingParams, batch: int = 8,
-               progress: bool = True) -> list[list[int]]:
-    """Every prompt's plain greedy output, `batch` sequences per forward (rows are invariant, so
-    batching does not change a token); caches as long as the longest prompt needs."""
-    capacity = max(map(len, prompt_ids)) + params.max_tokens + 1
+def decode_all(llm: LLM, prompt_ids: list[list[int]], params: SamplingParams | list[SamplingParams],
+               batch: int = 8, progress: bool = True) -> list[list[int]]:
+    """Every prompt's plain output (params: one for all, or one per prompt, e.g. seeds), `batch`
+    sequences per forward (rows are invariant, so batching does not change a token); caches as
+    long as the longest prompt needs."""
+    each = params if isinstance(params, list) else [params] * len(prompt_ids)
+    capacity = max(map(len, prompt_ids)) + max(p.max_tokens for p in each) + 1
     caches = [llm.target.new_cache(capacity) for _ in range(min(batch, len(prompt_ids)))]
     todo = deque(enumerate(prompt_ids))
     running: dict[int, tuple[int, Running]] = {}  # cache index -> (prompt index, its sequence)
@@ -80,7 +83,7 @@ def decode_all(llm: LLM, prompt_ids: list[list[int]], params: SamplingParams, ba
             for c, cache in enumerate(caches):
                 if c not in running and todo:
                     i, ids = todo.popleft()
-                    running[c] = (i, Running(Request(ids, params, llm.eos_ids, cache.capacity), cache))
+                    running[c] = (i, Running(Request(ids, each[i], llm.eos_ids, cache.capacity), cache))
             step(llm.target, [s for _, s in running.values()])
             for c, (i, s) in list(running.items()):
                 if s.request.finished:
@@ -103,15 +106,16 @@ def context_curve(llm: LLM, longest: int, repeats: int = 5) -> ContextCurve:
 
 
 class Drafters:
-    """Fresh drafters by name for one LLM: a draft model is loaded once and forked (its weights
-    shared); the others are made anew (a suffix drafter's fork would share its global tree)."""
+    """Fresh drafters by name for one LLM: a draft model or an EAGLE head is loaded once and forked
+    (its weights shared); the others are made anew (a suffix drafter's fork would share its global
+    tree)."""
 
     def __init__(self, llm: LLM) -> None:
         self.llm = llm
         self._loaded: dict[str, Drafter | None] = {}
 
     def __call__(self, name: str) -> Drafter | None:
-        if not name.startswith("draft:"):
+        if not name.startswith(("draft:", "eagle")):
             return self.llm.make_drafter(name)
         if name not in self._loaded:
             self._loaded[name] = self.llm.make_drafter(name)
@@ -124,13 +128,17 @@ def price(llm: LLM, make: Drafters, drafter: str, policies: Sequence[int | str],
     them as a server's would (suffix: each output joins its global tree), and for `auto` one
     controller throughout."""
     samplers = [Request(ids, SamplingParams(), llm.eos_ids, llm.engine.capacity).sampler for ids in prompt_ids]
+    features: list[torch.Tensor | None] = [None] * len(prompt_ids)  # the target's, for a drafter that reads them
     priced = []
     for tau in policies:
         made = make(drafter)
+        layers = feature_layers(made)
+        if layers and features[0] is None:
+            features = [llm.target.features(ids + out, layers) for ids, out in zip(prompt_ids, outputs)]
         policy: int | Controller = Controller(model) if tau == AUTO else int(tau)
         one = Priced(drafter, tau)
-        for ids, out, sampler in zip(prompt_ids, outputs, samplers):
-            one.replays.append(replay(made, sampler, ids, out, policy, model, curves=curves))
+        for ids, out, sampler, seen in zip(prompt_ids, outputs, samplers, features):
+            one.replays.append(replay(made, sampler, ids, out, policy, model, curves=curves, features=seen))
             finish(made, out)
         priced.append(one)
     return priced

@@ -16,6 +16,8 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+
 from verispec import tree
 from verispec.drafters.base import Drafter, DraftProposal
 from verispec.engine.controller import Controller
@@ -49,10 +51,14 @@ class Replayed:
 
 def replay(drafter: Drafter, sampler: Sampler, prompt_ids: Sequence[int], output_ids: Sequence[int],
            policy: int | Controller, model: CostModel, noise: float = 0.0, seed: int = 0,
-           curves: ContextCurve | None = None) -> Replayed:
-    """The cycles of `policy` (a fixed τ, or a controller that keeps learning) over output_ids."""
+           curves: ContextCurve | None = None, features: torch.Tensor | None = None) -> Replayed:
+    """The cycles of `policy` (a fixed τ, or a controller that keeps learning) over output_ids.
+    features: the target's hidden states of prompt + output [n, layers, H], for a drafter that reads
+    them (EAGLE), handed to it as the engine would: the prompt's, then each cycle's kept rows."""
     rng = random.Random(seed)
     drafter.reset(sampler)
+    if features is not None:
+        drafter.features(features[: len(prompt_ids) - 1])  # type: ignore[attr-defined]
     done, ms, plain_ms, taus, cycles, verified = 0, 0.0, 0.0, [], [], 0
     context = list(prompt_ids)
     while done < len(output_ids):
@@ -68,6 +74,8 @@ def replay(drafter: Drafter, sampler: Sampler, prompt_ids: Sequence[int], output
         accepted, positions = len(path), max(tree.depths(parents))  # positions: the engine's `drafted`
         if drafts:
             drafter.observe(accepted)
+        if features is not None:  # the rows the verify forward kept: pending + the accepted drafts
+            drafter.features(features[len(context) - 1: len(context) + accepted])  # type: ignore[attr-defined]
         draft_ms = len(drafts) * model.draft_ms + proposal.fed * model.feed_ms
         verify_ms = curve(len(drafts) + 1)
         if isinstance(policy, Controller):

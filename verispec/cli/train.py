@@ -42,9 +42,9 @@ def run(args: argparse.Namespace) -> None:
             prompts, source = data.file_prompts(llm, args.prompts), args.prompts
         else:
             print(f"the target writes {args.num_prompts} prompts of its own ...", flush=True)
-            prompts, source = data.own_prompts(llm, args.num_prompts, config.seed), "written by the target"
+            prompts, source = data.own_prompts(llm, args.num_prompts, config.seed, progress=True), "written by the target"
         print(f"answering {len(prompts)} prompts (greedy, up to {args.max_tokens} tokens) ...", flush=True)
-        examples = data.answer(llm, prompts, args.max_tokens)
+        examples = data.answer(llm, prompts, args.max_tokens, progress=True)
         save_examples(folder, examples, source)
     else:
         examples, source = found

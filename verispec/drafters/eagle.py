@@ -25,6 +25,7 @@ class EagleDrafter:
         self.cache = head.new_cache(capacity)
         self._unseen: list[torch.Tensor] = []  # target features [m, layers, H] not yet in the head cache
         self._seen = 0  # pairs in the head cache built from the target's features
+        self._last: torch.Tensor | None = None  # h [1, H] of the last of them: its logits give draft 1
         self._sampler: Sampler | None = None
 
     @property
@@ -40,7 +41,7 @@ class EagleDrafter:
 
     def reset(self, sampler: Sampler) -> None:
         self._sampler = sampler
-        self._unseen, self._seen = [], 0
+        self._unseen, self._seen, self._last = [], 0, None
         self.cache.truncate(0)
 
     def features(self, rows: torch.Tensor) -> None:
@@ -66,37 +67,52 @@ class EagleDrafter:
         # never past the head's context, nor the target's (RELIABILITY.md D9)
         limits = [min(k, drafter.cache.capacity - len(context)) for drafter, context, k in jobs]
         feeds: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # job -> (tokens [n], g [n, H]) to take in
+        ready: dict[int, torch.Tensor] = {}  # job -> the h [1, H] whose logits give its next draft
         for idx, (drafter, context, _) in enumerate(jobs):
             if drafter._sampler is None:
                 raise RuntimeError("EagleDrafter.propose before reset(sampler)")
             feed = drafter._catch_up(context)
             if feed is not None:
                 feeds[idx], fed[idx] = feed, len(feed[0])
-        while feeds:
-            found = head.step([(tokens, g, jobs[idx][0].cache) for idx, (tokens, g) in feeds.items()])
-            for idx, h in zip(list(feeds), found):
+            elif drafter._last is not None and drafter._seen == len(context) - 1:
+                ready[idx] = drafter._last  # the same context again: no pair to take in
+        catching_up = set(feeds)
+        while feeds or ready:
+            if feeds:
+                found = head.step([(tokens, g, jobs[idx][0].cache) for idx, (tokens, g) in feeds.items()])
+                for idx, h in zip(list(feeds), found):
+                    ready[idx] = h[-1:]
+                    if idx in catching_up:
+                        jobs[idx][0]._last = h[-1:]
+                feeds, catching_up = {}, set()
+            for idx, h in ready.items():
                 drafter, context, _ = jobs[idx]
                 sampler = drafter._sampler
+                if limits[idx] <= 0:
+                    continue
                 history = list(context[len(sampler.prompt_ids):]) + drafts[idx]
                 with torch.inference_mode():
-                    probs = sampler.probs(head.full_logits(h[-1:]), history)  # [1, V], zero outside the draft vocabulary
-                del feeds[idx]
-                if limits[idx] <= 0 or not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+                    probs = sampler.probs(head.full_logits(h), history)  # [1, V], zero outside the draft vocabulary
+                if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
                     continue  # the request's rules leave no draft-vocabulary token: stop drafting here
                 drafts[idx].append(int(sampler.sample(probs)[0]))
                 rows[idx].append(probs[0])
                 if len(drafts[idx]) < limits[idx] and drafts[idx][-1] not in sampler.stop_ids:
-                    feeds[idx] = (torch.tensor(drafts[idx][-1:]), h[-1:])
+                    feeds[idx] = (torch.tensor(drafts[idx][-1:]), h)
+            ready = {}
         return [DraftProposal(tokens, torch.stack(r) if r else None, fed[idx])
                 for idx, (tokens, r) in enumerate(zip(drafts, rows))]
 
     def _catch_up(self, context: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Drop the drafted pairs; the unseen pairs (tokens [n], fused g [n, H]) to take in next, or
-        None when the features do not cover the context (the drafter joined a sequence late)."""
+        None: none is new (the same context again), or the features do not cover the context (the
+        drafter joined a sequence late: it drafts nothing for this request)."""
         self.cache.truncate(self._seen)
         n = sum(len(rows) for rows in self._unseen)
-        if n == 0 or self._seen + n != len(context) - 1:
-            self._unseen = []
+        if n == 0:
+            return None
+        if self._seen + n != len(context) - 1:
+            self._unseen, self._last = [], None
             return None
         with torch.inference_mode():
             g = self.head.fuse(torch.cat(self._unseen))

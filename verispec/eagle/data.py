@@ -17,10 +17,8 @@ from verispec.benchmark.prompts import load_prompts
 from verispec.config import SamplingParams
 from verispec.errors import InvalidInputError
 from verispec.llm import LLM
-from verispec.model.segment import Segment
 
 EVALUATION_SETS = ("spec-bench",)
-CHUNK = 256  # rows per feature forward
 
 
 @dataclass
@@ -38,7 +36,7 @@ def user_prefix(llm: LLM) -> list[int]:
     return list(llm.tokenizer(text[: text.index(marker)], add_special_tokens=False)["input_ids"])
 
 
-def own_prompts(llm: LLM, count: int, seed: int, max_tokens: int = 48) -> list[list[int]]:
+def own_prompts(llm: LLM, count: int, seed: int, max_tokens: int = 48, progress: bool = False) -> list[list[int]]:
     """Up to `count` distinct user turns the target writes itself, as chat prompts."""
     prefix = user_prefix(llm)
     rng = random.Random(seed)
@@ -48,10 +46,11 @@ def own_prompts(llm: LLM, count: int, seed: int, max_tokens: int = 48) -> list[l
         need = count - len(prompts)
         if need <= 0:
             break
-        params = SamplingParams(max_tokens=max_tokens, temperature=1.0, top_p=0.95, seed=rng.randrange(2**31))
-        for turn in decode_all(llm, [prefix] * need, params, progress=False):
+        params = [SamplingParams(max_tokens=max_tokens, temperature=1.0, top_p=0.95, seed=rng.randrange(2**31))
+                  for _ in range(need + need // 4)]
+        for turn in decode_all(llm, [prefix] * len(params), params, progress=progress):
             text = llm.tokenizer.decode(turn, skip_special_tokens=True).strip()
-            if len(text.split()) >= 3 and text not in seen:
+            if len(turn) >= 4 and text and text not in seen:
                 seen.add(text)
                 prompts.append(llm.encode([{"role": "user", "content": text}]))
     return prompts[:count]
@@ -65,22 +64,14 @@ def file_prompts(llm: LLM, source: str) -> list[list[int]]:
     return [llm.encode(p.text, chat=p.chat) for p in load_prompts(source)]
 
 
-def answer(llm: LLM, prompts: list[list[int]], max_tokens: int) -> list[Example]:
+def answer(llm: LLM, prompts: list[list[int]], max_tokens: int, progress: bool = False) -> list[Example]:
     """The target's greedy answers, batched."""
-    outputs = decode_all(llm, prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0), progress=False)
+    outputs = decode_all(llm, prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0), progress=progress)
     return [Example(p + o, len(p)) for p, o in zip(prompts, outputs) if o]
 
 
 def target_features(llm: LLM, ids: list[int], layers: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """The target's features of every position of `ids`: (fused layers [n, len(layers), H], the
     residual stream leaving the last layer [n, H], whose logits are the target's distribution)."""
-    target = llm.target
-    cache = target.new_cache(len(ids))
-    capture = (*layers, target.config.num_layers)
-    parts = []
-    for start in range(0, len(ids), CHUNK):
-        segment = Segment(torch.tensor(ids[start: start + CHUNK]), cache, "none", capture=capture)
-        target.forward_many([segment])
-        parts.append(segment.features.clone())
-    features = torch.cat(parts)  # [n, len(layers) + 1, H]
+    features = llm.target.features(ids, (*layers, llm.target.config.num_layers))  # [n, len(layers) + 1, H]
     return features[:, :-1].contiguous(), features[:, -1].contiguous()

@@ -76,16 +76,22 @@ def verify_curve_ms(target: Transformer, cache: KVCache, max_k: int, repeats: in
 
 
 def drafter_costs_ms(drafter: Drafter, context_ids: Sequence[int], sampler: Sampler, k: int = 4,
-                     repeats: int = 5) -> tuple[float, float]:
+                     repeats: int = 5, features: torch.Tensor | None = None) -> tuple[float, float]:
     """The drafter's costs in ms: per proposed token in steady state (proposing k tokens again after
     context_ids with its state warm: a draft model runs k one-token steps, as in a cycle), and per
-    token it takes in before drafting (a cold proposal feeds the whole context first)."""
-    drafter.reset(sampler)
+    token it takes in before drafting (a cold proposal feeds the whole context first). A drafter
+    that reads the target's features (EAGLE) hears `features` of context_ids[:-1] after each reset."""
+    def reset() -> None:
+        drafter.reset(sampler)
+        if features is not None:
+            drafter.features(features)  # type: ignore[attr-defined]
+
+    reset()
     proposed = max(1, len(drafter.propose(context_ids, k).token_ids))
     per_draft = median_ms(lambda: drafter.propose(context_ids, k), repeats) / proposed
 
     def cold() -> None:
-        drafter.reset(sampler)
+        reset()
         drafter.propose(context_ids, k)
 
     per_fed = max(0.0, median_ms(cold, repeats) - per_draft * proposed) / len(context_ids)

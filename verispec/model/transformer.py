@@ -72,6 +72,18 @@ class Transformer:
             self._dense = embed, head, dense(self._output["final_norm"])
         return self._dense
 
+    def features(self, token_ids: Sequence[int], layers: tuple[int, ...], chunk: int = 256) -> torch.Tensor:
+        """The hidden states (Segment.capture) of every position of token_ids, from a prefill of its
+        own: [n, len(layers), hidden]."""
+        cache = self.new_cache(len(token_ids))
+        parts = []
+        for start in range(0, len(token_ids), chunk):
+            segment = Segment(torch.tensor(list(token_ids[start: start + chunk]), device=self.device), cache, "none",
+                              capture=layers)
+            self.forward_many([segment])
+            parts.append(segment.features.clone())
+        return torch.cat(parts)
+
     def new_cache(self, capacity: int | None = None) -> KVCache:
         """A cache for `capacity` positions (at most max_context, the default)."""
         c = self.config
