@@ -263,3 +263,25 @@ def test_replay_of_eagle_runs_the_cycles_the_engine_ran(trained):
                           features=features)
         assert (replayed.drafted, replayed.accepted) == (out.stats.drafted, out.stats.accepted), prompt
         assert replayed.accepted > 0 or prompt != PROMPTS[0]
+
+
+def test_drafting_on_the_native_kernels_computes_the_heads_forward(trained):
+    """Head.use_native fuses q k v and gate up into Q8_0 matrices: the same forward, to Q8_0's rounding."""
+    from verispec.model import native
+
+    if native.unavailable():
+        pytest.skip(native.unavailable())
+    llm, folder, trainer = trained
+    embed = llm.target.output_weights()[0]
+    plain, fast = load(folder, llm.target.config, embed), load(folder, llm.target.config, embed)
+    fast.use_native()
+    sample = trainer.samples[1]
+    n = len(sample.ids) - 1
+    outs = []
+    for head in (plain, fast):
+        with torch.no_grad():
+            h = head.step([(sample.ids[1:], head.fuse(sample.f[:n].float()), head.new_cache(512))])[0]
+            outs.append(torch.log_softmax(head.logits(h), -1))
+    assert fast._native and not plain._native
+    assert (outs[0] - outs[1]).abs().max() < 0.05
+    assert (outs[0].argmax(-1) == outs[1].argmax(-1)).float().mean() > 0.9

@@ -18,9 +18,17 @@ from verispec.eagle.head import Head
 from verispec.sampling import Sampler
 
 
+def _argmax_is_greedy(sampler: Sampler, history: int) -> bool:
+    """Whether the request's greedy choice over the head's q is its plain argmax (no bias, penalty,
+    min_tokens mask or format after `history` output tokens): then a draft is a point mass."""
+    p = sampler.params
+    return (p.greedy and not p.penalized and not p.logit_bias and sampler.grammar is None
+            and history >= p.min_tokens)
+
+
 class EagleDrafter:
     def __init__(self, head: Head, capacity: int) -> None:
-        self.head = head
+        self.head = head  # drafting runs on the native kernels where they run (Head.use_native)
         self.capacity = capacity
         self.cache = head.new_cache(capacity)
         self._unseen: list[torch.Tensor] = []  # target features [m, layers, H] not yet in the head cache
@@ -92,11 +100,14 @@ class EagleDrafter:
                     continue
                 history = list(context[len(sampler.prompt_ids):]) + drafts[idx]
                 with torch.inference_mode():
-                    probs = sampler.probs(head.full_logits(h), history)  # [1, V], zero outside the draft vocabulary
-                if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
-                    continue  # the request's rules leave no draft-vocabulary token: stop drafting here
-                drafts[idx].append(int(sampler.sample(probs)[0]))
-                rows[idx].append(probs[0])
+                    if _argmax_is_greedy(sampler, len(history)):  # no [V] row to build
+                        drafts[idx].append(int(head.draft_ids[int(head.logits(h)[0].argmax())]))
+                    else:
+                        probs = sampler.probs(head.full_logits(h), history)  # [1, V], zero outside the draft vocabulary
+                        if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+                            continue  # the request's rules leave no draft-vocabulary token: stop drafting here
+                        drafts[idx].append(int(sampler.sample(probs)[0]))
+                        rows[idx].append(probs[0])
                 if len(drafts[idx]) < limits[idx] and drafts[idx][-1] not in sampler.stop_ids:
                     feeds[idx] = (torch.tensor(drafts[idx][-1:]), h)
             ready = {}

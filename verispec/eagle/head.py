@@ -20,12 +20,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from gguf import GGMLQuantizationType
 from torch import nn
 
 from verispec.errors import InvalidInputError, ModelLoadError
 from verispec.model import kernels
 from verispec.model.cache import KVCache
 from verispec.model.config import ModelConfig
+from verispec.model.weights import Weight
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 BUILTIN = "smollm2-135m-instruct"  # the model whose head ships in verispec/data/eagle
@@ -103,6 +105,7 @@ class Head(nn.Module):
         self.register_buffer("d2t", torch.zeros(c.draft_vocab, dtype=torch.long))
         self.register_buffer("t2d", torch.zeros(c.vocab, dtype=torch.bool))
         self.embed = embed.detach()
+        self._native: dict[str, Weight] = {}  # fused matrices for the native kernels (drafting), or none
         inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2).float() / c.head_dim))
         freqs = torch.outer(torch.arange(c.max_position, dtype=torch.float32), inv_freq)
         self._cos, self._sin = torch.cat((freqs, freqs), -1).cos(), torch.cat((freqs, freqs), -1).sin()
@@ -118,9 +121,30 @@ class Head(nn.Module):
         self.t2d.zero_()
         self.t2d[draft_ids] = True
 
+    def use_native(self, kind: GGMLQuantizationType = GGMLQuantizationType.Q8_0) -> None:
+        """Draft through the native kernels, the matrices quantized to `kind` (q k v and gate up each
+        one matrix): a draft step reads a quarter of the fp32 bytes. Training keeps torch's."""
+        from gguf.quants import quantize
+
+        from verispec.model import native
+
+        if native.unavailable():
+            return
+        groups = {"fc": ("fc",), "qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",),
+                  "gate_up": ("gate_proj", "up_proj"), "down": ("down_proj",), "lm_head": ("lm_head",)}
+        for name, parts in groups.items():
+            w = torch.cat([getattr(self, part).weight.detach().float() for part in parts]).numpy()
+            self._native[name] = Weight.of(name, quantize(w, kind), kind, w.shape[0], w.shape[1])
+
+    def _linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        from verispec.model import native
+
+        return native.matmul(self._native[name], x)
+
     def fuse(self, features: torch.Tensor) -> torch.Tensor:
         """features [n, len(layers), hidden] (a Segment's capture) -> g [n, hidden]."""
-        return self.fc(features.flatten(1))
+        x = features.flatten(1)
+        return self._linear("fc", x) if self._native else self.fc(x)
 
     def qkv(self, tokens: torch.Tensor, g: torch.Tensor, positions: torch.Tensor
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -129,19 +153,29 @@ class Head(nn.Module):
         x = torch.cat([kernels.rms_norm(self.embed[tokens], self.input_norm, c.eps),
                        kernels.rms_norm(g, self.hidden_norm, c.eps)], dim=-1)
         cos, sin = self._cos[positions].unsqueeze(1), self._sin[positions].unsqueeze(1)
-        q = kernels.rope(self.q_proj(x).view(-1, c.heads, c.head_dim), cos, sin)
-        k = kernels.rope(self.k_proj(x).view(-1, c.kv_heads, c.head_dim), cos, sin)
-        return q, k, self.v_proj(x).view(-1, c.kv_heads, c.head_dim)
+        if self._native:
+            q, k, v = self._linear("qkv", x).split([c.heads * c.head_dim, c.kv_heads * c.head_dim,
+                                                    c.kv_heads * c.head_dim], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = kernels.rope(q.reshape(-1, c.heads, c.head_dim), cos, sin)
+        k = kernels.rope(k.reshape(-1, c.kv_heads, c.head_dim), cos, sin)
+        return q, k, v.reshape(-1, c.kv_heads, c.head_dim)
 
     def finish(self, g: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """g [n, H], attended [n, heads * d] -> h [n, H], the features the next pair reads."""
+        if self._native:
+            h = g + self._linear("o", attended)
+            gate, up = self._linear("gate_up", kernels.rms_norm(h, self.post_norm, self.config.eps)).chunk(2, dim=-1)
+            return h + self._linear("down", F.silu(gate) * up)
         h = g + self.o_proj(attended)
         m = kernels.rms_norm(h, self.post_norm, self.config.eps)
         return h + self.down_proj(F.silu(self.gate_proj(m)) * self.up_proj(m))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h [n, H] -> [n, draft_vocab]."""
-        return self.lm_head(kernels.rms_norm(h, self.norm, self.config.eps))
+        x = kernels.rms_norm(h, self.norm, self.config.eps)
+        return self._linear("lm_head", x) if self._native else self.lm_head(x)
 
     def full_logits(self, h: torch.Tensor) -> torch.Tensor:
         """h [n, H] -> [n, vocab], -inf outside the draft vocabulary (so q is zero there)."""
@@ -169,10 +203,10 @@ class Head(nn.Module):
             cache.reserve(n)
             cache.k[0][:, start: start + n] = k[row: row + n].transpose(0, 1)
             cache.v[0][:, start: start + n] = v[row: row + n].transpose(0, 1)
-            keys = cache.k[0][:, : start + n].repeat_interleave(c.heads // c.kv_heads, 0)  # [heads, len, d]
-            values = cache.v[0][:, : start + n].repeat_interleave(c.heads // c.kv_heads, 0)
+            keys, values = cache.k[0][:, : start + n], cache.v[0][:, : start + n]  # [kv_heads, len, d]
             mask = torch.arange(start + n) <= torch.arange(start, start + n)[:, None]  # [n, len]
-            a = F.scaled_dot_product_attention(q[row: row + n].transpose(0, 1), keys, values, attn_mask=mask)
+            a = F.scaled_dot_product_attention(q[row: row + n].transpose(0, 1), keys, values, attn_mask=mask,
+                                               enable_gqa=True)
             outs.append(a.transpose(0, 1).reshape(n, -1))
             cache.length += n
             row += n
