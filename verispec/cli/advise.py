@@ -21,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts", required=True,
                    help="a JSONL file: per line {\"prompt\": ...}, {\"messages\": [...]} or a logged OpenAI request "
                         "body (optional \"category\"); or spec-bench, repetitive")
-    p.add_argument("--drafters", default="ngram,suffix", help="comma-separated: ngram,suffix,ngram-tree,draft:MODEL")
+    p.add_argument("--drafters", default="ngram,suffix", help="comma-separated: ngram,suffix,ngram-tree,draft:MODEL,eagle:DIR")
     add_suffix_flag(p)
     p.add_argument("--max-prompts", type=int, default=None, help="the file's first N prompts (default: all)")
     p.add_argument("--max-tokens", type=int, default=128, help="tokens generated per prompt")

@@ -18,7 +18,7 @@ from verispec.errors import InvalidInputError
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="speedup, acceptance and time split per prompt category")
     p.add_argument("--model", default=hub.DEFAULT_MODEL)
-    p.add_argument("--drafter", default="ngram", help="comma-separated: ngram,suffix,draft:MODEL")
+    p.add_argument("--drafter", default="ngram", help="comma-separated: ngram,suffix,draft:MODEL,eagle:DIR")
     add_suffix_flag(p)
     p.add_argument("--prompts", default="spec-bench",
                    help="spec-bench, repetitive (benchmarks/repetitive.py: requests that repeat each other's "

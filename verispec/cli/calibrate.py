@@ -13,7 +13,7 @@ from verispec.config import RuntimeConfig
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("calibrate", help="measure the verify-cost curve T(k) and the drafter's cost on this machine")
     p.add_argument("--model", default=hub.DEFAULT_MODEL)
-    p.add_argument("--drafter", default="none", help="none | ngram | draft:MODEL")
+    p.add_argument("--drafter", default="none", help="none | ngram | suffix | draft:MODEL | eagle:DIR")
     p.add_argument("--repeats", type=int, default=5, help="timings per value (the median is kept)")
     add_flags(p, RuntimeConfig)
     p.set_defaults(run=run)

@@ -33,7 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def add_drafter_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drafter", default="none",
                    help="none | ngram (prompt lookup) | suffix (suffix trees over the request and past "
-                        "responses) | draft:MODEL (a draft model)")
+                        "responses) | draft:MODEL (a draft model) | eagle:DIR (an EAGLE-3 head, verispec train-drafter)")
     p.add_argument("--num-draft-tokens", type=tau_flag, default="auto",
                    help="tokens drafted per cycle (tau): 1..15, or auto (a controller picks tau every cycle)")
     add_suffix_flag(p)
