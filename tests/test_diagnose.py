@@ -111,6 +111,20 @@ def test_bench_end_to_end_on_a_tiny_model(tiny_llm_folder, tmp_path, capsys):
     assert traces and all(diagnose_file(t) for t in traces)
 
 
+def test_sampled_bench_times_speculation_without_comparing_tokens(tiny_llm_folder, tmp_path, capsys):
+    """--temperature samples (a seed per prompt and round): speed is reported, tokens are not compared
+    (sampled outputs differ by design), and greedy baselines are refused beside it."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"category": "copy", "turns": ["the end the end the end"]}))
+    assert main(["bench", "--model", str(tiny_llm_folder), "--prompts", str(prompts), "--num-draft-tokens", "2",
+                 "--max-tokens", "12", "--temperature", "0.7"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["temperature"] == 0.7 and result["divergences"] == []
+    assert result["categories"]["overall"]["ngram/2"]["identical"] is None
+    assert main(["bench", "--model", str(tiny_llm_folder), "--temperature", "0.7", "--baselines", "plain,llamacpp"]) == 2
+    assert "decode greedily" in capsys.readouterr().err
+
+
 def diagnose_file(path):
     from verispec.engine.trace import read_trace
 
@@ -121,7 +135,8 @@ def diagnose_file(path):
                                           (["--prompts", "/no/file"], "prompts='/no/file' is not allowed"),
                                           (["--categories", "poetry"], "categories ['poetry'] are not in"),
                                           (["--baselines", "vllm"], "baselines='vllm' is not allowed"),
-                                          (["--rounds", "0"], "rounds=0 is not allowed")])
+                                          (["--rounds", "0"], "rounds=0 is not allowed"),
+                                          (["--temperature", "-1"], "temperature=-1.0 is not allowed")])
 def test_bench_bad_input_exits_2(tiny_llm_folder, capsys, args, message):
     assert main(["bench", "--model", str(tiny_llm_folder), *args]) == 2
     assert message in capsys.readouterr().err

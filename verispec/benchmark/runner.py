@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import statistics
+import zlib
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,7 @@ from verispec.engine.controller import Controller, ControllerConfig
 from verispec.engine.cost import CostModel, VerifyCurve
 from verispec.engine.diagnose import diagnose
 from verispec.engine.request import Request
+from verispec.errors import InvalidInputError
 from verispec.engine.score import logit_margin
 from verispec.engine.trace import SCHEMA, TraceWriter, parse_trace
 from verispec.llm import AUTO, LLM
@@ -69,10 +71,16 @@ def configs_for(drafters: list[str], taus: list[int | str], baselines: Collectio
 
 
 def run_bench(llm: LLM, prompts: list[BenchPrompt], drafters: list[str], taus: list[int | str], max_tokens: int,
-              baselines: Collection[str] = (PLAIN,), progress: bool = True, rounds: int = 1) -> dict[str, Any]:
+              baselines: Collection[str] = (PLAIN,), progress: bool = True, rounds: int = 1,
+              temperature: float = 0.0) -> dict[str, Any]:
     """1. calibrate T(k); 2. warm up; 3. run all configs per prompt, interleaved, `rounds` times;
     4. check; 5. aggregate. baselines: besides plain decoding, "transformers" (its generate: plain,
-    prompt lookup, assisted) and "llamacpp" (llama.cpp's plain decoding on the same GGUF)."""
+    prompt lookup, assisted) and "llamacpp" (llama.cpp's plain decoding on the same GGUF), both
+    greedy. temperature > 0 samples (a seed per prompt and round, the same for every config): the
+    outputs then differ by design and are not compared token by token."""
+    if temperature > 0 and set(baselines) - {PLAIN}:
+        raise InvalidInputError(f"temperature={temperature} compares sampled decoding with our plain decoding only; "
+                                f"the baselines {sorted(set(baselines) - {PLAIN})} decode greedily", param="temperature")
     configs = configs_for(drafters, taus, baselines)
     encoded = [llm.encode(p.text, chat=p.chat and bool(llm.tokenizer.chat_template)) for p in prompts]
     # llama.cpp on the same GGUF and threads, with room for the longest prompt (loaded first: a model
@@ -112,7 +120,9 @@ def run_bench(llm: LLM, prompts: list[BenchPrompt], drafters: list[str], taus: l
             llm.engine.use(drafter, 0, controllers[config.drafter])
         else:
             llm.engine.use(drafter, int(config.tau))
-        request = Request(ids, SamplingParams(max_tokens=tokens, min_tokens=tokens), llm.eos_ids, llm.engine.capacity)
+        seed = zlib.crc32(f"{prompt.category}|{prompt.question_id}|{round_}".encode())
+        request = Request(ids, SamplingParams(max_tokens=tokens, min_tokens=tokens, temperature=temperature, seed=seed),
+                          llm.eos_ids, llm.engine.capacity)
         trace = None
         if record:
             key = (config.name, prompt.category)
@@ -136,8 +146,9 @@ def run_bench(llm: LLM, prompts: list[BenchPrompt], drafters: list[str], taus: l
         # every config takes every place in the order in turn, so a slow spell hits all alike
         order = configs[n % len(configs):] + configs[: n % len(configs)]
         runs += [one(c, prompt, ids, params.max_tokens, True, r) for c in (order if n % 2 == 0 else order[::-1])]
-    divergences = _check(llm, runs, encoded, prompts)
-    result = _aggregate(configs, runs, traces, divergences, verify_ms, max_tokens, taus, drafters)
+    divergences = _check(llm, runs, encoded, prompts) if temperature == 0 else []
+    result = _aggregate(configs, runs, traces, divergences, verify_ms, max_tokens, taus, drafters, temperature == 0)
+    result["temperature"] = temperature
     if llamacpp is not None:
         result["llamacpp_verify_ms"] = llamacpp_verify_ms
         llamacpp.close()
@@ -182,8 +193,8 @@ def _check(llm: LLM, runs: list[Run], encoded: list[list[int]], prompts: list[Be
 
 
 def _aggregate(configs: list[Config], runs: list[Run], traces: dict, divergences: list[dict[str, Any]],
-               verify_ms: dict[int, float], max_tokens: int, taus: list[int | str], drafters: list[str]
-               ) -> dict[str, Any]:
+               verify_ms: dict[int, float], max_tokens: int, taus: list[int | str], drafters: list[str],
+               greedy: bool = True) -> dict[str, Any]:
     """Per scope and config: median tok/s, and two speedups over plain decoding: `speedup`, per prompt
     the median over rounds of the ratio to plain decoding in the same round, then the median over
     prompts; `workload_speedup`, all tokens over all time against plain decoding's on the same runs
@@ -218,7 +229,7 @@ def _aggregate(configs: list[Config], runs: list[Run], traces: dict, divergences
                 row.update(_speculation(mine, [traces[k] for k in traces if k[0] == c.name and scope in (k[1], "overall")],
                                         plain_ms, verify_ms))
                 wrong = {(d["category"], d["question_id"], d["round"]) for d in divergences if d["config"] == c.name}
-                row["identical"] = sum(1 for r in mine if _key(r) not in wrong)
+                row["identical"] = sum(1 for r in mine if _key(r) not in wrong) if greedy else None
             table[scope][c.name] = row
     return {"max_tokens": max_tokens, "drafters": drafters, "taus": taus, "verify_ms": verify_ms,
             "categories": table, "controller": _rate_controller(table, drafters, taus), "divergences": divergences,

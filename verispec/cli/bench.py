@@ -28,6 +28,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="prompts per category (default: 2 of spec-bench, all of the others)")
     p.add_argument("--num-draft-tokens", default="1,2,4,8,auto", help="comma-separated taus; auto = the controller")
     p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0: greedy, outputs checked against plain decoding's; > 0: sampled, a seed per prompt and "
+                        "round (speed only: sampled outputs differ by design)")
     p.add_argument("--rounds", type=int, default=1,
                    help="run every prompt this many times (interleaved); speedups are medians over rounds")
     p.add_argument("--baselines", default="plain",
@@ -63,13 +66,16 @@ def run(args: argparse.Namespace) -> None:
         llamacpp.require()  # before any model loads
     if args.max_tokens < 2:
         raise InvalidInputError(f"max_tokens={args.max_tokens} is not allowed: it must be >= 2")
+    if not args.temperature >= 0:
+        raise InvalidInputError(f"temperature={args.temperature} is not allowed: it must be >= 0")
     if args.rounds < 1:
         raise InvalidInputError(f"rounds={args.rounds} is not allowed: it must be >= 1")
     per_category = args.per_category if args.per_category is not None else 2 if args.prompts == "spec-bench" else None
     prompts = load_prompts(args.prompts, args.categories.split(",") if args.categories else None, per_category)
     llm = LLM(args.model, from_flags(RuntimeConfig, args), suffix_global=args.suffix_global,
               suffix_budget=args.suffix_budget)
-    result = run_bench(llm, prompts, args.drafter.split(","), taus, args.max_tokens, baselines, rounds=args.rounds)
+    result = run_bench(llm, prompts, args.drafter.split(","), taus, args.max_tokens, baselines, rounds=args.rounds,
+                       temperature=args.temperature)
     traces = result.pop("traces")
     result["model"] = args.model
     print(table(result))
@@ -100,7 +106,8 @@ def table(result: dict[str, Any]) -> str:
             lines.append(f"{category:15} {name:30} {r['tok_s']:7.1f} {r['speedup']:7.2f}x {r['workload_speedup']:7.2f}x "
                          + (f"{r['vs_llamacpp']:11.2f}x " if llamacpp else "")
                          + (f"{r['predicted_speedup']:8.2f}x {r['acceptance']:7.0%} {r['mean_accepted_length']:5.2f} "
-                            f"{split:>19} {r['identical']:>2}/{r['runs']}" if spec else ""))
+                            f"{split:>19} {'-' if r['identical'] is None else r['identical']:>2}/{r['runs']}"
+                            if spec else ""))
     for label, curve in (("verispec", result["verify_ms"]), ("llama.cpp", result.get("llamacpp_verify_ms"))):
         if curve:
             lines.append(f"{label} verify cost T(k)/T(1), T(1) = {curve[1]:.1f} ms: "
