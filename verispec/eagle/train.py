@@ -113,9 +113,6 @@ class Trainer:
         self.head.set_vocabulary(draft_vocabulary([examples[i] for i in self.train_ids], self.head_config.draft_vocab,
                                                   target.config.vocab_size))
         self.lm_rows = lm_head[self.head.draft_ids]  # [draft_vocab, H]: the target's logits there
-        with torch.no_grad():  # the head starts from the target's own output layer (then trains it)
-            self.head.lm_head.weight.copy_(self.lm_rows)
-            self.head.norm.copy_(self.final_norm)
         self.samples = [self._sample(e) for e in tqdm(examples, desc="features", leave=False)]
         self.optimizer = torch.optim.AdamW([p for p in self.head.parameters() if p.requires_grad], lr=config.lr,
                                            weight_decay=0.0)
