@@ -285,3 +285,36 @@ def test_drafting_on_the_native_kernels_computes_the_heads_forward(trained):
     assert fast._native and not plain._native
     assert (outs[0] - outs[1]).abs().max() < 0.05
     assert (outs[0].argmax(-1) == outs[1].argmax(-1)).float().mean() > 0.9
+
+
+def test_the_built_in_head_is_for_the_default_model_only(trained):
+    """drafter='eagle' names the head shipped for SmolLM2: another target is refused naming why
+    (no head shipped, or the head's sizes against the target's)."""
+    llm, _, _ = trained
+    with pytest.raises((InvalidInputError, ModelLoadError), match="train-drafter|hidden=576, the target 64"):
+        LLM(str(llm.source.folder), drafter="eagle")
+
+
+def test_a_head_trained_elsewhere_loads(trained, tmp_path):
+    """What other trainers write: bf16 weights, the target's embedding stored beside them, and over
+    the whole vocabulary no d2t/t2d; no verispec.json."""
+    from safetensors.torch import load_file, save_file
+
+    llm, folder, trainer = trained
+    c = trainer.head.config
+    config = json.loads((folder / "config.json").read_text())
+    config["draft_vocab_size"] = c.vocab
+    tensors = {k: v.bfloat16() if v.is_floating_point() else v
+               for k, v in load_file(str(folder / "model.safetensors")).items() if k not in ("d2t", "t2d")}
+    tensors["lm_head.weight"] = torch.randn(c.vocab, c.hidden).bfloat16()
+    tensors["embed_tokens.weight"] = torch.randn(c.vocab, c.hidden).bfloat16()
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    save_file(tensors, str(other / "model.safetensors"))
+    (other / "config.json").write_text(json.dumps(config))
+    head = load(other, llm.target.config, llm.target.output_weights()[0])
+    assert torch.equal(head.draft_ids, torch.arange(c.vocab)) and head.t2d.all()
+    assert torch.equal(head.fc.weight, tensors["fc.weight"].float())
+    eagle = LLM(str(llm.source.folder), drafter=f"eagle:{other}", num_draft_tokens=3)
+    params = SamplingParams(max_tokens=20)
+    assert eagle.generate("the end", params).token_ids == llm.generate("the end", params).token_ids

@@ -64,3 +64,26 @@ def test_native_greedy_64_tokens_equal_the_torch_backend(llm, torch_llm, prompt)
     ids = llm.encode(prompt, chat=True)
     params = SamplingParams(max_tokens=64, min_tokens=64)
     assert llm.generate(ids, params).token_ids == torch_llm.generate(ids, params).token_ids
+
+
+def _has_builtin_head() -> bool:
+    from verispec.eagle.head import builtin_head
+    from verispec.errors import InvalidInputError
+
+    try:
+        return builtin_head().is_dir()
+    except InvalidInputError:
+        return False
+
+
+@pytest.mark.skipif(not _has_builtin_head(), reason="no EAGLE head is built in")
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_the_built_in_eagle_head_drafts_for_smollm2_and_keeps_its_greedy_output(llm, prompt):
+    from verispec.llm import LLM
+
+    eagle = LLM("smollm2-135m-instruct", drafter="eagle", num_draft_tokens=4)
+    ids = llm.encode(prompt, chat=True)
+    params = SamplingParams(max_tokens=64)
+    out = eagle.generate(ids, params)
+    assert out.token_ids == llm.generate(ids, params).token_ids
+    assert out.stats.accepted > 0  # it reads SmolLM2's own features: some drafts are right

@@ -275,7 +275,10 @@ def load(folder: Path, target: ModelConfig, embed: torch.Tensor, tokenizer: str 
         raise ModelLoadError(f"the head in {folder} reads layers {list(config.layers)}; the target has "
                              f"{target.num_layers}")
     head = Head(config, embed)
-    tensors = load_file(str(folder / "model.safetensors"))
+    tensors = load_file(str(folder / "model.safetensors"))  # a stored embed_tokens is ignored: the target's is used
+    if config.draft_vocab == config.vocab and "d2t" not in tensors:  # a head over the whole vocabulary
+        tensors["d2t"], tensors["t2d"] = torch.zeros(config.vocab, dtype=torch.long), torch.ones(config.vocab,
+                                                                                               dtype=torch.bool)
     missing = [key for key in WEIGHTS.values() if key not in tensors]
     if missing:
         raise ModelLoadError(f"{folder / 'model.safetensors'} lacks {missing}")
