@@ -318,3 +318,30 @@ def test_a_head_trained_elsewhere_loads(trained, tmp_path):
     eagle = LLM(str(llm.source.folder), drafter=f"eagle:{other}", num_draft_tokens=3)
     params = SamplingParams(max_tokens=20)
     assert eagle.generate("the end", params).token_ids == llm.generate("the end", params).token_ids
+
+
+def test_the_server_speculates_with_eagle_and_keeps_greedy_outputs(trained):
+    """Concurrent requests through the OpenAI endpoint, batched by the scheduler with one head."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+
+    from verispec.config import ServeConfig
+    from verispec.server.app import create_app
+
+    llm, folder, _ = trained
+    eagle = LLM(str(llm.source.folder), drafter=f"eagle:{folder}", num_draft_tokens=3)
+    scheduler = eagle.scheduler(4, 8)
+    client = TestClient(create_app(eagle, scheduler, ServeConfig(), "tiny"))
+    try:
+        def ask(prompt):
+            return client.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 24,
+                                                         "temperature": 0}).json()
+
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(ask, PROMPTS[:4]))
+    finally:
+        scheduler.stop(10)
+    for prompt, answer in zip(PROMPTS[:4], answers):
+        assert answer["choices"][0]["text"] == llm.generate(prompt, SamplingParams(max_tokens=24)).text
+    assert sum(a["usage"]["speculation"]["accepted"] for a in answers) > 0
