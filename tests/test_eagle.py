@@ -20,6 +20,7 @@ from verispec.eagle.train import Trainer, unroll
 from verispec.engine.generate import Engine, Sequence, step
 from verispec.engine.request import Request
 from verispec.errors import InvalidInputError, ModelLoadError
+from verispec import tree
 from verispec.llm import LLM
 from verispec.model.segment import Segment
 
@@ -128,10 +129,10 @@ def test_batched_eagle_drafting_equals_one_at_a_time(trained):
     assert sum(seq.request.stats.accepted for seq in sequences) > 0
 
 
-def first_token_counts(llm, folder, trials, wrong_q=False):
+def first_token_counts(llm, folder, trials, wrong_q=False, kind="eagle"):
     prompt = llm.encode("the end")
     params = SamplingParams(max_tokens=2, temperature=1.0, top_k=8, ignore_eos=True)
-    drafter = LLM.make_drafter(llm, f"eagle:{folder}")
+    drafter = LLM.make_drafter(llm, f"{kind}:{folder}")
     if wrong_q:  # negative control: drafts drawn from the top-8 q, verified as if drawn from the head's
         real = EagleDrafter.propose_many  # q before the request's top-k (spread over the draft vocabulary)
         spread = drafter.head.t2d.float() / drafter.head.t2d.sum()
@@ -145,7 +146,7 @@ def first_token_counts(llm, folder, trials, wrong_q=False):
 
         drafter.propose_many = planted
         drafter.propose = lambda context, k: planted([(drafter, context, k)])[0]
-    engine = Engine(llm.target, drafter, 2)
+    engine = Engine(llm.target, drafter, 2 if kind == "eagle" else 6)
     logits = llm.target.forward(torch.tensor(prompt), torch.arange(len(prompt)), llm.target.new_cache())[-1:]
     p = Request(prompt, params, frozenset(), 1024).sampler.probs(logits, [])[0].numpy().astype(np.float64)
     counts = np.zeros(len(p), dtype=np.int64)
@@ -158,10 +159,12 @@ def first_token_counts(llm, folder, trials, wrong_q=False):
     return chisquare(counts[support], p[support] / p[support].sum() * counts.sum()).pvalue
 
 
-def test_sampled_first_token_through_eagle_follows_the_target(trained):
-    """RELIABILITY.md B: the first emitted token's law is the target's processed p (top-k 8)."""
+@pytest.mark.parametrize("kind", ["eagle", "eagle-tree"])
+def test_sampled_first_token_through_eagle_follows_the_target(trained, kind):
+    """RELIABILITY.md B: the first emitted token's law is the target's processed p (top-k 8), for a
+    chain drawn from q and for a tree of deterministic top-k children."""
     llm, folder, _ = trained
-    assert first_token_counts(llm, folder, 1500) > 1e-3
+    assert first_token_counts(llm, folder, 1500, kind=kind) > 1e-3
 
 
 def test_verifying_against_the_wrong_q_fails_the_law(trained):
@@ -345,3 +348,50 @@ def test_the_server_speculates_with_eagle_and_keeps_greedy_outputs(trained):
     for prompt, answer in zip(PROMPTS[:4], answers):
         assert answer["choices"][0]["text"] == llm.generate(prompt, SamplingParams(max_tokens=24)).text
     assert sum(a["usage"]["speculation"]["accepted"] for a in answers) > 0
+
+
+@pytest.mark.parametrize("tau", [4, 9])
+def test_greedy_with_eagle_trees_equals_plain_decoding(trained, tau):
+    llm, folder, _ = trained
+    eagle = LLM(str(llm.source.folder), drafter=f"eagle-tree:{folder}", num_draft_tokens=tau)
+    accepted = 0
+    for prompt in PROMPTS[:4]:
+        params = SamplingParams(max_tokens=40)
+        out = eagle.generate(prompt, params)
+        assert out.token_ids == llm.generate(prompt, params).token_ids, prompt
+        accepted += out.stats.accepted
+    assert accepted > 0
+
+
+def test_an_eagle_tree_grows_each_nodes_likeliest_children_as_its_chain_would(trained):
+    """EAGLE-2: a node's m children are the m likeliest tokens of the head's q after the node's path
+    computed as a chain (so a node in the tree sees its ancestors and nothing else, at its depth)."""
+    from verispec.drafters.eagle import WIDTH
+
+    llm, folder, _ = trained
+    tree_drafter = LLM.make_drafter(llm, f"eagle-tree:{folder}")
+    chain_drafter = tree_drafter.fork()
+    chain_drafter.tree = False
+    context = llm.encode("then the end of it")
+    segment = Segment(torch.tensor(context[:-1]), llm.target.new_cache(64), "none", capture=tree_drafter.feature_layers)
+    llm.target.forward_many([segment])
+    for d in (tree_drafter, chain_drafter):
+        d.reset(Request(context, SamplingParams(), llm.eos_ids, 64).sampler)
+        d.features(segment.features)
+    proposal = tree_drafter.propose(context, 12)
+    assert len(proposal.token_ids) == 12 and proposal.probs is None and proposal.parents is not None
+    assert max(tree.depths(proposal.parents)) >= 3
+    head = chain_drafter.head
+    tokens, g = chain_drafter._catch_up(context)
+    root = head.step([(tokens, g, chain_drafter.cache)])[0][-1:]
+    base = chain_drafter.cache.length
+    below = tree.children(proposal.parents)
+    for node in range(13):
+        if not below[node]:
+            continue
+        chain_drafter.cache.truncate(base)
+        h = root
+        for step_node in tree.path(proposal.parents, node):  # the drafts from the root down to node
+            h = head.step([(torch.tensor([proposal.token_ids[step_node - 1]]), h, chain_drafter.cache)])[0]
+        best = set(head.draft_ids[head.logits(h)[0].topk(len(below[node])).indices].tolist())
+        assert len(below[node]) <= WIDTH and {proposal.token_ids[child - 1] for child in below[node]} == best, node

@@ -126,8 +126,8 @@ class LLM:
             return SuffixDrafter(History(self.suffix_budget) if self.suffix_global else None, tree=tree)
         if kind == "draft":
             return DraftModelDrafter(self._load_draft_model(draft_model))
-        if kind == "eagle":
-            return EagleDrafter(self._load_head(draft_model), self.target.max_context)
+        if kind.startswith("eagle"):
+            return EagleDrafter(self._load_head(draft_model), self.target.max_context, tree=tree)
         return None
 
     def _load_head(self, folder: str | None) -> Head:

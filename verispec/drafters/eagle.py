@@ -18,6 +18,9 @@ from verispec.eagle.head import Head
 from verispec.sampling import Sampler
 
 
+WIDTH = 4  # a tree's children per node and nodes expanded per depth (EAGLE-2's top-k)
+
+
 def _argmax_is_greedy(sampler: Sampler, history: int) -> bool:
     """Whether the request's greedy choice over the head's q is its plain argmax (no bias, penalty,
     min_tokens mask or format after `history` output tokens): then a draft is a point mass."""
@@ -27,9 +30,13 @@ def _argmax_is_greedy(sampler: Sampler, history: int) -> bool:
 
 
 class EagleDrafter:
-    def __init__(self, head: Head, capacity: int) -> None:
+    """A chain (the head's q, sampled or argmax), or with tree=True EAGLE-2's dynamic tree of top-k
+    children (`_tree`)."""
+
+    def __init__(self, head: Head, capacity: int, tree: bool = False) -> None:
         self.head = head  # drafting runs on the native kernels where they run (Head.use_native)
         self.capacity = capacity
+        self.tree = tree
         self.cache = head.new_cache(capacity)
         self._unseen: list[torch.Tensor] = []  # target features [m, layers, H] not yet in the head cache
         self._seen = 0  # pairs in the head cache built from the target's features
@@ -45,7 +52,7 @@ class EagleDrafter:
         return id(self.head)
 
     def fork(self) -> EagleDrafter:
-        return EagleDrafter(self.head, self.capacity)
+        return EagleDrafter(self.head, self.capacity, self.tree)
 
     def reset(self, sampler: Sampler) -> None:
         self._sampler = sampler
@@ -85,6 +92,7 @@ class EagleDrafter:
             elif drafter._last is not None and drafter._seen == len(context) - 1:
                 ready[idx] = drafter._last  # the same context again: no pair to take in
         catching_up = set(feeds)
+        trees: dict[int, DraftProposal] = {}
         while feeds or ready:
             if feeds:
                 found = head.step([(tokens, g, jobs[idx][0].cache) for idx, (tokens, g) in feeds.items()])
@@ -93,6 +101,10 @@ class EagleDrafter:
                     if idx in catching_up:
                         jobs[idx][0]._last = h[-1:]
                 feeds, catching_up = {}, set()
+            for idx in [idx for idx in ready if jobs[idx][0].tree]:  # a tree grows on its own, level by level
+                if limits[idx] > 0:
+                    trees[idx] = jobs[idx][0]._tree(ready[idx], limits[idx])
+                del ready[idx]
             for idx, h in ready.items():
                 drafter, context, _ = jobs[idx]
                 sampler = drafter._sampler
@@ -111,8 +123,52 @@ class EagleDrafter:
                 if len(drafts[idx]) < limits[idx] and drafts[idx][-1] not in sampler.stop_ids:
                     feeds[idx] = (torch.tensor(drafts[idx][-1:]), h)
             ready = {}
-        return [DraftProposal(tokens, torch.stack(r) if r else None, fed[idx])
+        return [DraftProposal(trees[idx].token_ids, None, fed[idx], trees[idx].parents) if idx in trees else
+                DraftProposal(tokens, torch.stack(r) if r else None, fed[idx])
                 for idx, (tokens, r) in enumerate(zip(drafts, rows))]
+
+    @torch.inference_mode()
+    def _tree(self, root: torch.Tensor, k: int) -> DraftProposal:
+        """EAGLE-2's dynamic tree of at most k nodes after the root (the last committed pair, whose h
+        [1, H] is `root`): each depth keeps the WIDTH likeliest children (by path probability under
+        the head's q) of the nodes the depth before kept, and expands them in one head pass. The
+        children are deterministic (top-k), so the proposal carries no q."""
+        head, stops = self.head, set(self._sampler.stop_ids)
+        base = self.cache.length  # the committed pairs' slots come first
+        tokens: list[int] = []
+        parents: list[int] = []
+        score, depth, slot = {0: 0.0}, {0: 0}, {}  # per node: path log-probability, depth, head-cache slot
+        frontier = [(0, root[0])]  # (node, its h [H]): the nodes whose children come next
+        while frontier and len(tokens) < k:
+            logq = torch.log_softmax(head.logits(torch.stack([h for _, h in frontier])), dim=-1)  # [f, draft_vocab]
+            top = logq.topk(min(WIDTH, logq.shape[-1]), dim=-1)
+            found = sorted(((score[node] + float(v), node, int(d)) for (node, _), vs, ds
+                            in zip(frontier, top.values, top.indices) for v, d in zip(vs, ds)), reverse=True)
+            grown = []
+            for path_logp, parent, d in found[: min(WIDTH, k - len(tokens))]:
+                tokens.append(int(head.draft_ids[d]))
+                parents.append(parent)
+                node = len(tokens)
+                score[node], depth[node] = path_logp, depth[parent] + 1
+                grown.append(node)
+            expand = [node for node in grown if tokens[node - 1] not in stops]
+            if not expand or len(tokens) >= k:
+                break
+            h_of = dict(frontier)
+            start = self.cache.length
+            visible = torch.zeros(len(expand), start + len(expand), dtype=torch.bool)
+            visible[:, :base] = True
+            for row, node in enumerate(expand):  # its ancestors' pairs and its own
+                slot[node] = start + row
+                up = node
+                while up:
+                    if up in slot:
+                        visible[row, slot[up]] = True
+                    up = parents[up - 1]
+            frontier = list(zip(expand, head.step_tree(
+                torch.tensor([tokens[node - 1] for node in expand]), torch.stack([h_of[parents[node - 1]] for node in expand]),
+                torch.tensor([base + depth[node] - 1 for node in expand]), self.cache, visible)))
+        return DraftProposal(tokens, None, 0, parents)
 
     def _catch_up(self, context: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Drop the drafted pairs; the unseen pairs (tokens [n], fused g [n, H]) to take in next, or

@@ -192,7 +192,6 @@ class Head(nn.Module):
         """Pairs of several sequences in one pass: (tokens [n], g [n, H], cache) each, at positions
         cache.length onwards, attending to the cache and causally to each other; the cache grows by n.
         Returns h [n, H] per part."""
-        c = self.config
         tokens = torch.cat([t for t, _, _ in parts])
         g = torch.cat([x for _, x, _ in parts])
         positions = torch.cat([torch.arange(cache.length, cache.length + len(t)) for t, _, cache in parts])
@@ -200,18 +199,33 @@ class Head(nn.Module):
         outs, row = [], 0
         for t, _, cache in parts:
             n, start = len(t), cache.length
-            cache.reserve(n)
-            cache.k[0][:, start: start + n] = k[row: row + n].transpose(0, 1)
-            cache.v[0][:, start: start + n] = v[row: row + n].transpose(0, 1)
-            keys, values = cache.k[0][:, : start + n], cache.v[0][:, : start + n]  # [kv_heads, len, d]
-            mask = torch.arange(start + n) <= torch.arange(start, start + n)[:, None]  # [n, len]
-            a = F.scaled_dot_product_attention(q[row: row + n].transpose(0, 1), keys, values, attn_mask=mask,
-                                               enable_gqa=True)
-            outs.append(a.transpose(0, 1).reshape(n, -1))
-            cache.length += n
+            causal = torch.arange(start + n) <= torch.arange(start, start + n)[:, None]  # [n, start + n]
+            outs.append(self._attend(q[row: row + n], k[row: row + n], v[row: row + n], cache, causal))
             row += n
         h = self.finish(g, torch.cat(outs))
         return list(h.split([len(t) for t, _, _ in parts]))
+
+    @torch.inference_mode()
+    def step_tree(self, tokens: torch.Tensor, g: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                  visible: torch.Tensor) -> torch.Tensor:
+        """Draft-tree pairs of one sequence: tokens [n], g [n, H] at `positions` [n] (their depths),
+        written to slots cache.length onwards; visible [n, cache.length + n]: the slots each row sees
+        (the committed pairs, its ancestors, itself). Returns h [n, H]; the cache grows by n."""
+        q, k, v = self.qkv(tokens, g, positions)
+        return self.finish(g, self._attend(q, k, v, cache, visible))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, visible: torch.Tensor
+                ) -> torch.Tensor:
+        """q [n, heads, d], k, v [n, kv_heads, d] of new rows, stored at cache.length onwards; visible
+        [n, cache.length + n] -> [n, heads * d]. The cache grows by n."""
+        n, start = q.shape[0], cache.length
+        cache.reserve(n)
+        cache.k[0][:, start: start + n] = k.transpose(0, 1)
+        cache.v[0][:, start: start + n] = v.transpose(0, 1)
+        keys, values = cache.k[0][:, : start + n], cache.v[0][:, : start + n]  # [kv_heads, len, d]
+        a = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=visible, enable_gqa=True)
+        cache.length += n
+        return a.transpose(0, 1).reshape(n, -1)
 
 
 WEIGHTS = {  # our parameter -> the name in the EAGLE-3 layout
