@@ -67,7 +67,7 @@ def test_loading_what_was_written_gives_identical_proposals(trained):
         request = Request(prompt, SamplingParams(max_tokens=20, temperature=1.0, seed=5), llm.eos_ids, engine.capacity)
         seen = []
         drafter.propose = lambda context, k, d=drafter, seen=seen: seen.append(
-            (EagleDrafter.propose(d, context, k))) or seen[-1]
+            EagleDrafter.propose(d, context, k)) or seen[-1]
         engine.run(request)
         proposals.append([(p.token_ids, p.probs) for p in seen])
     assert len(proposals[0]) == len(proposals[1]) > 0
