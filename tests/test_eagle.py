@@ -53,7 +53,7 @@ def test_the_written_layout_is_eagle3s(trained):
     draft_ids = torch.arange(64) + tensors["d2t"]
     assert torch.equal(tensors["t2d"].nonzero().flatten(), draft_ids)  # the two maps agree
     summary = json.loads((folder / "verispec.json").read_text())
-    assert summary["tokenizer"] == tokenizer_hash(trained[0].source.folder) and summary["curve"]
+    assert summary["tokenizer"] == tokenizer_hash(trained[0].tokenizer) and summary["curve"]
 
 
 def test_loading_what_was_written_gives_identical_proposals(trained):
@@ -395,3 +395,23 @@ def test_an_eagle_tree_grows_each_nodes_likeliest_children_as_its_chain_would(tr
             h = head.step([(torch.tensor([proposal.token_ids[step_node - 1]]), h, chain_drafter.cache)])[0]
         best = set(head.draft_ids[head.logits(h)[0].topk(len(below[node])).indices].tolist())
         assert len(below[node]) <= WIDTH and {proposal.token_ids[child - 1] for child in below[node]} == best, node
+
+
+def test_greedy_drafts_under_min_tokens_skip_the_stop_ids_without_a_vocabulary_row(trained):
+    """bench forces lengths with min_tokens: the argmax path still drafts (no [V] row, probs None),
+    hiding the stop ids while min_tokens holds, as the sampler's mask would."""
+    llm, folder, _ = trained
+    drafter = LLM.make_drafter(llm, f"eagle:{folder}")
+    context = llm.encode("the end")
+    segment = Segment(torch.tensor(context[:-1]), llm.target.new_cache(64), "none", capture=drafter.feature_layers)
+    llm.target.forward_many([segment])
+
+    def propose(stops, min_tokens):
+        drafter.reset(Request(context, SamplingParams(max_tokens=100, min_tokens=min_tokens), stops, 64).sampler)
+        drafter.features(segment.features)
+        return drafter.propose(context, 8)
+
+    first = propose(frozenset(), 0).token_ids[0]  # make the head's first choice a stop id
+    assert propose(frozenset({first}), 0).token_ids == [first]  # a drafted stop id ends the draft
+    held = propose(frozenset({first}), 100)
+    assert held.probs is None and len(held.token_ids) == 8 and first not in held.token_ids

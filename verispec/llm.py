@@ -135,7 +135,7 @@ class LLM:
         if folder is None:
             folder = builtin_head()
         embed = self.target.output_weights()[0]
-        head = load_head(Path(folder).expanduser(), self.target.config, embed, tokenizer_hash(self.source.folder))
+        head = load_head(Path(folder).expanduser(), self.target.config, embed, tokenizer_hash(self.tokenizer))
         if self.target.backend_name == "native":
             head.use_native()
         return head

@@ -21,12 +21,11 @@ from verispec.sampling import Sampler
 WIDTH = 4  # a tree's children per node and nodes expanded per depth (EAGLE-2's top-k)
 
 
-def _argmax_is_greedy(sampler: Sampler, history: int) -> bool:
-    """Whether the request's greedy choice over the head's q is its plain argmax (no bias, penalty,
-    min_tokens mask or format after `history` output tokens): then a draft is a point mass."""
+def _argmax_is_greedy(sampler: Sampler) -> bool:
+    """Whether the request's greedy choice over the head's q is its argmax (no bias, penalty or
+    format; min_tokens hides the stop ids, which the argmax can skip): then a draft is a point mass."""
     p = sampler.params
-    return (p.greedy and not p.penalized and not p.logit_bias and sampler.grammar is None
-            and history >= p.min_tokens)
+    return p.greedy and not p.penalized and not p.logit_bias and sampler.grammar is None
 
 
 class EagleDrafter:
@@ -112,8 +111,12 @@ class EagleDrafter:
                     continue
                 history = list(context[len(sampler.prompt_ids):]) + drafts[idx]
                 with torch.inference_mode():
-                    if _argmax_is_greedy(sampler, len(history)):  # no [V] row to build
-                        drafts[idx].append(int(head.draft_ids[int(head.logits(h)[0].argmax())]))
+                    if _argmax_is_greedy(sampler):  # no [V] row to build
+                        logits = head.logits(h)[0]  # [draft_vocab]
+                        hidden = [t for t in sampler.stop_ids if head.t2d[t]]
+                        if len(history) < sampler.params.min_tokens and hidden:  # min_tokens: no stop yet
+                            logits[torch.searchsorted(head.draft_ids, torch.tensor(hidden))] = float("-inf")
+                        drafts[idx].append(int(head.draft_ids[int(logits.argmax())]))
                     else:
                         probs = sampler.probs(head.full_logits(h), history)  # [1, V], zero outside the draft vocabulary
                         if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:

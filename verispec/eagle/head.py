@@ -17,6 +17,7 @@ import json
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -305,10 +306,12 @@ def load(folder: Path, target: ModelConfig, embed: torch.Tensor, tokenizer: str 
     return head.eval()
 
 
-def tokenizer_hash(folder: Path) -> str | None:
-    """A digest of the target's tokenizer.json (None without one): a head is tied to its vocabulary."""
-    path = folder / "tokenizer.json"
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
+def tokenizer_hash(tokenizer: Any) -> str:
+    """A digest of a tokenizer's vocabulary (every token string and id) and special tokens: a head is
+    tied to the ids it was trained on, whether the tokenizer came from a GGUF or tokenizer.json."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    text = json.dumps([vocab, sorted(map(str, tokenizer.all_special_tokens))])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def summary_of(config: HeadConfig, **extra: object) -> dict:

@@ -221,7 +221,7 @@ class Trainer:
                 p.copy_(p.half().float())
         answers = sum(len(e.ids) - e.prompt_len for e in self.examples)
         save(self.head, self.folder, summary_of(
-            self.head_config, target=target_name, tokenizer=tokenizer_hash(self.llm.source.folder),
+            self.head_config, target=target_name, tokenizer=tokenizer_hash(self.llm.tokenizer),
             data={"prompts": prompts_source, "examples": len(self.examples), "answer_tokens": answers,
                   "held_out_examples": len(self.held_out_ids)},
             training={**asdict(self.config), "steps": self.step, "minutes": round(self.elapsed / 60, 2)},
