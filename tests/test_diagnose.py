@@ -121,7 +121,7 @@ def test_sampled_bench_times_speculation_without_comparing_tokens(tiny_llm_folde
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["temperature"] == 0.7 and result["divergences"] == []
     assert result["categories"]["overall"]["ngram/2"]["identical"] is None
-    assert main(["bench", "--model", str(tiny_llm_folder), "--temperature", "0.7", "--baselines", "plain,llamacpp"]) == 2
+    assert main(["bench", "--model", str(tiny_llm_folder), "--temperature", "0.7", "--baselines", "plain,transformers"]) == 2
     assert "decode greedily" in capsys.readouterr().err
 
 
