@@ -22,7 +22,6 @@ from verispec.engine.request import Request
 from verispec.errors import InvalidInputError, ModelLoadError
 from verispec import tree
 from verispec.llm import LLM
-from verispec.model.segment import Segment
 
 PROMPTS = ["the end", "stop the", "then the end", "a b c", "hello there", "it is the", "sto sto", "one two"]
 
@@ -239,9 +238,8 @@ def test_calibration_prices_eagle_drafting_from_the_targets_features(trained):
     drafter, context = eagle.engine.drafter, eagle.encode("the end of it")
     drafter.reset(Request(context, SamplingParams(), eagle.eos_ids, 64).sampler)
     assert drafter.propose(context, 4).token_ids == []  # no features yet: no drafts
-    segment = Segment(torch.tensor(context[:-1]), eagle.target.new_cache(64), "none", capture=drafter.feature_layers)
-    eagle.target.forward_many([segment])
-    drafter.features(segment.features)
+    features = eagle.target.features(context[:-1], drafter.feature_layers)
+    drafter.features(features)
     first = drafter.propose(context, 4)
     again = drafter.propose(context, 4)
     assert len(first.token_ids) == 4 and again.token_ids == first.token_ids
@@ -373,11 +371,10 @@ def test_an_eagle_tree_grows_each_nodes_likeliest_children_as_its_chain_would(tr
     chain_drafter = tree_drafter.fork()
     chain_drafter.tree = False
     context = llm.encode("then the end of it")
-    segment = Segment(torch.tensor(context[:-1]), llm.target.new_cache(64), "none", capture=tree_drafter.feature_layers)
-    llm.target.forward_many([segment])
+    features = llm.target.features(context[:-1], tree_drafter.feature_layers)
     for d in (tree_drafter, chain_drafter):
         d.reset(Request(context, SamplingParams(), llm.eos_ids, 64).sampler)
-        d.features(segment.features)
+        d.features(features)
     proposal = tree_drafter.propose(context, 12)
     assert len(proposal.token_ids) == 12 and proposal.probs is None and proposal.parents is not None
     assert max(tree.depths(proposal.parents)) >= 3
@@ -403,12 +400,11 @@ def test_greedy_drafts_under_min_tokens_skip_the_stop_ids_without_a_vocabulary_r
     llm, folder, _ = trained
     drafter = LLM.make_drafter(llm, f"eagle:{folder}")
     context = llm.encode("the end")
-    segment = Segment(torch.tensor(context[:-1]), llm.target.new_cache(64), "none", capture=drafter.feature_layers)
-    llm.target.forward_many([segment])
+    features = llm.target.features(context[:-1], drafter.feature_layers)
 
     def propose(stops, min_tokens):
         drafter.reset(Request(context, SamplingParams(max_tokens=100, min_tokens=min_tokens), stops, 64).sampler)
-        drafter.features(segment.features)
+        drafter.features(features)
         return drafter.propose(context, 8)
 
     first = propose(frozenset(), 0).token_ids[0]  # make the head's first choice a stop id

@@ -28,7 +28,7 @@ from verispec.engine.trace import TraceWriter
 from verispec.errors import InvalidInputError, TokenizerMismatchError
 from verispec.model import native
 from verispec.model.load import load_model, resolve_device
-from verispec.model.transformer import Segment, Transformer
+from verispec.model.transformer import Transformer
 from verispec.sampling.grammar import Grammars
 from verispec.text import Detokenizer, Prompt, StopStrings, check_same_tokenizer, encode, eos_ids, load_tokenizer
 from verispec.types import Output
@@ -172,12 +172,8 @@ class LLM:
             return 0.0, 0.0
         context = self.encode(CALIBRATION_TEXT * 4)[:128]
         sampler = Request(context, SamplingParams(), self.eos_ids, self.engine.capacity).sampler
-        features = None
-        if feature_layers(drafter):  # what the target's forward over the context hands an EAGLE head
-            segment = Segment(torch.tensor(context[:-1]), self.target.new_cache(len(context)), "none",
-                              capture=feature_layers(drafter))
-            self.target.forward_many([segment])
-            features = segment.features
+        layers = feature_layers(drafter)  # what the target's forward over the context hands an EAGLE head
+        features = self.target.features(context[:-1], layers) if layers else None
         return drafter_costs_ms(drafter, context, sampler, repeats=repeats, features=features)
 
     def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:

@@ -28,6 +28,7 @@ from verispec.errors import InvalidInputError, ModelLoadError
 from verispec.model import kernels
 from verispec.model.cache import KVCache
 from verispec.model.config import ModelConfig
+from verispec.model.transformer import rope_table
 from verispec.model.weights import Weight
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
@@ -107,9 +108,7 @@ class Head(nn.Module):
         self.register_buffer("t2d", torch.zeros(c.vocab, dtype=torch.bool))
         self.embed = embed.detach()
         self._native: dict[str, Weight] = {}  # fused matrices for the native kernels (drafting), or none
-        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2).float() / c.head_dim))
-        freqs = torch.outer(torch.arange(c.max_position, dtype=torch.float32), inv_freq)
-        self._cos, self._sin = torch.cat((freqs, freqs), -1).cos(), torch.cat((freqs, freqs), -1).sin()
+        self._cos, self._sin = rope_table(c.rope_theta, c.head_dim, c.max_position, None, torch.device("cpu"))
 
     @property
     def draft_ids(self) -> torch.Tensor:

@@ -42,8 +42,8 @@ class Transformer:
         self.config = config
         self.device = device
         self.max_context = max_context
-        global_rope = _rope_table(config.rope_theta, config.head_dim, max_context, config.rope_scaling, device)
-        local_rope = (_rope_table(config.rope_local_theta, config.head_dim, max_context, None, device)
+        global_rope = rope_table(config.rope_theta, config.head_dim, max_context, config.rope_scaling, device)
+        local_rope = (rope_table(config.rope_local_theta, config.head_dim, max_context, None, device)
                       if config.rope_local_theta else global_rope)
         rope = {False: global_rope, True: local_rope}
         self.backend_name = backend
@@ -128,7 +128,7 @@ class Transformer:
         return logits
 
 
-def _rope_table(theta: float, dim: int, length: int, scaling: RopeScaling | None,
+def rope_table(theta: float, dim: int, length: int, scaling: RopeScaling | None,
                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [length, dim] in the rotate-half layout, computed as transformers does (float32)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
