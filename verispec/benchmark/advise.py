@@ -128,13 +128,14 @@ def price(llm: LLM, make: Drafters, drafter: str, policies: Sequence[int | str],
     them as a server's would (suffix: each output joins its global tree), and for `auto` one
     controller throughout."""
     samplers = [Request(ids, SamplingParams(), llm.eos_ids, llm.engine.capacity).sampler for ids in prompt_ids]
-    features: list[torch.Tensor | None] = [None] * len(prompt_ids)  # the target's, for a drafter that reads them
+    features: list[torch.Tensor | None] | None = None  # the target's, for a drafter that reads them
     priced = []
     for tau in policies:
         made = make(drafter)
-        layers = feature_layers(made)
-        if layers and features[0] is None:
-            features = [llm.target.features(ids + out, layers) for ids, out in zip(prompt_ids, outputs)]
+        if features is None:
+            layers = feature_layers(made)
+            features = [llm.target.features(ids + out, layers) if layers else None
+                        for ids, out in zip(prompt_ids, outputs)]
         policy: int | Controller = Controller(model) if tau == AUTO else int(tau)
         one = Priced(drafter, tau)
         for ids, out, sampler, seen in zip(prompt_ids, outputs, samplers, features):

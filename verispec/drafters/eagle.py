@@ -113,9 +113,9 @@ class EagleDrafter:
                 with torch.inference_mode():
                     if _argmax_is_greedy(sampler):  # no [V] row to build
                         logits = head.logits(h)[0]  # [draft_vocab]
-                        hidden = [t for t in sampler.stop_ids if head.t2d[t]]
-                        if len(history) < sampler.params.min_tokens and hidden:  # min_tokens: no stop yet
-                            logits[torch.searchsorted(head.draft_ids, torch.tensor(hidden))] = float("-inf")
+                        if len(history) < sampler.params.min_tokens:  # min_tokens: no stop yet
+                            hidden = [t for t in sampler.stop_ids if head.t2d[t]]
+                            logits[torch.searchsorted(head.draft_ids, torch.tensor(hidden, dtype=torch.long))] = float("-inf")
                         drafts[idx].append(int(head.draft_ids[int(logits.argmax())]))
                     else:
                         probs = sampler.probs(head.full_logits(h), history)  # [1, V], zero outside the draft vocabulary

@@ -132,20 +132,20 @@ class Trainer:
         return F.log_softmax(logits, dim=-1)
 
     def loss(self, sample: Sample) -> tuple[torch.Tensor, int]:
-        total, positions = torch.zeros(()), 0
-        for j, (logq, logp, mask) in enumerate(unroll(self.head, sample, self.target_logp(sample), self.config.unroll)):
+        """The sample's weighted loss over the unrolled steps, and the answer positions of step 0."""
+        steps = unroll(self.head, sample, self.target_logp(sample), self.config.unroll)
+        total = torch.zeros(())
+        for j, (logq, logp, mask) in enumerate(steps):
             if mask.any():
-                ce = -(logp[mask].exp() * logq[mask]).sum(-1).mean()
-                total = total + self.config.decay ** j * ce
-                positions += int(mask.sum()) if j == 0 else 0
-        return total, positions
+                total = total + self.config.decay ** j * -(logp[mask].exp() * logq[mask]).sum(-1).mean()
+        return total, int(steps[0][2].sum()) if steps else 0
 
     @torch.no_grad()
     def acceptance(self) -> dict:
         """On the held-out examples (greedy answers, so each next token is the target's greedy choice):
         per position, the share of chains whose first i + 1 drafts the target keeps, and the mean
         accepted length (1 + kept drafts) of chains of `chain`, over the bases inside the answers."""
-        chain, kept_sum, bases, by_position = self.config.chain, 0, 0, [0] * self.config.chain
+        chain, bases, by_position = self.config.chain, 0, [0] * self.config.chain
         for i in self.held_out_ids:
             sample = self.samples[i]
             m = len(sample.ids) - 1 - chain  # bases whose every draft has a real next token
@@ -157,11 +157,10 @@ class Trainer:
             for j, (logq, _, _) in enumerate(steps):
                 alive &= self.head.draft_ids[logq[:m].argmax(-1)] == sample.ids[2 + j: 2 + j + m]
                 by_position[j] += int(alive.sum())
-                kept_sum += int(alive.sum())
             bases += base_count
         if bases == 0:
             return {"mean_accepted_length": None, "by_position": []}
-        return {"mean_accepted_length": round(1 + kept_sum / bases, 4),
+        return {"mean_accepted_length": round(1 + sum(by_position) / bases, 4),  # the kept drafts, summed
                 "by_position": [round(x / bases, 4) for x in by_position]}
 
     def run(self, progress: bool = True) -> dict:
