@@ -61,6 +61,19 @@ def test_argmax_equals_torchs_and_a_row_gives_the_same_numbers_wherever_it_lies(
     here, there, alone = (reduce.log_softmax_entries(x, [2], [5], 5), reduce.log_softmax_entries(padded, [2], [5], 5),
                           reduce.log_softmax_entries(x[2:3].clone(), [0], [5], 5))
     assert here == there == alone
-    assert reduce.log_softmax_entries(torch.full((1, 300), float("-inf")), [0], [4], 3) == [(float("-inf"), [])]
+    assert reduce.log_softmax_entries(torch.full((1, 300), float("-inf")), [0], [4], 3) == [(float("-inf"), ())]
     small = torch.randn(1, 200)  # k above V // 64: the search scans every entry
     assert [i for i, _ in reduce.log_softmax_entries(small, [0], [1], 5)[0][1]] == torch.topk(small[0], 5).indices.tolist()
+
+
+def test_alternatives_that_cannot_be_drawn_are_left_out_and_rows_outside_the_logits_are_refused():
+    x = torch.full((2, 300), float("-inf"))
+    x[0, [3, 200]] = torch.tensor([1.0, 2.0])  # two tokens can be drawn; five are asked for
+    x[1] = 0.0
+    for entries in (reduce.log_softmax_entries(x, [0], [3], 5), reduce.log_entries(torch.softmax(x, -1), [0], [3], 5)):
+        (logprob, top), = entries
+        assert [i for i, _ in top] == [200, 3]
+        assert logprob == pytest.approx(float(torch.log_softmax(x[0], -1)[3]), abs=1e-6)
+    for bad_row, bad_id in ((2, 0), (0, 300)):
+        with pytest.raises(IndexError):
+            reduce.log_softmax_entries(x, [bad_row], [bad_id], 1)

@@ -3,8 +3,9 @@ and the log-probabilities of emitted tokens with the likeliest alternatives (log
 
 On the CPU torch spends 25-45 µs on each over one row of 49 152 logits (its argmax, logsumexp and
 topk kernels), and more once a forward has flushed the caches. Here the argmax is numpy's (5 µs),
-and a row's logsumexp and top k are one call of csrc/rows.c (AVX2), or, where it was not built,
-numpy's exp over a private buffer and a grouped search for the top k. Either way a row reduces the
+and the logsumexp and top k of a cycle's rows (of logits, or the top k of probabilities) are one
+call of csrc/rows.c (AVX2), or, where it was not built, numpy's exp over a private buffer and a
+grouped search for the top k. Either way a row reduces the
 same wherever it lies in memory (numpy's SIMD sums start at the first aligned element, hence the
 buffer; the kernel sums from the row's first entry), so a row verified at any position of a
 forward gives exactly what the same row gives alone, and speculation reports plain decoding's
@@ -13,7 +14,6 @@ numbers. Other devices use torch's kernels.
 
 from __future__ import annotations
 
-import ctypes
 import threading
 from collections.abc import Sequence
 from functools import cache
@@ -24,8 +24,9 @@ import torch
 
 GROUPS = 64  # the top-k search lays a row out [GROUPS, V // GROUPS]
 
-# per emitted token: (its log-probability, the k likeliest (id, log-probability), best first)
-Entry = tuple[float, list[tuple[int, float]]]
+# per emitted token: (its log-probability, the k likeliest (id, log-probability), best first, less
+# those that cannot be drawn: log-probability -inf)
+Entry = tuple[float, tuple[tuple[int, float], ...]]
 
 
 def argmax(x: torch.Tensor) -> tuple[list[int], bool]:
@@ -47,23 +48,23 @@ def log_softmax_entries(x: torch.Tensor, at: Sequence[int], ids: Sequence[int], 
         lse = torch.logsumexp(rows, -1, keepdim=True)
         chosen = (rows.gather(1, torch.tensor(list(ids), device=x.device)[:, None]) - lse)[:, 0].tolist()
         values, top_ids = torch.topk(rows, k, -1)
-        return list(zip(chosen, [list(zip(i, v)) for i, v in zip(top_ids.tolist(), (values - lse).tolist())]))
+        return list(zip(chosen, map(_drawable, top_ids.tolist(), (values - lse).tolist())))
     a = x.detach().numpy()
     if (kernel := _kernel()) is not None and a.dtype == np.float32 and a.flags.c_contiguous:
-        return _entries(kernel, a, at, ids, k)
+        return kernel(a.ctypes.data, *a.shape, at, ids, k, True)
     buffer = _buffer(a.shape[1])
     out = []
     for r, token in zip(at, ids):
         row = a[r]
         m = row.max()
         if np.isneginf(m):  # every entry masked: nothing can be drawn here
-            out.append((float("-inf"), []))
+            out.append((float("-inf"), ()))
             continue
         np.subtract(row, m, out=buffer)
         np.exp(buffer, out=buffer)
         lse = m + np.log(buffer.sum(dtype=np.float32))
         best = _top(row, k)
-        out.append((float(row[token] - lse), list(zip(best.tolist(), (row[best] - lse).tolist()))))
+        out.append((float(row[token] - lse), _drawable(best.tolist(), (row[best] - lse).tolist())))
     return out
 
 
@@ -73,45 +74,30 @@ def log_entries(q: torch.Tensor, at: Sequence[int], ids: Sequence[int], k: int) 
         rows = q[torch.tensor(list(at), device=q.device)]
         chosen = torch.log(rows.gather(1, torch.tensor(list(ids), device=q.device)[:, None]))[:, 0].tolist()
         values, top_ids = torch.topk(rows, k, -1)
-        return list(zip(chosen, [list(zip(i, v)) for i, v in zip(top_ids.tolist(), torch.log(values).tolist())]))
+        return list(zip(chosen, map(_drawable, top_ids.tolist(), torch.log(values).tolist())))
     a = q.detach().numpy()
+    if (kernel := _kernel()) is not None and a.dtype == np.float32 and a.flags.c_contiguous:
+        return kernel(a.ctypes.data, *a.shape, at, ids, k, False)
     with np.errstate(divide="ignore"):  # log 0 = -inf: a token that cannot be drawn
-        return [(float(np.log(a[r, token])), list(zip((best := _top(a[r], k)).tolist(), np.log(a[r, best]).tolist())))
+        return [(float(np.log(a[r, token])), _drawable((best := _top(a[r], k)).tolist(), np.log(a[r, best]).tolist()))
                 for r, token in zip(at, ids)]
+
+
+def _drawable(ids: list[int], values: list[float]) -> tuple[tuple[int, float], ...]:
+    """The (id, log-probability) pairs whose token can be drawn (above -inf), in order."""
+    return tuple((i, v) for i, v in zip(ids, values) if v != float("-inf"))
 
 
 @cache
 def _kernel() -> Any:
-    """csrc/rows.c's vs_row_stats through ctypes, where it was built and the CPU has AVX2 (else None:
-    numpy serves)."""
+    """csrc/rows.c's entries, where it was built and the CPU has AVX2 (else None: numpy serves)."""
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return None
     try:
         from verispec.sampling import _rows
     except ImportError:
         return None
-    kernel = ctypes.CDLL(_rows.__file__).vs_row_stats
-    kernel.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                       ctypes.c_void_p]
-    kernel.restype = ctypes.c_int
-    return kernel
-
-
-def _entries(kernel: Any, a: np.ndarray, at: Sequence[int], ids: Sequence[int], k: int) -> list[Entry]:
-    """log_softmax_entries through the kernel: one call per row gives its logsumexp and top k."""
-    lse = np.empty(1, dtype=np.float32)
-    top_ids = np.empty(max(k, 1), dtype=np.int64)
-    values = np.empty(max(k, 1), dtype=np.float32)
-    base, stride, pointers = a.ctypes.data, a.strides[0], (lse.ctypes.data, top_ids.ctypes.data, values.ctypes.data)
-    out = []
-    for r, token in zip(at, ids):
-        have = kernel(base + r * stride, a.shape[1], k, *pointers)
-        if np.isneginf(lse[0]):  # every entry masked: nothing can be drawn here
-            out.append((float("-inf"), []))
-        else:
-            out.append((float(a[r, token] - lse[0]),
-                        list(zip(top_ids[:have].tolist(), (values[:have] - lse[0]).tolist()))))
-    return out
+    return _rows.entries
 
 
 _local = threading.local()  # a scratch row per thread (the engine's, and the prompt scorer's)

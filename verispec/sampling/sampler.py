@@ -66,8 +66,7 @@ class Sampler:
             x = logits.float() if p.logprobs_mode == "raw" else (
                 processed if processed is not None else self.processed(logits, history, drafts, parents))
             entries = reduce.log_softmax_entries(x, at, tokens, k)
-        return [TokenLogprob(int(token), logprob, tuple((i, v) for i, v in top if v != float("-inf")))
-                for token, (logprob, top) in zip(tokens, entries)]
+        return [TokenLogprob(int(token), logprob, top) for token, (logprob, top) in zip(tokens, entries)]
 
     def processed(self, logits: torch.Tensor, history: Sequence[int], drafts: Sequence[int] = (),
                   parents: Sequence[int] | None = None) -> torch.Tensor:
