@@ -282,6 +282,39 @@ class ServeConfig:
 
 
 @dataclass(frozen=True)
+class ReplicaConfig:
+    """`verispec serve --replicas N` (verispec/server/replicas.py): N engine replicas on Ray Serve
+    behind one OpenAI-compatible ingress; 0 is the single server, without Ray. With max_replicas
+    above min_replicas Ray Serve scales between them on the requests each replica holds (queue
+    depth), starting from replicas. ray_address joins a running cluster (`ray start --head`
+    elsewhere); None starts a local Ray sized for this machine."""
+
+    replicas: int = 0
+    min_replicas: int | None = None
+    max_replicas: int | None = None
+    ray_address: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("replicas", "min_replicas", "max_replicas"):
+            value = getattr(self, name)
+            _require(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0), name,
+                     f"{name}={value!r} is not allowed: it must be an integer >= 0")
+        low, high = self.bounds
+        _require(self.replicas == 0 or 1 <= low <= self.replicas <= high, "replicas",
+                 f"min_replicas={low}, replicas={self.replicas}, max_replicas={high} are not allowed: they must "
+                 "satisfy 1 <= min_replicas <= replicas <= max_replicas")
+        _require(self.replicas > 0 or (self.min_replicas is None and self.max_replicas is None
+                                       and self.ray_address is None), "replicas",
+                 "min_replicas, max_replicas and ray_address need replicas >= 1 (0 serves without Ray)")
+
+    @property
+    def bounds(self) -> tuple[int, int]:
+        """(min_replicas, max_replicas), each defaulting to replicas: a fixed count."""
+        return (self.replicas if self.min_replicas is None else self.min_replicas,
+                self.replicas if self.max_replicas is None else self.max_replicas)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """How `verispec train-drafter` trains an EAGLE-3 head (verispec/eagle/train.py)."""
 

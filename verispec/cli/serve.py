@@ -4,6 +4,9 @@ SIGTERM (or Ctrl-C) stops accepting connections and lets in-flight requests fini
 --shutdown-timeout seconds: then open streams end with an error event and `data: [DONE]`, whole
 answers with a 503. It stops the engine thread, then exits the way uvicorn does: by the same signal,
 re-raised.
+
+With --replicas N the model is served by N engine replicas on Ray Serve behind one endpoint
+(verispec/server/replicas.py, docs/replicas.md).
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from types import FrameType
 from verispec import hub
 from verispec.cli.flags import add_flags, from_flags
 from verispec.cli.generate import add_drafter_flags
-from verispec.config import RuntimeConfig, ServeConfig
+from verispec.drafters.select import parse_drafter
+from verispec.config import ReplicaConfig, RuntimeConfig, ServeConfig
+from verispec.errors import InvalidInputError
 
 HELP = {
     "max_concurrency": "requests run at once, batched in one forward per step (default 8)",
@@ -26,6 +31,10 @@ HELP = {
     "shutdown_timeout": "seconds a shutdown waits for open requests before it ends them with an error (default 30)",
     "audit_rate": "share of greedy speculative requests decoded again plainly, when nothing waits, to check that "
                   "they are exact (default 0.01)",
+    "replicas": "engine replicas on Ray Serve behind one endpoint (default 0: one engine, no Ray; docs/replicas.md)",
+    "min_replicas": "with --max-replicas: Ray Serve scales the replicas between these on queue depth",
+    "max_replicas": "the most replicas autoscaling may start (default: --replicas, a fixed count)",
+    "ray_address": "join this Ray cluster (ray start --head elsewhere) instead of starting a local Ray",
 }
 
 
@@ -34,6 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=hub.DEFAULT_MODEL, help="a built-in name, a .gguf file or a Hugging Face folder")
     add_drafter_flags(p)
     add_flags(p, ServeConfig, HELP)
+    add_flags(p, ReplicaConfig, HELP)
     add_flags(p, RuntimeConfig)
     p.set_defaults(run=run)
 
@@ -44,12 +54,21 @@ def run(args: argparse.Namespace) -> None:
     from verispec.llm import LLM
     from verispec.server.app import create_app
 
-    config = from_flags(ServeConfig, args)
-    llm = LLM(args.model, from_flags(RuntimeConfig, args), drafter=args.drafter,
-              num_draft_tokens=args.num_draft_tokens, suffix_global=args.suffix_global,
-              suffix_budget=args.suffix_budget)
+    config, scale, runtime = from_flags(ServeConfig, args), from_flags(ReplicaConfig, args), from_flags(RuntimeConfig, args)
+    engine = {"drafter": args.drafter, "num_draft_tokens": args.num_draft_tokens, "suffix_global": args.suffix_global,
+              "suffix_budget": args.suffix_budget}
+    name = config.served_model_name or args.model
+    if scale.replicas:
+        try:
+            from verispec.server import replicas
+        except ImportError as e:
+            raise InvalidInputError(f"--replicas {scale.replicas} needs Ray Serve ({e}): pip install "
+                                    "'verispec[ray]'", param="replicas") from None
+        hub.resolve(args.model), parse_drafter(args.drafter)  # a bad model or drafter fails before Ray starts
+        return replicas.run(args.model, runtime, engine, config, scale, name)
+    llm = LLM(args.model, runtime, **engine)
     scheduler = llm.scheduler(config.max_concurrency, config.max_queue, config.audit_rate)
-    app = create_app(llm, scheduler, config, config.served_model_name or args.model)
+    app = create_app(llm, scheduler, config, name)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
 
     class Server(uvicorn.Server):
