@@ -53,10 +53,12 @@ REPLICA_HEADER = "x-verispec-replica"  # on every answer: the replica that gave 
 OBJECT_STORE_BYTES = 256 << 20  # requests and answers are small; Ray's default takes 30 % of memory
 
 
-async def asgi(app: Callable, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+async def asgi(app: Callable, request: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
     """request {method, path, query, headers [(name, value)], body} -> the ASGI messages the app
-    sends in answer (http.response.start, then http.response.body ...). Closing this generator early
-    cancels the app's handler, which frees the request's slots as a disconnect does."""
+    sends in answer (http.response.start, then http.response.body ...), in batches: each holds what
+    the app sent while the last one was on its way, so that a slow consumer costs fewer crossings,
+    not more. Closing this generator early cancels the app's handler, which frees the request's
+    slots as a disconnect does."""
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "scheme": "http",
              "method": request["method"], "path": request["path"], "raw_path": request["path"].encode(),
              "query_string": request["query"].encode(), "root_path": "", "client": ("127.0.0.1", 0),
@@ -74,8 +76,14 @@ async def asgi(app: Callable, request: dict[str, Any]) -> AsyncIterator[dict[str
     task = asyncio.ensure_future(app(scope, receive, sent.put))
     task.add_done_callback(lambda _: sent.put_nowait(None))
     try:
-        while (message := await sent.get()) is not None:
-            yield message
+        done = False
+        while not done:
+            batch = [await sent.get()]
+            while not sent.empty():
+                batch.append(sent.get_nowait())
+            done = batch[-1] is None
+            if messages := [m for m in batch if m is not None]:
+                yield messages
     finally:
         task.cancel()
 
@@ -97,13 +105,11 @@ class Replica:
         self.registry = ray.get_actor(REGISTRY, namespace=NAMESPACE)
         threading.Thread(target=self._push, name="verispec-metrics-push", daemon=True).start()
 
-    async def call(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """The ASGI messages of the app's answer to request (asgi), naming this replica."""
-        async for message in asgi(self.app, request):
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []),
-                                                  (REPLICA_HEADER.encode(), self.id.encode())]}
-            yield message
+    async def call(self, request: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
+        """The ASGI messages of the app's answer to request, in batches (asgi), naming this replica."""
+        async for batch in asgi(self.app, request):
+            yield [{**m, "headers": [*m.get("headers", []), (REPLICA_HEADER.encode(), self.id.encode())]}
+                   if m["type"] == "http.response.start" else m for m in batch]
 
     def check_health(self) -> None:
         """Ray Serve's probe: a replica whose engine thread has died is replaced."""
@@ -116,7 +122,7 @@ class Replica:
 
     async def _exposition(self) -> str:
         get = {"method": "GET", "path": "/metrics", "query": "", "headers": [], "body": b""}
-        return b"".join([m.get("body", b"") async for m in asgi(self.app, get)]).decode()
+        return b"".join([m.get("body", b"") async for batch in asgi(self.app, get) for m in batch]).decode()
 
     def __del__(self) -> None:  # Ray Serve's shutdown hook
         self.stopped.set()
@@ -179,13 +185,18 @@ def session(headers: Any, body: bytes) -> str | None:
     return user if isinstance(user, str) and user else None
 
 
-async def relay(answer: Any, events: bool) -> AsyncIterator[bytes]:
-    """The body chunks of a replica's answer. A replica that fails midway ends a stream of events
-    with an error event and [DONE], as the single server ends one."""
+async def relay(first: list[dict[str, Any]], answer: Any, events: bool) -> AsyncIterator[bytes]:
+    """The body of a replica's answer: each batch of its messages (the first already read) as one
+    chunk. A replica that fails midway ends a stream of events with an error event and [DONE], as the
+    single server ends one."""
     try:
-        async for message in answer:
-            if message["type"] == "http.response.body" and message.get("body"):
-                yield message["body"]
+        batch = first
+        while True:
+            if chunk := b"".join(m.get("body", b"") for m in batch if m["type"] == "http.response.body"):
+                yield chunk
+            batch = await answer.__anext__()
+    except StopAsyncIteration:
+        pass
     except RayError as e:
         if events:
             yield f"data: {json.dumps(failure(e)[0])}\n\n".encode()
@@ -244,7 +255,7 @@ class Ingress:
         answer = handle.call.remote({"method": request.method, "path": request.url.path, "query": request.url.query,
                                      "headers": list(request.headers.items()), "body": body})
         try:
-            start = await answer.__anext__()
+            first = await answer.__anext__()
         except StopAsyncIteration:
             return JSONResponse(error("the replica gave no answer", "server_error"), 502)
         except RayError as e:
@@ -253,10 +264,11 @@ class Ingress:
         except BaseException:  # the client left (Serve cancels this handler): the replica's handler ends too
             answer.cancel()
             raise
+        start = first[0]  # http.response.start: an ASGI app sends it before any body
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in start.get("headers", [])
                    if k.lower() != b"content-length"}
-        return StreamingResponse(relay(answer, headers.get("content-type", "").startswith("text/event-stream")),
-                                 status_code=start["status"], headers=headers)
+        events = headers.get("content-type", "").startswith("text/event-stream")
+        return StreamingResponse(relay(first[1:], answer, events), status_code=start["status"], headers=headers)
 
 
 def start(model: str, runtime: RuntimeConfig, engine: dict[str, Any], config: ServeConfig, scale: ReplicaConfig,
@@ -269,6 +281,7 @@ def start(model: str, runtime: RuntimeConfig, engine: dict[str, Any], config: Se
     threads = runtime.threads or max(1, (os.cpu_count() or 1) // scale.replicas)
     if scale.ray_address is None:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(num_cpus=max(os.cpu_count() or 1, high * threads), include_dashboard=False, namespace=NAMESPACE,
                  object_store_memory=OBJECT_STORE_BYTES, log_to_driver=False)
     else:
