@@ -308,10 +308,10 @@ def run(model: str, runtime: RuntimeConfig, engine: dict[str, Any], config: Serv
         name: str) -> None:
     """start, then serve until SIGTERM or SIGINT; then Serve lets open requests finish (for at most
     config.shutdown_timeout seconds) and Ray stops."""
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     url = start(model, runtime, engine, config, scale, name)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, whose own handler would end the process at once
+        signal.signal(sig, lambda *_: stop.set())
     print(f"verispec: serving {name!r} on {scale.replicas} replicas at {url}", flush=True)
     stop.wait()
     serve.shutdown()
