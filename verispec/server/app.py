@@ -113,11 +113,17 @@ def create_app(llm: LLM, scheduler: Scheduler, config: ServeConfig, model_name: 
             return JSONResponse({"status": "ok"})
         return JSONResponse(error(f"the engine thread is not running: {scheduler.error!r}", "server_error"), 503)
 
-    @app.get("/metrics")
-    def prometheus() -> Response:
+    def exposition() -> bytes:
+        """The metrics in Prometheus's text format, the monitor's and the audit's brought up to date."""
         metrics.monitor(scheduler.monitor.report())
         metrics.audit(scheduler.audit.audited, scheduler.audit.mismatches)
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return generate_latest(metrics.registry)
+
+    app.state.exposition = exposition  # for a replica to push (server/replicas.py) without a request
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        return Response(exposition(), media_type=CONTENT_TYPE_LATEST)
 
     def card() -> dict[str, Any]:
         return {"id": model_name, "object": "model", "created": protocol.now(), "owned_by": "verispec"}

@@ -118,11 +118,7 @@ class Replica:
 
     def _push(self) -> None:
         while not self.stopped.wait(PUSH_S):
-            self.registry.put.remote(self.id, os.getpid(), asyncio.run(self._exposition()))
-
-    async def _exposition(self) -> str:
-        get = {"method": "GET", "path": "/metrics", "query": "", "headers": [], "body": b""}
-        return b"".join([m.get("body", b"") async for batch in asgi(self.app, get) for m in batch]).decode()
+            self.registry.put.remote(self.id, os.getpid(), self.app.state.exposition().decode())
 
     def __del__(self) -> None:  # Ray Serve's shutdown hook
         self.stopped.set()
