@@ -17,9 +17,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import save_tiny_llm
 from serving import MODEL, Server
+
 from verispec.cli.main import main
 from verispec.config import SamplingParams
 

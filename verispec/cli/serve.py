@@ -18,8 +18,8 @@ from types import FrameType
 from verispec import hub
 from verispec.cli.flags import add_flags, from_flags
 from verispec.cli.generate import add_drafter_flags
-from verispec.drafters.select import parse_drafter
 from verispec.config import ReplicaConfig, RuntimeConfig, ServeConfig
+from verispec.drafters.select import parse_drafter
 from verispec.errors import InvalidInputError
 
 HELP = {
