@@ -109,9 +109,25 @@ def tiny_llm_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_llm(tiny_llm_folder):
+    return _llm(tiny_llm_folder)
+
+
+@pytest.fixture(scope="module")
+def folder(request, tmp_path_factory) -> Path:
+    """A tiny model for a module that serves it (test_server, test_replicas), with the module's
+    CONTEXT positions."""
+    return save_tiny_llm(tmp_path_factory.mktemp("served"), max_position_embeddings=request.module.CONTEXT)
+
+
+@pytest.fixture(scope="module")
+def llm(folder):
+    return _llm(folder)
+
+
+def _llm(folder: Path):
     from verispec.llm import LLM
 
-    return LLM(str(tiny_llm_folder))
+    return LLM(str(folder))
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,9 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
-from conftest import save_tiny_llm
 from serving import MODEL, Server
 
 from verispec.cli.main import main
@@ -28,18 +26,6 @@ pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install
 CONTEXT = 4096
 PUSH_WAIT_S = 2.5  # a replica pushes its metrics every second
 EXTRA = {"return_token_ids": True, "ignore_eos": True}
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    return save_tiny_llm(tmp_path_factory.mktemp("replicas"), max_position_embeddings=CONTEXT)
-
-
-@pytest.fixture(scope="module")
-def llm(folder):
-    from verispec.llm import LLM
-
-    return LLM(str(folder))
 
 
 @pytest.fixture(scope="module")

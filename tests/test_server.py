@@ -19,23 +19,10 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import save_tiny_llm
 from serving import KEY, MODEL, Server
 from verispec.config import SamplingParams
 
 CONTEXT = 2048
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    return save_tiny_llm(tmp_path_factory.mktemp("served"), max_position_embeddings=CONTEXT)
-
-
-@pytest.fixture(scope="module")
-def llm(folder):
-    from verispec.llm import LLM
-
-    return LLM(str(folder))
 
 
 @pytest.fixture(scope="module")
