@@ -120,9 +120,10 @@ class Replica:
         while not self.stopped.wait(PUSH_S):
             self.registry.put.remote(self.id, os.getpid(), self.app.state.exposition().decode())
 
-    def __del__(self) -> None:  # Ray Serve's shutdown hook
-        self.stopped.set()
-        self.scheduler.stop()
+    def __del__(self) -> None:  # Ray Serve's shutdown hook; a constructor that failed has nothing to stop
+        if hasattr(self, "stopped"):
+            self.stopped.set()
+            self.scheduler.stop()
 
 
 class Registry:
@@ -240,12 +241,13 @@ class Ingress:
         return answer
 
     async def _answer(self, request: Request) -> Response:
-        body = b""
+        body = bytearray()
         async for chunk in request.stream():
             body += chunk
             if len(body) > self.limit:
                 return JSONResponse(error(f"the request body is larger than {self.limit} bytes (max_body_bytes)",
                                           "invalid_request_error", code="body_too_large"), 413)
+        body = bytes(body)
         key = session(request.headers, body)
         handle = self.replicas.options(stream=True, **({"session_id": key} if key else {}))
         answer = handle.call.remote({"method": request.method, "path": request.url.path, "query": request.url.query,
