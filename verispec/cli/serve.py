@@ -64,7 +64,8 @@ def run(args: argparse.Namespace) -> None:
         except ImportError as e:
             raise InvalidInputError(f"--replicas {scale.replicas} needs Ray Serve ({e}): pip install "
                                     "'verispec[ray]'", param="replicas") from None
-        hub.resolve(args.model), parse_drafter(args.drafter)  # a bad model or drafter fails before Ray starts
+        hub.resolve(args.model)  # a bad model or drafter fails here, before Ray starts
+        parse_drafter(args.drafter)
         return replicas.run(args.model, runtime, engine, config, scale, name)
     llm = LLM(args.model, runtime, **engine)
     scheduler = llm.scheduler(config.max_concurrency, config.max_queue, config.audit_rate)

@@ -485,15 +485,12 @@ async def stream(runs: list[Run | dict[str, Any]], body: Common, scheduler: Sche
 
 class BodyTooLarge(APIError):
     def __init__(self, limit: int) -> None:
-        super().__init__(413, f"the request body is larger than {limit} bytes (max_body_bytes)", param=None,
-                         code="body_too_large")
+        super().__init__(413, protocol.too_large(limit), param=None, code="body_too_large")
 
 
 class Guard:
     """ASGI middleware: refuses bodies over the limit (by Content-Length, or while reading) and
     counts every response by endpoint and status. Plain ASGI, so streams and disconnects pass through."""
-
-    ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
     def __init__(self, app: Any, max_body_bytes: int, count: Any) -> None:
         self.app, self.limit, self.count = app, max_body_bytes, count
@@ -526,5 +523,4 @@ class Guard:
                 return
             await self.app(scope, receiving, sending)
         finally:
-            path = scope.get("path", "")
-            self.count.labels(endpoint=path if path in self.ENDPOINTS else "other", status=str(status)).inc()
+            self.count.labels(endpoint=protocol.endpoint(scope.get("path", "")), status=str(status)).inc()

@@ -240,3 +240,16 @@ def now() -> int:
 
 def error(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+
+def endpoint(path: str) -> str:
+    """A request path as the request counters label it: one of ENDPOINTS, else 'other'."""
+    return path if path in ENDPOINTS else "other"
+
+
+def too_large(limit: int) -> str:
+    """What a 413 says of a body over max_body_bytes."""
+    return f"the request body is larger than {limit} bytes (max_body_bytes)"

@@ -41,7 +41,7 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.experimental.consistent_hash_router import ConsistentHashRouter
 
 from verispec.config import ReplicaConfig, RuntimeConfig, ServeConfig
-from verispec.server.protocol import error
+from verispec.server.protocol import endpoint, error, too_large
 
 APP = "verispec"
 NAMESPACE = "verispec"
@@ -219,8 +219,6 @@ ingress = FastAPI(title="verispec", description="Lossless speculative decoding, 
 class Ingress:
     """One OpenAI endpoint over the replicas: forwards every request, relays every answer."""
 
-    ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health")
-
     def __init__(self, replicas: Any, max_body_bytes: int) -> None:
         self.replicas, self.limit = replicas, max_body_bytes
         self.metrics = CollectorRegistry()
@@ -235,9 +233,8 @@ class Ingress:
 
     @ingress.api_route("/{path:path}", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"])
     async def forward(self, path: str, request: Request) -> Response:
-        endpoint = "/" + path if "/" + path in self.ENDPOINTS else "other"
         answer = await self._answer(request)
-        self.requests.labels(endpoint=endpoint, status=str(answer.status_code)).inc()
+        self.requests.labels(endpoint=endpoint("/" + path), status=str(answer.status_code)).inc()
         return answer
 
     async def _answer(self, request: Request) -> Response:
@@ -245,8 +242,7 @@ class Ingress:
         async for chunk in request.stream():
             body += chunk
             if len(body) > self.limit:
-                return JSONResponse(error(f"the request body is larger than {self.limit} bytes (max_body_bytes)",
-                                          "invalid_request_error", code="body_too_large"), 413)
+                return JSONResponse(error(too_large(self.limit), "invalid_request_error", code="body_too_large"), 413)
         body = bytes(body)
         key = session(request.headers, body)
         handle = self.replicas.options(stream=True, **({"session_id": key} if key else {}))
@@ -287,17 +283,18 @@ def start(model: str, runtime: RuntimeConfig, engine: dict[str, Any], config: Se
     ray.remote(num_cpus=0)(Registry).options(name=REGISTRY, namespace=NAMESPACE, lifetime="detached",
                                              get_if_exists=True).remote()
     serve.start(http_options={"host": config.host, "port": config.port})
+    # a replica batches max_concurrency requests and queues max_queue: it, not Serve, answers 429 beyond
+    holds = config.max_concurrency + config.max_queue
     sizing: dict[str, Any] = ({"num_replicas": scale.replicas} if low == high else {"autoscaling_config": {
         "min_replicas": low, "max_replicas": high, "initial_replicas": scale.replicas,
         "target_ongoing_requests": config.max_concurrency}})
     replicas = serve.deployment(Replica).options(
         ray_actor_options={"num_cpus": threads}, **sizing,
-        # a replica batches max_concurrency requests and queues max_queue: it, not Serve, answers 429 beyond
-        max_ongoing_requests=config.max_concurrency + config.max_queue,
+        max_ongoing_requests=holds,
         graceful_shutdown_timeout_s=config.shutdown_timeout,
         request_router_config=RequestRouterConfig(request_router_class=f"{__name__}.SessionRouter"),
     ).bind(model, dataclasses.replace(runtime, threads=threads), engine, config, name)
-    serve.run(Ingress.options(max_ongoing_requests=high * (config.max_concurrency + config.max_queue))
+    serve.run(Ingress.options(max_ongoing_requests=high * holds)
               .bind(replicas, config.max_body_bytes), name=APP, route_prefix="/")
     return f"http://{config.host}:{config.port}"
 

@@ -75,8 +75,9 @@ static int row_top(const float* x, int64_t n, int k, int64_t* ids, float* values
 /* entries(address, rows, n, at, ids, k, logits) over x [rows, n] float32 at `address` (C order) ->
  * for each j, (log p(ids[j]), ((id, log p), ...) of the k likeliest that can be drawn, best first)
  * at row at[j], where p is the row's softmax (logits true) or the row itself (probabilities; log 0 =
- * -inf). A row of logits that is -inf everywhere gives (-inf, ()). One call builds a cycle's Python objects: after a forward
- * has flushed the caches every interpreted step costs microseconds, so there are none per row. */
+ * -inf). A row of logits that is -inf everywhere gives (-inf, ()). One call builds a cycle's Python
+ * objects: after a forward has flushed the caches every interpreted step costs microseconds, so
+ * there are none per row. */
 static PyObject* entries(PyObject* self, PyObject* args) {
     unsigned long long address;
     long long rows, n;
