@@ -52,7 +52,8 @@ def accuracy(llm: LLM, prompts, drafters, category: str, train: int, test: int, 
     outputs = adv.decode_all(llm, ids, params, progress=False)
     curves = adv.context_curve(llm, max(len(a) + len(b) for a, b in zip(ids, outputs)))
     make = adv.Drafters(llm)
-    models = {d: CostModel(curves.short, *llm.drafter_costs(make(d))) for d in drafters}
+    overhead = llm.overhead_ms()
+    models = {d: CostModel(curves.short, *llm.drafter_costs(make(d)), overhead) for d in drafters}
     priced = [p for d in drafters for p in adv.price(llm, make, d, adv.TAUS, models[d], curves, ids, outputs)]
     fit, held_out = list(range(len(mine) - test)), list(range(len(mine) - test, len(mine)))  # small categories: fewer to fit
     priced.sort(key=lambda p: -p.speedup(fit))

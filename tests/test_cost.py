@@ -25,6 +25,18 @@ def test_per_position_acceptance_and_a_measured_verify_curve():
     assert model.c == pytest.approx(0.1)
 
 
+def test_the_engines_overhead_is_paid_once_a_token_plainly_and_once_a_cycle_speculating():
+    model = CostModel(VerifyCurve((10.0, 12.0, 14.0)), draft_ms=1.0, overhead_ms=2.0)
+    # E = 2.35 as above; plain: 12 ms a token; a cycle: 2 * 1 + T(3) + 2 = 18 ms; speedup = 2.35 * 12 / 18
+    assert model.t1 == 12.0
+    assert model.cycle_ms(2) == pytest.approx(18.0)
+    assert model.speedup([0.9, 0.5], 2) == pytest.approx(2.35 * 12 / 18)
+    assert model.speedups([0.9, 0.5], 2)[2] == pytest.approx(2.35 * 12 / 18)
+    # the same drafts pay more with the overhead counted: 1.567x against 1.469x without
+    without = CostModel(VerifyCurve((10.0, 12.0, 14.0)), draft_ms=1.0)
+    assert model.speedup([0.9, 0.5], 2) > without.speedup([0.9, 0.5], 2)
+
+
 def test_best_tau_is_zero_when_drafting_cannot_pay():
     model = CostModel(VerifyCurve((10.0, 13.0, 16.0, 19.0)), draft_ms=2.0)
     assert model.best_tau([0.1]) == (0, 1.0)

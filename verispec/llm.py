@@ -15,8 +15,8 @@ from verispec.drafters.base import feature_layers
 from verispec.drafters.eagle import EagleDrafter
 from verispec.drafters.suffix import BUDGET, History
 from verispec.drafters.select import TREE, parse_drafter
-from verispec.engine.calibrate import (Calibration, calibration_path, drafter_costs_ms, load_calibration,
-                                       save_calibration, verify_curve_ms)
+from verispec.engine.calibrate import (Calibration, after_a_forward, calibration_path, drafter_costs_ms,
+                                       load_calibration, overhead_ms, save_calibration, verify_curve_ms)
 from verispec.engine.controller import Controller
 from verispec.engine.generate import Engine, Sequence, step
 from verispec.engine.load import BatchPlanner
@@ -159,22 +159,31 @@ class LLM:
         return calibration_path(hub.cache_dir(), model_key, self.drafter_name)
 
     def calibrate(self, max_k: int = MAX_DRAFT_TOKENS + 1, repeats: int = 5) -> Calibration:
-        """Measure T(k) for k = 1..max_k and the drafter's cost per token here; store them for later runs."""
+        """Measure T(k) for k = 1..max_k, the engine's overhead per cycle and the drafter's cost per token
+        here; store them for later runs."""
         verify_ms = verify_curve_ms(self.target, self.engine.cache, max_k, repeats)
-        calibration = Calibration(verify_ms, *self.drafter_costs(self.engine.drafter, repeats))
+        calibration = Calibration(verify_ms, *self.drafter_costs(self.engine.drafter, repeats), self.overhead_ms())
         save_calibration(self.calibration_path, calibration)
         return calibration
 
     def drafter_costs(self, drafter: Drafter | None, repeats: int = 5) -> tuple[float, float]:
         """The drafter's costs here in ms, per proposed token and per token taken in before drafting
-        (0 without a drafter)."""
+        (0 without a drafter), each timed right after a target forward, as in a cycle."""
         if drafter is None:
             return 0.0, 0.0
         context = self.encode(CALIBRATION_TEXT * 4)[:128]
         sampler = Request(context, SamplingParams(), self.eos_ids, self.engine.capacity).sampler
         layers = feature_layers(drafter)  # what the target's forward over the context hands an EAGLE head
         features = self.target.features(context[:-1], layers) if layers else None
-        return drafter_costs_ms(drafter, context, sampler, repeats=repeats, features=features)
+        try:
+            return drafter_costs_ms(drafter, context, sampler, repeats=repeats, features=features,
+                                    between=after_a_forward(self.target, self.engine.cache))
+        finally:
+            self.engine.cache.truncate(0)
+
+    def overhead_ms(self) -> float:
+        """The engine's own time per cycle here, outside the target's forward (calibrate.overhead_ms)."""
+        return overhead_ms(self.engine, self.encode(CALIBRATION_TEXT * 4)[:128])
 
     def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
         return encode(self.tokenizer, prompt, self.target.config.vocab_size, chat)

@@ -9,7 +9,8 @@ from typing import Any
 @dataclass
 class Stats:
     """What one generation cost: token counts, wall times in seconds summed over the request (prefill,
-    decode; inside decode the drafter's and the verifying target's share), and speculation: cycles,
+    decode; inside decode the drafter's and the verifying target's share, inside verify the target's
+    forward alone), and speculation: cycles,
     drafts (the cycles that drafted), draft positions (`drafted`) and accepted, per position, and the
     draft tokens the target verified (`nodes`: a chain's equal its positions, a tree's exceed its depth)."""
 
@@ -19,6 +20,7 @@ class Stats:
     decode_s: float = 0.0
     draft_s: float = 0.0
     verify_s: float = 0.0
+    forward_s: float = 0.0
     target_forwards: int = 0
     cycles: int = 0
     drafts: int = 0

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -93,15 +94,20 @@ def decode_all(llm: LLM, prompt_ids: list[list[int]], params: SamplingParams | l
     return outputs
 
 
-def context_curve(llm: LLM, longest: int, repeats: int = 5) -> ContextCurve:
+def context_curve(llm: LLM, longest: int, repeats: int = 7) -> ContextCurve:
     """T(k), k = 1..16, after SHORT_CONTEXT cached tokens and after `longest` (the traffic's longest
-    prompt and output, within the context)."""
+    prompt and output, within the context): each T the median of `repeats` rounds, every round
+    timing both contexts, so that a slow spell of a shared machine raises both curves a little
+    instead of one a lot (which once read a long context as no dearer than a short one)."""
     warm_up(llm.target, llm.engine.cache)
     ks = range(1, MAX_DRAFT_TOKENS + 2)
     long_context = min(max(longest, 2 * SHORT_CONTEXT), llm.engine.capacity - len(ks))
     short_context = min(SHORT_CONTEXT, long_context // 2)  # a small model's context may hold less
-    short, long = (VerifyCurve(tuple(forward_times_ms(llm.target, llm.engine.cache, ks, c, repeats)))
-                   for c in (short_context, long_context))
+    contexts = (short_context, long_context)
+    rounds = [[forward_times_ms(llm.target, llm.engine.cache, ks, c, repeats=1) for c in contexts]
+              for _ in range(repeats)]
+    short, long = (VerifyCurve(tuple(statistics.median(r[i][j] for r in rounds) for j in range(len(ks))))
+                   for i in range(len(contexts)))
     return ContextCurve(short, short_context, long, long_context)
 
 
@@ -215,7 +221,8 @@ def advise(llm: LLM, prompts: list[BenchPrompt], drafters: list[str], max_tokens
     target_s = time.perf_counter() - t0
     curves = context_curve(llm, max(len(a) + len(b) for a, b in zip(prompt_ids, outputs)))
     make = Drafters(llm)
-    models = {d: CostModel(curves.short, *llm.drafter_costs(make(d))) for d in drafters}
+    overhead = llm.overhead_ms()
+    models = {d: CostModel(curves.short, *llm.drafter_costs(make(d)), overhead) for d in drafters}
     priced = [p for d in tqdm(drafters, desc="replay", disable=not progress)
               for p in price(llm, make, d, taus, models[d], curves, prompt_ids, outputs)]
     priced.sort(key=lambda p: -p.speedup())
@@ -232,7 +239,7 @@ def advise(llm: LLM, prompts: list[BenchPrompt], drafters: list[str], max_tokens
         "prompts": len(prompts), "tokens": tokens, "max_tokens": max_tokens, "drafters": drafters,
         "verify_ms": {str(c): [round(x, 3) for x in curve.ms] for c, curve in
                       ((curves.short_context, curves.short), (curves.long_context, curves.long))},
-        "draft_ms": {d: round(m.draft_ms, 4) for d, m in models.items()},
+        "draft_ms": {d: round(m.draft_ms, 4) for d, m in models.items()}, "overhead_ms": round(overhead, 4),
         "configs": [{"config": p.name, "drafter": p.drafter, "tau": p.tau, "predicted": round(p.speedup(), 3),
                      "acceptance": round(p.acceptance, 4),
                      "by_category": {c: round(p.speedup(in_category[c]), 3) for c in categories}} for p in priced],

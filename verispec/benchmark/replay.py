@@ -2,10 +2,11 @@
 
 Greedy speculation commits the target's own tokens whatever τ is, so once the target's output for a
 prompt is known, the cycles any τ policy would run follow without the target: the drafter proposes
-after the committed tokens, the accepted drafts are the longest prefix (a tree's path) that matches the output, and
-the cycle costs drafted·d + fed·g + T(drafted + 1). Priced by one verify curve, a fixed τ and the controller are
-compared without the machine's timing noise, which on a shared CPU is larger than the 5 % the
-controller is judged by. `noise` perturbs the timings the controller sees (not the price) to show
+after the committed tokens, the accepted drafts are the longest prefix (a tree's path) that matches
+the output, and the cycle costs drafted·d + fed·g + T(drafted + 1) + o (o: the engine's own time per
+cycle; plain decoding pays T(1) + o a token). Priced by one verify curve, a fixed τ and the
+controller are compared without the machine's timing noise, which on a shared CPU is larger than
+the 5 % the controller is judged by. `noise` perturbs the timings the controller sees (not the price) to show
 how it copes with a real clock. With `curves` (T(k) at two context lengths), every cycle, and plain
 decoding's every token, is priced at its own context: attention makes long prompts' verifies dearer.
 """
@@ -77,12 +78,12 @@ def replay(drafter: Drafter, sampler: Sampler, prompt_ids: Sequence[int], output
         if features is not None:  # the rows the verify forward kept: pending + the accepted drafts
             drafter.features(features[len(context) - 1: len(context) + accepted])  # type: ignore[attr-defined]
         draft_ms = len(drafts) * model.draft_ms + proposal.fed * model.feed_ms
-        verify_ms = curve(len(drafts) + 1)
+        verify_ms = curve(len(drafts) + 1)  # what the controller times; the cycle also pays the engine's overhead
         if isinstance(policy, Controller):
             policy.observe(tau, positions, accepted, draft_ms, verify_ms * max(0.1, 1 + rng.gauss(0, noise)),
                            proposal.fed, len(drafts), path)
-        ms += draft_ms + verify_ms
-        plain_ms += (accepted + 1) * curve(1)
+        ms += draft_ms + verify_ms + model.overhead_ms
+        plain_ms += (accepted + 1) * (curve(1) + model.overhead_ms)
         context += output_ids[done: done + accepted + 1]
         done += accepted + 1
         taus.append(tau)

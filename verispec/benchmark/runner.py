@@ -92,7 +92,9 @@ def run_bench(llm: LLM, prompts: list[BenchPrompt], drafters: list[str], taus: l
     curve = verify_curve_ms(llm.target, llm.engine.cache, max_tau + 1)
     verify_ms = {k: round(ms, 4) for k, ms in enumerate(curve, 1)}
     # one controller per drafter, learning across prompts as a server's would, from this calibration
-    controllers = {d: Controller(CostModel(VerifyCurve(curve), *llm.drafter_costs(made[d]))) for d in drafters}
+    overhead = llm.overhead_ms()
+    controllers = {d: Controller(CostModel(VerifyCurve(curve), *llm.drafter_costs(made[d]), overhead))
+                   for d in drafters}
     llamacpp_verify_ms = {} if llamacpp is None else {
         k: round(ms, 4) for k, ms in enumerate(llamacpp.verify_curve_ms(max_tau + 1), 1)}
     external = _external_decoders(llm, configs, llamacpp)
@@ -281,7 +283,8 @@ def _speculation(runs: list[Run], traces: list[tuple[io.StringIO, TraceWriter]],
     total = Stats()
     for r in runs:
         s = r.stats
-        for name in ("cycles", "drafts", "drafted", "accepted", "nodes", "decode_s", "draft_s", "verify_s"):
+        for name in ("cycles", "drafts", "drafted", "accepted", "nodes", "decode_s", "draft_s", "verify_s",
+                     "forward_s"):
             setattr(total, name, getattr(total, name) + getattr(s, name))
     lines = [line for buf, _ in traces for line in buf.getvalue().splitlines()]
     curve = {str(k): plain_ms * verify_ms[k] / verify_ms[1] for k in sorted(verify_ms)}
@@ -295,6 +298,7 @@ def _speculation(runs: list[Run], traces: list[tuple[io.StringIO, TraceWriter]],
         "mean_nodes": round(total.mean_nodes, 3),
         **({"tokens_by_budget": report.tokens_by_budget} if report.tree else {}),
         "time_split": {"draft": round(total.draft_s / total.decode_s, 4), "verify": round(total.verify_s / total.decode_s, 4),
+                       "forward": round(total.forward_s / total.decode_s, 4),  # the target's, inside verify
                        "other": round(1 - (total.draft_s + total.verify_s) / total.decode_s, 4)},
         "predicted_speedup": report.predicted_speedup,
     }

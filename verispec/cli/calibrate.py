@@ -30,8 +30,10 @@ def run(args: argparse.Namespace) -> None:
         print(f"{k:>3} {ms:>9.2f} {ms / cal.verify_ms[0]:>10.2f}")
     print(f"drafter {args.drafter}: {cal.draft_ms_per_token:.3f} ms per token, c = {model.c:.4f}; "
           f"{cal.feed_ms_per_token:.3f} ms per token taken in before drafting")
+    print(f"the engine's own time per cycle, outside the forward: {cal.overhead_ms:.3f} ms")
     print(f"stored in {llm.calibration_path}")
     print(json.dumps({"model": args.model, "drafter": args.drafter, "verify_ms": [round(x, 4) for x in cal.verify_ms],
                       "draft_ms_per_token": round(cal.draft_ms_per_token, 4),
                       "feed_ms_per_token": round(cal.feed_ms_per_token, 4), "c": round(model.c, 5),
+                      "overhead_ms": round(cal.overhead_ms, 4),
                       "path": str(llm.calibration_path)}))

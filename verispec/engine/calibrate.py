@@ -1,5 +1,6 @@
-"""Timing the two costs the cost model needs on this machine: the target's forward over k tokens,
-T(k), and the drafter's cost per proposed token. Medians over repeats, after a warm-up."""
+"""Timing the costs the cost model needs on this machine: the target's forward over k tokens, T(k),
+the engine's own time per cycle besides it, and the drafter's cost per proposed token. Medians over
+repeats, after a warm-up."""
 
 from __future__ import annotations
 
@@ -13,18 +14,25 @@ from pathlib import Path
 
 import torch
 
+from verispec.config import SamplingParams
 from verispec.drafters.base import Drafter
 from verispec.engine.cost import CostModel, VerifyCurve
+from verispec.engine.generate import Engine
+from verispec.engine.request import Request
 from verispec.model.cache import KVCache
 from verispec.model.transformer import Transformer
 from verispec.sampling import Sampler
 
 
-def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 1,
+              before: Callable[[], object] | None = None) -> float:
+    """The median time of fn in ms; `before` runs untimed ahead of each call."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        if before is not None:
+            before()
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
@@ -46,27 +54,69 @@ def forward_ms(target: Transformer, cache: KVCache, k: int, context: int = 128, 
 
 def forward_times_ms(target: Transformer, cache: KVCache, ks: Sequence[int], context: int = 128,
                      repeats: int = 5) -> list[float]:
-    """T(k) in ms for each k in ks. Each round times every k once, in alternating order, after one
-    warm-up round; T(k) is its median over the rounds, so a slow spell of a shared machine raises
-    every k a little instead of one k a lot (a spike at one k once made T(6) twice T(5)). The cache
-    is left empty."""
+    """T(k) in ms for each k in ks, after `context` cached tokens. Each round times every k once, in
+    alternating order, each right after a one-token forward; one warm-up round comes first. T(k) is
+    the median of those T(1) times the median over the rounds of T(k) / the T(1) just before it. A
+    slow spell of a shared machine moves a ratio timed in one breath much less than T(k) timed
+    apart; the speedups priced from one curve to the next, for n-gram τ 2 on rag, moved over
+    1.18-1.27× with medians of T(k), over 1.19-1.22× with the ratios. The cache is left empty."""
     device = target.device
     cache.truncate(0)
     target.forward(torch.zeros(context, dtype=torch.long, device=device), torch.arange(context, device=device),
                    cache, last_only=True)
-    times: dict[int, list[float]] = {k: [] for k in ks}
+
+    def timed(k: int) -> float:
+        start = time.perf_counter()
+        target.forward(torch.zeros(k, dtype=torch.long, device=device),
+                       torch.arange(context, context + k, device=device), cache)
+        ms = (time.perf_counter() - start) * 1e3
+        cache.truncate(context)
+        return ms
+
+    ones: list[float] = []
+    ratios: dict[int, list[float]] = {k: [] for k in ks}
     try:
         for r in range(repeats + 1):
             for k in (ks if r % 2 == 0 else list(ks)[::-1]):
-                start = time.perf_counter()
-                target.forward(torch.zeros(k, dtype=torch.long, device=device),
-                               torch.arange(context, context + k, device=device), cache)
+                one, ms = timed(1), timed(k)
                 if r > 0:
-                    times[k].append((time.perf_counter() - start) * 1e3)
-                cache.truncate(context)
+                    ones.append(one)
+                    ratios[k].append(ms / one)
     finally:
         cache.truncate(0)
-    return [statistics.median(times[k]) for k in ks]
+    t1 = statistics.median(ones)
+    return [t1 if k == 1 else t1 * statistics.median(ratios[k]) for k in ks]
+
+
+def after_a_forward(target: Transformer, cache: KVCache, context: int = 128) -> Callable[[], None]:
+    """A one-token forward after `context` cached tokens, to run before each timing of a drafter: in
+    a cycle the drafter runs right after the target's forward has filled the caches with weights,
+    where its Python takes 4-10x as long as in a loop of its own (n-gram lookup 0.05 against
+    0.005 ms). The caller empties the cache when done."""
+    device = target.device
+    cache.truncate(0)
+    target.forward(torch.zeros(context, dtype=torch.long, device=device), torch.arange(context, device=device),
+                   cache, last_only=True)
+
+    def forward() -> None:
+        cache.truncate(context)
+        target.forward(torch.zeros(1, dtype=torch.long, device=device),
+                       torch.tensor([context], device=device), cache)
+    return forward
+
+
+def overhead_ms(engine: Engine, prompt_ids: Sequence[int], tokens: int = 32, repeats: int = 3) -> float:
+    """The engine's own time per cycle in ms, outside the target's forward (verification, commit, the
+    step's Python): plain greedy decoding of `tokens` tokens after prompt_ids (none stops early),
+    the median over `repeats` runs after one to warm up."""
+    def once() -> float:
+        request = Request(list(prompt_ids), SamplingParams(max_tokens=tokens, temperature=0.0), frozenset(),
+                          engine.capacity)
+        stats = engine.run(request, speculative=False)
+        return (stats.decode_s - stats.forward_s) * 1e3 / stats.cycles
+
+    once()
+    return statistics.median(once() for _ in range(repeats))
 
 
 def verify_curve_ms(target: Transformer, cache: KVCache, max_k: int, repeats: int = 5) -> tuple[float, ...]:
@@ -76,11 +126,13 @@ def verify_curve_ms(target: Transformer, cache: KVCache, max_k: int, repeats: in
 
 
 def drafter_costs_ms(drafter: Drafter, context_ids: Sequence[int], sampler: Sampler, k: int = 4,
-                     repeats: int = 5, features: torch.Tensor | None = None) -> tuple[float, float]:
+                     repeats: int = 5, features: torch.Tensor | None = None,
+                     between: Callable[[], object] | None = None) -> tuple[float, float]:
     """The drafter's costs in ms: per proposed token in steady state (proposing k tokens again after
     context_ids with its state warm: a draft model runs k one-token steps, as in a cycle), and per
     token it takes in before drafting (a cold proposal feeds the whole context first). A drafter
-    that reads the target's features (EAGLE) hears `features` of context_ids[:-1] after each reset."""
+    that reads the target's features (EAGLE) hears `features` of context_ids[:-1] after each reset.
+    `between` runs untimed before each timed call (after_a_forward: as in a cycle)."""
     def reset() -> None:
         drafter.reset(sampler)
         if features is not None:
@@ -88,13 +140,13 @@ def drafter_costs_ms(drafter: Drafter, context_ids: Sequence[int], sampler: Samp
 
     reset()
     proposed = max(1, len(drafter.propose(context_ids, k).token_ids))
-    per_draft = median_ms(lambda: drafter.propose(context_ids, k), repeats) / proposed
+    per_draft = median_ms(lambda: drafter.propose(context_ids, k), repeats, before=between) / proposed
 
     def cold() -> None:
         reset()
         drafter.propose(context_ids, k)
 
-    per_fed = max(0.0, median_ms(cold, repeats) - per_draft * proposed) / len(context_ids)
+    per_fed = max(0.0, median_ms(cold, repeats, before=between) - per_draft * proposed) / len(context_ids)
     return per_draft, per_fed
 
 
@@ -106,9 +158,11 @@ class Calibration:
     verify_ms: tuple[float, ...]
     draft_ms_per_token: float
     feed_ms_per_token: float = 0.0
+    overhead_ms: float = 0.0  # the engine's per cycle, outside the forward (overhead_ms)
 
     def cost_model(self) -> CostModel:
-        return CostModel(VerifyCurve(self.verify_ms), self.draft_ms_per_token, self.feed_ms_per_token)
+        return CostModel(VerifyCurve(self.verify_ms), self.draft_ms_per_token, self.feed_ms_per_token,
+                         self.overhead_ms)
 
 
 def calibration_path(cache_root: Path, model_key: str, drafter: str) -> Path:
@@ -127,6 +181,6 @@ def load_calibration(path: Path) -> Calibration | None:
     try:
         raw = json.loads(path.read_text())
         return Calibration(tuple(float(x) for x in raw["verify_ms"]), float(raw["draft_ms_per_token"]),
-                           float(raw.get("feed_ms_per_token", 0.0)))
+                           float(raw.get("feed_ms_per_token", 0.0)), float(raw.get("overhead_ms", 0.0)))
     except (OSError, ValueError, KeyError, TypeError):
         return None

@@ -204,6 +204,7 @@ class Controller:
         self._times = VerifyTimes(prior.curve if prior is not None else None, c.max_tau + 1, c.time_decay)
         self._draft = DraftCosts(prior.draft_ms if prior is not None else 0.0,
                                  prior.feed_ms if prior is not None else 0.0, c.decay)
+        self._overhead_ms = prior.overhead_ms if prior is not None else 0.0  # not observed: the prior's
         self._trees = TreeAcceptance(c.max_tau, c.prior_alpha, c.prior_weight, c.decay)
         self.tree = False  # has a cycle verified a tree? then τ is a node budget, chosen by the tree model
         self._since_probe = 0
@@ -246,7 +247,7 @@ class Controller:
 
     def cost_model(self) -> CostModel | None:
         curve = self._times.curve()
-        return None if curve is None else CostModel(curve, *self._draft.estimate())
+        return None if curve is None else CostModel(curve, *self._draft.estimate(), self._overhead_ms)
 
     # --- decisions --------------------------------------------------------------------------------
     def choose(self, backlog: int = 0, remaining: int | None = None) -> int:

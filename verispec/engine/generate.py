@@ -125,7 +125,9 @@ def step(target: Transformer, sequences: Seq[Sequence], prefill_budget: int | No
     verifying = [Segment(torch.tensor([seq.request.last_id] + p.token_ids, device=device), seq.cache, "all", p.parents,
                          feature_layers(seq.drafter)) for seq, p in zip(decoding, proposals)]
     bases = [seq.cache.length for seq in decoding]
+    forward_start = time.perf_counter()
     logits = target.forward_many(prefill + verifying)[len(prefill):]
+    forward_s = time.perf_counter() - forward_start
     verify_rows = sum(len(segment.token_ids) for segment in verifying)
     for seq, segment in zip(filling, prefill):
         if segment.capture:
@@ -155,7 +157,7 @@ def step(target: Transformer, sequences: Seq[Sequence], prefill_budget: int | No
     # each sequence's drafting time: its share (by tokens drafted and taken in) of the step's
     work = [len(p.token_ids) + p.fed for p in proposals]
     shares = [(t1 - t0) * (w / sum(work) if sum(work) else 1 / len(work)) for w in work]
-    return [_commit(seq, tau, proposal, accepted, tokens, path, u, logprobs, t0, share, t2 - t1)
+    return [_commit(seq, tau, proposal, accepted, tokens, path, u, logprobs, t0, share, t2 - t1, forward_s)
             for seq, tau, proposal, (accepted, tokens, path, u, logprobs), share
             in zip(decoding, taus, proposals, results, shares)]
 
@@ -250,12 +252,13 @@ def _draft(sequences: list[Sequence], taus: list[int], contexts: list[list[int]]
 
 def _commit(seq: Sequence, tau: int, proposal: DraftProposal, accepted: int, tokens: list[int],
             path: list[int] | None, u: list[float] | None, logprobs: list[TokenLogprob] | None,
-            t0: float, draft_s: float, verify_s: float) -> Cycle:
+            t0: float, draft_s: float, verify_s: float, forward_s: float) -> Cycle:
     """drafted: the draft positions (a tree's depth), so that per-position acceptance reads a tree as
     the chain of its accepted path; nodes, what the forward verified, prices the cycle (stats, the
     controller; the trace also carries a tree's parents); path, a tree's kept nodes (None for a chain).
     t0: when the step began; draft_s: this sequence's share of the step's drafting; verify_s: the
-    step's forward and verification (every sequence of a batch waits for all of it)."""
+    step's forward and verification (every sequence of a batch waits for all of it); forward_s: the
+    forward alone."""
     request, stats = seq.request, seq.request.stats
     nodes, fed = len(proposal.token_ids), proposal.fed
     drafted = nodes if proposal.parents is None else max(tree.depths(proposal.parents))
@@ -273,10 +276,12 @@ def _commit(seq: Sequence, tau: int, proposal: DraftProposal, accepted: int, tok
         stats.monitor_tokens, stats.monitor_p_value = report["tokens"], report["p_value"]
     stats.draft_s += draft_s
     stats.verify_s += verify_s
+    stats.forward_s += forward_s
     stats.target_forwards += 1
     stats.record_cycle(drafted, accepted, nodes)
     if seq.controller is not None:
-        seq.controller.observe(tau, drafted, accepted, draft_s * 1e3, verify_s * 1e3, fed, nodes, path)
+        # the forward alone, as calibrate times T(k): the rest of a cycle is the overhead the cost model adds
+        seq.controller.observe(tau, drafted, accepted, draft_s * 1e3, forward_s * 1e3, fed, nodes, path)
     if seq.trace is not None:
         extra = {"controller": seq.controller.last} if seq.controller is not None else {}
         if proposal.parents is not None:
