@@ -52,6 +52,13 @@ def forward_ms(target: Transformer, cache: KVCache, k: int, context: int = 128, 
     return forward_times_ms(target, cache, [k], context, repeats)[0]
 
 
+def _fill(target: Transformer, cache: KVCache, context: int) -> None:
+    """The cache holds `context` positions (of token 0) and nothing else."""
+    cache.truncate(0)
+    target.forward(torch.zeros(context, dtype=torch.long, device=target.device),
+                   torch.arange(context, device=target.device), cache, last_only=True)
+
+
 def forward_times_ms(target: Transformer, cache: KVCache, ks: Sequence[int], context: int = 128,
                      repeats: int = 5) -> list[float]:
     """T(k) in ms for each k in ks, after `context` cached tokens. Each round times every k once, in
@@ -61,9 +68,7 @@ def forward_times_ms(target: Transformer, cache: KVCache, ks: Sequence[int], con
     apart; the speedups priced from one curve to the next, for n-gram τ 2 on rag, moved over
     1.18-1.27× with medians of T(k), over 1.19-1.22× with the ratios. The cache is left empty."""
     device = target.device
-    cache.truncate(0)
-    target.forward(torch.zeros(context, dtype=torch.long, device=device), torch.arange(context, device=device),
-                   cache, last_only=True)
+    _fill(target, cache, context)
 
     def timed(k: int) -> float:
         start = time.perf_counter()
@@ -94,9 +99,7 @@ def after_a_forward(target: Transformer, cache: KVCache, context: int = 128) -> 
     where its Python takes 4-10x as long as in a loop of its own (n-gram lookup 0.05 against
     0.005 ms). The caller empties the cache when done."""
     device = target.device
-    cache.truncate(0)
-    target.forward(torch.zeros(context, dtype=torch.long, device=device), torch.arange(context, device=device),
-                   cache, last_only=True)
+    _fill(target, cache, context)
 
     def forward() -> None:
         cache.truncate(context)
