@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -25,7 +24,7 @@ from verispec.benchmark.prompts import BenchPrompt
 from verispec.benchmark.replay import Replayed, replay
 from verispec.config import SamplingParams
 from verispec.drafters.base import Drafter, feature_layers, finish
-from verispec.engine.calibrate import forward_times_ms, warm_up
+from verispec.engine.calibrate import forward_timer, paired_times_ms, warm_up
 from verispec.engine.controller import Controller
 from verispec.engine.cost import (
     ContextCurve,
@@ -96,18 +95,20 @@ def decode_all(llm: LLM, prompt_ids: list[list[int]], params: SamplingParams | l
 
 def context_curve(llm: LLM, longest: int, repeats: int = 7) -> ContextCurve:
     """T(k), k = 1..16, after SHORT_CONTEXT cached tokens and after `longest` (the traffic's longest
-    prompt and output, within the context): each T the median of `repeats` rounds, every round
-    timing both contexts, so that a slow spell of a shared machine raises both curves a little
-    instead of one a lot (which once read a long context as no dearer than a short one)."""
+    prompt and output, within the context), the two timed in the same rounds (paired_times_ms), each
+    in a cache of its own: a slow spell of a shared machine timed apart once read a long context as
+    no dearer than a short one."""
     warm_up(llm.target, llm.engine.cache)
     ks = range(1, MAX_DRAFT_TOKENS + 2)
     long_context = min(max(longest, 2 * SHORT_CONTEXT), llm.engine.capacity - len(ks))
     short_context = min(SHORT_CONTEXT, long_context // 2)  # a small model's context may hold less
-    contexts = (short_context, long_context)
-    rounds = [[forward_times_ms(llm.target, llm.engine.cache, ks, c, repeats=1) for c in contexts]
-              for _ in range(repeats)]
-    short, long = (VerifyCurve(tuple(statistics.median(r[i][j] for r in rounds) for j in range(len(ks))))
-                   for i in range(len(contexts)))
+    short_cache, long_cache = llm.target.new_cache(short_context + len(ks)), llm.engine.cache
+    try:
+        short, long = (VerifyCurve(tuple(ms)) for ms in paired_times_ms(
+            [forward_timer(llm.target, short_cache, short_context), forward_timer(llm.target, long_cache, long_context)],
+            ks, repeats))
+    finally:
+        long_cache.truncate(0)
     return ContextCurve(short, short_context, long, long_context)
 
 

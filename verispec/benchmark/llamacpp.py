@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from verispec.engine.calibrate import paired_times_ms
 from verispec.errors import InvalidInputError
 from verispec.model.load import ModelSource
 
@@ -101,18 +102,15 @@ class LlamaCpp:
 
     def verify_curve_ms(self, max_k: int = 16, context: int = 128, repeats: int = 5) -> tuple[float, ...]:
         """(T(1), ..., T(max_k)) in ms: k tokens in one eval after `context` cached ones, rolled back
-        after each; every round times each k once, in alternating order, after one untimed round, and
-        T(k) is the median over rounds (calibrate.forward_times_ms, the same zeros as input)."""
+        after each, estimated as ours are (calibrate.paired_times_ms, the same zeros as input)."""
         self.warm_up()
         self._eval([0] * context, 0, last_only=True)
-        times: dict[int, list[float]] = {k: [] for k in range(1, max_k + 1)}
-        for r in range(repeats + 1):
-            for k in (times if r % 2 == 0 else list(times)[::-1]):
-                start = time.perf_counter()
-                self._eval([0] * k, context)
-                if r > 0:
-                    times[k].append((time.perf_counter() - start) * 1e3)
-        return tuple(statistics.median(times[k]) for k in times)
+
+        def timed(k: int) -> float:
+            start = time.perf_counter()
+            self._eval([0] * k, context)
+            return (time.perf_counter() - start) * 1e3
+        return tuple(paired_times_ms([timed], range(1, max_k + 1), repeats)[0])
 
     def prefill_s(self, token_ids: Sequence[int], repeats: int = 3) -> float:
         """Seconds to evaluate token_ids into an empty cache (last row's logits only), median of

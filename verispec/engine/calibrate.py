@@ -10,6 +10,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -52,23 +53,41 @@ def forward_ms(target: Transformer, cache: KVCache, k: int, context: int = 128, 
     return forward_times_ms(target, cache, [k], context, repeats)[0]
 
 
-def _fill(target: Transformer, cache: KVCache, context: int) -> None:
-    """The cache holds `context` positions (of token 0) and nothing else."""
-    cache.truncate(0)
-    target.forward(torch.zeros(context, dtype=torch.long, device=target.device),
-                   torch.arange(context, device=target.device), cache, last_only=True)
+def paired_times_ms(timers: Sequence[Callable[[int], float]], ks: Sequence[int], repeats: int = 5
+                    ) -> list[list[float]]:
+    """T(k) in ms for each k in ks, by each timer (timer(k): the ms of one forward over k tokens). Each
+    round times every k once per timer, in alternating order, each right after a one-token forward;
+    one warm-up round comes first, and the timers take turns within every round (so a slow spell of
+    a shared machine raises every timer's curve a little, not one a lot). T(k) is the median of
+    those T(1) times the median over the rounds of T(k) / the T(1) just before it: a ratio timed in
+    one breath moves much less than T(k) timed apart. The speedups priced from one curve to the
+    next, for n-gram τ 2 on rag, moved over 1.18-1.27× with medians of T(k), over 1.19-1.22× with
+    the ratios."""
+    ks = list(ks)
+    ones: list[list[float]] = [[] for _ in timers]
+    ratios: list[dict[int, list[float]]] = [{k: [] for k in ks} for _ in timers]
+    for r in range(repeats + 1):
+        for timer, mine, theirs in zip(timers, ones, ratios):
+            for k in (ks if r % 2 == 0 else ks[::-1]):
+                one, ms = timer(1), timer(k)
+                if r > 0:
+                    mine.append(one)
+                    theirs[k].append(ms / one)
+    curves = []
+    for mine, theirs in zip(ones, ratios):
+        t1 = statistics.median(mine)
+        curves.append([t1 if k == 1 else t1 * statistics.median(theirs[k]) for k in ks])
+    return curves
 
 
-def forward_times_ms(target: Transformer, cache: KVCache, ks: Sequence[int], context: int = 128,
-                     repeats: int = 5) -> list[float]:
-    """T(k) in ms for each k in ks, after `context` cached tokens. Each round times every k once, in
-    alternating order, each right after a one-token forward; one warm-up round comes first. T(k) is
-    the median of those T(1) times the median over the rounds of T(k) / the T(1) just before it. A
-    slow spell of a shared machine moves a ratio timed in one breath much less than T(k) timed
-    apart; the speedups priced from one curve to the next, for n-gram τ 2 on rag, moved over
-    1.18-1.27× with medians of T(k), over 1.19-1.22× with the ratios. The cache is left empty."""
+def forward_timer(target: Transformer, cache: KVCache, context: int) -> Callable[[int], float]:
+    """Fills the cache with `context` positions (of token 0); the timer runs k more tokens after
+    them, rolls the cache back to `context` and returns the forward's ms. The caller empties the
+    cache when done."""
     device = target.device
-    _fill(target, cache, context)
+    cache.truncate(0)
+    target.forward(torch.zeros(context, dtype=torch.long, device=device), torch.arange(context, device=device),
+                   cache, last_only=True)
 
     def timed(k: int) -> float:
         start = time.perf_counter()
@@ -77,35 +96,25 @@ def forward_times_ms(target: Transformer, cache: KVCache, ks: Sequence[int], con
         ms = (time.perf_counter() - start) * 1e3
         cache.truncate(context)
         return ms
+    return timed
 
-    ones: list[float] = []
-    ratios: dict[int, list[float]] = {k: [] for k in ks}
+
+def forward_times_ms(target: Transformer, cache: KVCache, ks: Sequence[int], context: int = 128,
+                     repeats: int = 5) -> list[float]:
+    """T(k) in ms for each k in ks, after `context` cached tokens (paired_times_ms). The cache is left
+    empty."""
     try:
-        for r in range(repeats + 1):
-            for k in (ks if r % 2 == 0 else list(ks)[::-1]):
-                one, ms = timed(1), timed(k)
-                if r > 0:
-                    ones.append(one)
-                    ratios[k].append(ms / one)
+        return paired_times_ms([forward_timer(target, cache, context)], ks, repeats)[0]
     finally:
         cache.truncate(0)
-    t1 = statistics.median(ones)
-    return [t1 if k == 1 else t1 * statistics.median(ratios[k]) for k in ks]
 
 
-def after_a_forward(target: Transformer, cache: KVCache, context: int = 128) -> Callable[[], None]:
+def after_a_forward(target: Transformer, cache: KVCache, context: int = 128) -> Callable[[], float]:
     """A one-token forward after `context` cached tokens, to run before each timing of a drafter: in
     a cycle the drafter runs right after the target's forward has filled the caches with weights,
     where its Python takes 4-10x as long as in a loop of its own (n-gram lookup 0.05 against
     0.005 ms). The caller empties the cache when done."""
-    device = target.device
-    _fill(target, cache, context)
-
-    def forward() -> None:
-        cache.truncate(context)
-        target.forward(torch.zeros(1, dtype=torch.long, device=device),
-                       torch.tensor([context], device=device), cache)
-    return forward
+    return partial(forward_timer(target, cache, context), 1)
 
 
 def overhead_ms(engine: Engine, prompt_ids: Sequence[int], tokens: int = 32, repeats: int = 3) -> float:
