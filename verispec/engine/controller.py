@@ -4,6 +4,14 @@ cycles in which the drafter proposes, its cost per token and the verify curve T(
 drafter τ is the node budget: once a cycle verified a tree (more nodes than depth), acceptance is
 estimated per budget and depth (`TreeAcceptance`) and every cycle is priced by its node count.
 
+Acceptance comes in runs: a cycle that kept every draft it verified is most often inside a passage
+the drafter is copying, and the next cycle accepts far more than one after a rejection (n-gram on
+Spec-Bench here: α_0 0.92 against 0.54). One estimate over both weighs them by the share of cycles
+that start inside a run, and that share depends on τ (a short τ ends more cycles inside a run), so
+acceptance measured at one τ misprices the others: from τ 8's cycles, τ 3 looked 11 % slower than it
+is. A chain's acceptance is therefore estimated apart for the cycles that start in a run (`run`),
+with the other estimates as its prior, and each cycle is priced by the state it starts in.
+
 Speculation can only lose when the estimates are wrong, so they track the recent past (exponential
 decay) and, while speculation is off, a probe every so often (a bounded share of cycles) measures
 whether acceptance has come back. The verify curve is learned the same way on top of the
@@ -130,6 +138,53 @@ class DraftCosts:
         return d, g
 
 
+class ChainAcceptance:
+    """α_i, P(draft i is accepted | drafts 0..i-1 were), and offered_i, P(the drafter proposes more than
+    i tokens (a tree: nodes) | it was asked for more than i), for positions i < max_tau, from decayed
+    counts; a position is counted only in the cycles that reached it. A prior counts as prior_weight
+    early observations and fades like them, so a drafter never accepted is estimated at 0, not at a
+    floor the prior holds up. Without a prior given, α's is prior_alpha at position 0 and at each
+    later position the estimate before it (positions beyond those seen are believed to accept like
+    the deepest one seen, so a longer τ gets tried), and offered's is 1."""
+
+    def __init__(self, max_tau: int, prior_alpha: float, prior_weight: float, decay: float) -> None:
+        self._prior_alpha, self._decay = prior_alpha, decay
+        self._kept = [0.0] * max_tau  # decayed counts per position
+        self._tried = [0.0] * max_tau
+        self._longer = [0.0] * max_tau  # decayed: proposals longer than i / requests for more than i
+        self._asked = [0.0] * max_tau
+        self._weights = [prior_weight] * max_tau  # α's prior, in observations: it decays like one
+        self._offered_weights = [prior_weight] * max_tau
+
+    def observe(self, tau: int, drafted: int, accepted: int, nodes: int) -> None:
+        """A cycle that asked for τ, got `nodes` draft tokens of `drafted` positions, kept `accepted`."""
+        d, n = self._decay, len(self._kept)
+        for i in range(min(tau, n)):
+            self._asked[i] = d * self._asked[i] + 1
+            self._longer[i] = d * self._longer[i] + (nodes > i)
+            self._offered_weights[i] *= d
+        for i in range(min(drafted, n, accepted + 1)):  # drafted positions that were reached
+            self._tried[i] = d * self._tried[i] + 1
+            self._kept[i] = d * self._kept[i] + (i < accepted)
+            self._weights[i] *= d
+
+    def alphas(self, prior: Sequence[float] | None = None) -> list[float]:
+        out: list[float] = []
+        for i, (kept, tried, w) in enumerate(zip(self._kept, self._tried, self._weights)):
+            p = prior[i] if prior is not None else out[-1] if out else self._prior_alpha
+            out.append((kept + w * p) / (tried + w))
+        return out
+
+    def offered(self, prior: Sequence[float] | None = None) -> list[float]:
+        prior = prior or [1.0] * len(self._asked)
+        return [(n + w * p) / (a + w) for n, a, w, p in zip(self._longer, self._asked, self._offered_weights, prior)]
+
+    @property
+    def guessing(self) -> bool:
+        """Position 0 not seen yet: the estimates are still the prior's."""
+        return self._weights[0] >= 0.5
+
+
 class TreeAcceptance:
     """α_j(n) for node budgets n = 1..max_budget and depths j < n: P(the kept path goes deeper than j |
     it reached j) among the cycles of budget n (a tree's bottom and an empty proposal count as stops at
@@ -196,11 +251,9 @@ class Controller:
     def __init__(self, prior: CostModel | None = None, config: ControllerConfig | None = None) -> None:
         self.config = config or ControllerConfig()
         c = self.config
-        self._kept = [0.0] * c.max_tau  # decayed counts per position
-        self._tried = [0.0] * c.max_tau
-        self._prior_weight = [c.prior_weight] * c.max_tau  # the prior decays like an observation
-        self._longer = [1.0] * c.max_tau  # decayed: proposals longer than i / requests for more than i
-        self._asked = [1.0] * c.max_tau
+        # acceptance by the state a cycle starts in: after one that kept every draft it verified (run)
+        self._chains = {run: ChainAcceptance(c.max_tau, c.prior_alpha, c.prior_weight, c.decay) for run in (False, True)}
+        self.run = False  # the next cycle's state
         self._times = VerifyTimes(prior.curve if prior is not None else None, c.max_tau + 1, c.time_decay)
         self._draft = DraftCosts(prior.draft_ms if prior is not None else 0.0,
                                  prior.feed_ms if prior is not None else 0.0, c.decay)
@@ -216,20 +269,15 @@ class Controller:
     # --- estimates --------------------------------------------------------------------------------
     @property
     def alphas(self) -> list[float]:
-        """α_i, each position's prior being the estimate of the one before: positions beyond the τ
-        chosen so far are believed to accept like the deepest one seen, so a longer τ gets tried.
-        The prior counts as one early observation and fades like the others, so a drafter that is
-        never accepted is estimated at 0, not at a floor the prior would hold up."""
-        prior, out = self.config.prior_alpha, []
-        for kept, tried, w in zip(self._kept, self._tried, self._prior_weight):
-            prior = (kept + w * prior) / (tried + w)
-            out.append(prior)
-        return out
+        """α_i for the next cycle. In a run, the run's estimates, whose prior is the others'."""
+        cold = self._chains[False].alphas()
+        return self._chains[True].alphas(cold) if self.run else cold
 
     @property
     def offered(self) -> list[float]:
-        """P(the drafter proposes more than i tokens (a tree: nodes) | asked for more than i)."""
-        return [n / a for n, a in zip(self._longer, self._asked)]
+        """P(the drafter proposes more than i tokens (a tree: nodes) | asked for more than i), likewise."""
+        cold = self._chains[False].offered()
+        return self._chains[True].offered(cold) if self.run else cold
 
     def outlooks(self, tau: int) -> list[tuple[float, float, float]]:
         """For τ' = 0..τ: (tokens a cycle at τ' is expected to commit, draft rows it is expected to
@@ -281,18 +329,23 @@ class Controller:
         if self._since_probe >= self._interval:
             self._since_probe = 0
             if self._could_pay(model, backlog, remaining):
-                self._interval = min(2 * self._interval, c.probe_interval_max)
                 return self._decide(c.probe_tau, "probe", model, speedup)
         return self._decide(0, "off", model, speedup)
 
     def _best(self, model: CostModel) -> tuple[int, float]:
         if self.tree:
             return model.best_budget(self._trees.by_budget(), self.offered)
-        return model.best_tau(self.alphas, self.config.max_tau, self.offered)
+        best = model.best_tau(self.alphas, self.config.max_tau, self.offered)
+        if best[0] == 0 and self.run:
+            # a run only adds drafts: turning speculation off (and probing) is the other state's call,
+            # and a run whose estimates do not pay is taken for no run
+            self.run = False
+            best = model.best_tau(self.alphas, self.config.max_tau, self.offered)
+        return best
 
     @property
     def _guessing(self) -> bool:
-        return self._trees.guessing if self.tree else self._prior_weight[0] >= 0.5
+        return self._trees.guessing if self.tree else self._chains[self.run].guessing
 
     @staticmethod
     def _repays(model: CostModel, speedup: float, backlog: int, remaining: int | None) -> bool:
@@ -307,26 +360,31 @@ class Controller:
         the drafter took in before drafting. For a tree, drafted and accepted are depths, nodes its node
         count (None: a chain, nodes = drafted: the forward verified nodes + 1 rows and the drafter made
         nodes tokens) and path the kept path's nodes (None: a chain's, 1..accepted)."""
-        c = self.config
         nodes = drafted if nodes is None else nodes
         self.tree = self.tree or nodes > drafted
         self._times.observe(nodes + 1, verify_ms)
         if tau == 0:
+            self.run = False
             return
         self._trees.observe(tau, accepted, range(1, accepted + 1) if path is None else path)
-        if self.last.get("why") == "probe" and accepted > 0 and self._could_pay(self.cost_model()):
-            # acceptance may be back, and it is what keeps speculation off: look again at once
-            self._since_probe, self._interval = self.config.probe_interval, self.config.probe_interval
-        for i in range(min(tau, c.max_tau)):
-            self._asked[i] = c.decay * self._asked[i] + 1
-            self._longer[i] = c.decay * self._longer[i] + (nodes > i)
-        if drafted == 0:
-            return
-        self._draft.observe(nodes, fed, draft_ms)
-        for i in range(min(drafted, c.max_tau, accepted + 1)):  # drafted positions that were reached
-            self._tried[i] = c.decay * self._tried[i] + 1
-            self._kept[i] = c.decay * self._kept[i] + (i < accepted)
-            self._prior_weight[i] *= c.decay
+        if self.last.get("why") == "probe":
+            self._probed(drafted, accepted)
+        self._chains[self.run].observe(tau, drafted, accepted, nodes)
+        self.run = 0 < drafted == accepted
+        if drafted > 0:
+            self._draft.observe(nodes, fed, draft_ms)
+
+    def _probed(self, drafted: int, accepted: int) -> None:
+        """After a probe: one that found acceptance back (where acceptance is what keeps speculation
+        off) looks again at once; one whose drafter proposed nothing learnt nothing and is due again at
+        the next cycle (n-gram lookup often has no match); one rejected spaces the next out."""
+        c = self.config
+        if accepted > 0 and self._could_pay(self.cost_model()):
+            self._since_probe, self._interval = c.probe_interval, c.probe_interval
+        elif drafted == 0:
+            self._since_probe = self._interval
+        else:
+            self._interval = min(2 * self._interval, c.probe_interval_max)
 
     def _could_pay(self, model: CostModel | None, backlog: int = 0, remaining: int | None = None) -> bool:
         """Would speculation pay if every draft were accepted? Only then is acceptance what keeps it
@@ -337,7 +395,7 @@ class Controller:
         return best > 1 and self._repays(model, best, backlog, remaining)
 
     def _decide(self, tau: int, why: str, model: CostModel | None = None, speedup: float | None = None) -> int:
-        self.last = {"tau": tau, "why": why, "alphas": [round(a, 3) for a in self.alphas[:4]],
+        self.last = {"tau": tau, "why": why, "run": self.run, "alphas": [round(a, 3) for a in self.alphas[:4]],
                      "offered": [round(o, 3) for o in self.offered[:4]]}
         if self.tree:  # the per-depth acceptance at the budget chosen, and E(n) at every budget
             by_budget = self._trees.by_budget()
