@@ -1,9 +1,11 @@
-"""Load-aware speculation (verispec/engine/load.py) on simulated batches: the planner caps the
-batch's τ at the cap of highest expected goodput (checked against a plain recomputation over every
-cap), drafts less as the batch grows, not at all where verify rows cost as much as decoding, keeps a
-lone sequence's τ and fixed τs; in the engine it never changes an output."""
+"""Load-aware speculation (verispec/engine/load.py) on simulated batches: the planner gives each
+sequence the drafts of highest expected goodput for the batch (checked against a plain search over
+every plan), drafts less as the batch grows, not at all where verify rows cost as much as decoding,
+keeps a lone sequence's τ and fixed τs; in the engine it never changes an output."""
 
 from __future__ import annotations
+
+import itertools
 
 import pytest
 
@@ -35,39 +37,59 @@ def controller(alpha: float, draft_ms: float = 0.05) -> Controller:
     return c
 
 
-def rate(controllers, taus, cap, steps: VerifyCurve, prefill_rows=0) -> float:
-    """The goodput of a cap, written out plainly: tokens expected over the step's time."""
+class Outlook:
+    """A sequence as the planner reads its controller: acceptance by position, a proposal every cycle."""
+
+    def __init__(self, alphas: list[float], draft_ms: float = 0.05) -> None:
+        self.alphas, self.draft_ms = alphas, draft_ms
+
+    def outlooks(self, tau: int) -> list[tuple[float, float, float]]:
+        return [(expected_tokens(self.alphas, t), float(t), self.draft_ms) for t in range(tau + 1)]
+
+
+def rate(sequences, planned, steps: VerifyCurve, prefill_rows=0) -> float:
+    """The goodput of a plan, written out plainly: tokens expected over the step's time."""
     tokens = rows = draft = 0.0
-    for c, tau in zip(controllers, taus):
-        t = min(tau, cap)
-        e, drafts = expected_tokens(c.alphas, t, c.offered), drafted_rows(c.offered, t)
+    for seq, t in zip(sequences, planned):
+        e, drafts, per_draft = seq.outlooks(t)[t]
         tokens += e
         rows += 1 + drafts
-        draft += drafts * c.draft_ms
+        draft += drafts * per_draft
     return tokens / (steps(rows + prefill_rows) + draft)  # the curve is a line: extended by its slope
 
 
-@pytest.mark.parametrize("per_row, alpha", [(0.05, 0.7), (0.3, 0.7), (1.0, 0.7), (0.3, 0.3), (4.0, 0.9)])
-def test_the_cap_is_the_one_of_highest_goodput(per_row, alpha):
+ALPHAS = {"low": [0.3] * 4, "middling": [0.6] * 4, "in a run": [0.95] * 4, "falling": [0.8, 0.6, 0.4, 0.2]}
+
+
+@pytest.mark.parametrize("per_row", [0.05, 0.3, 0.6, 1.0, 4.0])
+def test_the_plan_is_the_one_of_highest_goodput(per_row):
+    """Against every plan of a mixed batch: sequences outside a run of accepted drafts and inside one."""
     steps = curve(4.0, per_row)
     planner = BatchPlanner(steps)
-    controllers = [controller(alpha) for _ in range(8)]
-    taus = [4, 4, 3, 4, 2, 4, 4, 1]
-    planned = planner.plan(controllers, taus, prefill_rows=16)
-    cap = planner.last["cap"]
-    assert planned == [min(t, cap) for t in taus]
-    rates = [rate(controllers, taus, c, steps, 16) for c in range(5)]
-    assert rates[cap] == pytest.approx(max(rates), rel=1e-9)
+    sequences = [Outlook(a) for a in ALPHAS.values()] * 2
+    taus = [4, 3, 4, 4, 2, 4, 4, 3]
+    planned = planner.plan(sequences, taus, prefill_rows=16)
+    best = max(rate(sequences, plan, steps, 16) for plan in itertools.product(*(range(t + 1) for t in taus)))
+    assert rate(sequences, planned, steps, 16) == pytest.approx(best, rel=1e-9)
+    assert all(0 <= p <= t for p, t in zip(planned, taus))
+
+
+def test_in_a_full_batch_a_sequence_in_a_run_keeps_its_drafts_and_the_others_stop():
+    """What one cap for the batch could not do: 16 sequences, each row an eighth of a lone step."""
+    planner = BatchPlanner(curve(4.0, 0.5))
+    sequences = [Outlook(ALPHAS["in a run"])] * 2 + [Outlook(ALPHAS["middling"])] * 14
+    planned = planner.plan(sequences, [4] * 16)
+    assert planned == [4] * 2 + [0] * 14
 
 
 def test_drafts_fall_as_the_batch_grows_and_stop_where_rows_cost_as_much_as_a_step():
     steps = curve(4.0, 0.25)
-    caps = []
+    drafts = []
     for batch in (1, 2, 4, 8, 16):
         planner = BatchPlanner(steps)
-        planner.plan([controller(0.6) for _ in range(batch)], [6] * batch)
-        caps.append(planner.last.get("cap", 6))
-    assert caps == sorted(caps, reverse=True) and caps[0] == 6 and caps[-1] < caps[1], caps
+        planned = planner.plan([controller(0.6) for _ in range(batch)], [6] * batch)
+        drafts.append(sum(planned) / batch)
+    assert drafts == sorted(drafts, reverse=True) and drafts[0] == 6 and drafts[-1] < drafts[1], drafts
     dear = BatchPlanner(curve(4.0, 4.0))  # a row costs a whole step: drafting never pays in a batch
     assert dear.plan([controller(0.9) for _ in range(4)], [4] * 4) == [0] * 4
     flat = BatchPlanner(curve(4.0, 0.0))  # rows and drafts are free: every sequence keeps its τ
@@ -98,4 +120,4 @@ def test_a_planned_batch_gives_every_sequence_what_it_gets_alone(ngram_llm):
     while running := [s for s in sequences if not s.request.finished]:
         step(llm.target, running, planner=planner)
     assert [s.request.output_ids for s in sequences] == alone
-    assert "cap" in planner.last
+    assert planner.last["sequences"] == 3
