@@ -1,14 +1,17 @@
 """The controller against every fixed τ, priced by the cost model instead of timed (noise-free).
 
 For each Spec-Bench prompt the target's greedy output is generated once; then every fixed τ and
-the controller (one for all prompts, learning across them as a server's would) replay their cycles
-on it with the n-gram drafter (verispec/benchmark/replay.py), priced by a verify curve measured here.
+the controller (one for all prompts, learning across them as a server's slot would; with
+--per-request a new one for each, as a one-off `verispec generate`) replay their cycles on it with
+the drafter (verispec/benchmark/replay.py; a suffix drafter learns from the outputs before, in
+order, one per policy), priced by a verify curve measured here.
 The controller sees the curve's times with multiplicative noise (--noise, default 10 %, this
 machine's spread). Prints per category the speedups (the workload's: all tokens over all time, and
 the median over prompts), auto / the best fixed τ in hindsight by both, and a last JSON line.
 
     python benchmarks/controller_replay.py [--categories summarization,rag] [--per-category 3]
-        [--max-tokens 256] [--noise 0.1] [--set decay=0.95 ...] [--outputs FILE]
+        [--max-tokens 256] [--drafter ngram|ngram-tree|suffix|suffix-tree] [--per-request]
+        [--noise 0.1] [--set decay=0.95 ...] [--outputs FILE]
 
 --outputs keeps the generated outputs and the curve in FILE (made on the first run, read on later
 ones), so that controller settings can be compared on the same cases in seconds.
@@ -26,14 +29,16 @@ from verispec import hub
 from verispec.benchmark.prompts import load_prompts
 from verispec.benchmark.replay import Replayed, replay
 from verispec.config import RuntimeConfig, SamplingParams
+from verispec.drafters.base import Drafter, finish
 from verispec.drafters.ngram import NgramDrafter
+from verispec.drafters.suffix import BUDGET, History, SuffixDrafter
 from verispec.engine.calibrate import verify_curve_ms
 from verispec.engine.controller import Controller, ControllerConfig
 from verispec.engine.cost import CostModel, VerifyCurve
 from verispec.llm import LLM
 from verispec.sampling import Sampler
 
-NGRAM_MS = 0.002  # the n-gram drafter's cost per token (verispec calibrate: ~0.001 ms)
+NGRAM_MS = 0.002  # the n-gram drafter's cost per token (verispec calibrate: ~0.001 ms); suffix's alike here
 
 
 def main() -> None:
@@ -43,6 +48,8 @@ def main() -> None:
     ap.add_argument("--per-category", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--taus", default="1,2,3,4,5,6,8")
+    ap.add_argument("--drafter", default="ngram", choices=["ngram", "ngram-tree", "suffix", "suffix-tree"])
+    ap.add_argument("--per-request", action="store_true", help="a new controller for every prompt")
     ap.add_argument("--noise", type=float, default=0.1)
     ap.add_argument("--set", nargs="*", default=[], help="ControllerConfig fields, e.g. decay=0.95")
     ap.add_argument("--outputs", type=Path, default=None, help="a JSON file keeping the outputs and the curve")
@@ -60,12 +67,16 @@ def main() -> None:
     params = SamplingParams(max_tokens=args.max_tokens)
 
     taus = [int(t) for t in args.taus.split(",")]
-    controller = Controller(model, config)
+    policies: dict[str, int | Controller] = {f"tau {t}": t for t in taus} | {"auto": Controller(model, config)}
+    drafters = {name: make_drafter(args.drafter) for name in policies}  # a suffix drafter's History each
     runs: list[tuple[str, str, Replayed]] = []  # (category, policy, replayed)
     for i, (category, ids, out) in enumerate(cases):
         sampler = Sampler(params, ids, eos_ids)
-        runs += [(category, f"tau {t}", replay(NgramDrafter(), sampler, ids, out, t, model)) for t in taus]
-        runs.append((category, "auto", replay(NgramDrafter(), sampler, ids, out, controller, model, args.noise, seed=i)))
+        if args.per_request:
+            policies["auto"] = Controller(model, config)
+        for name, policy in policies.items():
+            runs.append((category, name, replay(drafters[name], sampler, ids, out, policy, model, args.noise, seed=i)))
+            finish(drafters[name], out)
 
     result: dict[str, dict[str, dict[str, float]]] = {}
     print("speedup over plain decoding: the workload's (all tokens / all time) and the median over prompts")
@@ -87,7 +98,13 @@ def main() -> None:
               + " | auto / best fixed: " + ", ".join(f"{m} {r['auto_vs_best']:.3f} ({r['best_fixed']})"
                                                      for m, r in rating.items()))
     print(json.dumps({"verify_ms": [round(x, 2) for x in model.curve.ms], "noise": args.noise,
+                      "drafter": args.drafter, "per_request": args.per_request,
                       "controller": dataclasses.asdict(config), "categories": result}))
+
+
+def make_drafter(kind: str) -> Drafter:
+    tree = kind.endswith("-tree")
+    return SuffixDrafter(History(BUDGET), tree=tree) if kind.startswith("suffix") else NgramDrafter(tree=tree)
 
 
 def generate_cases(args: argparse.Namespace) -> tuple[list[float], list[tuple[str, list[int], list[int]]], list[int]]:
