@@ -1,7 +1,8 @@
 """Load-aware speculation (verispec/engine/load.py) on simulated batches: the planner gives each
 sequence the drafts of highest expected goodput for the batch (checked against a plain search over
 every plan), drafts less as the batch grows, not at all where verify rows cost as much as decoding,
-keeps a lone sequence's τ and fixed τs; in the engine it never changes an output."""
+keeps a lone sequence's τ and fixed τs; in the engine it never changes an output, and a slot's
+controller starts each request outside a run of accepted drafts."""
 
 from __future__ import annotations
 
@@ -121,3 +122,15 @@ def test_a_planned_batch_gives_every_sequence_what_it_gets_alone(ngram_llm):
         step(llm.target, running, planner=planner)
     assert [s.request.output_ids for s in sequences] == alone
     assert planner.last["sequences"] == 3
+
+
+def test_a_request_starts_outside_the_run_its_slot_ended_in(ngram_llm):
+    """A slot's controller serves request after request: the last cycle of one says nothing of the
+    first of the next, which is priced outside a run of accepted drafts."""
+    llm = ngram_llm
+    controller = Controller()
+    controller.observe(2, 2, 2, 0.1, 1.0)  # a cycle that kept both its drafts
+    assert controller.run
+    request = Request(llm.encode("the end the end the"), SamplingParams(max_tokens=4), llm.eos_ids, llm.engine.capacity)
+    Sequence(request, llm.target.new_cache(), NgramDrafter(), 0, controller)
+    assert not controller.run

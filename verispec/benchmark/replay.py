@@ -58,6 +58,8 @@ def replay(drafter: Drafter, sampler: Sampler, prompt_ids: Sequence[int], output
     them (EAGLE), handed to it as the engine would: the prompt's, then each cycle's kept rows."""
     rng = random.Random(seed)
     drafter.reset(sampler)
+    if isinstance(policy, Controller):
+        policy.new_request()
     if features is not None:
         drafter.features(features[: len(prompt_ids) - 1])  # type: ignore[attr-defined]
     done, ms, plain_ms, taus, cycles, verified = 0, 0.0, 0.0, [], [], 0

@@ -297,6 +297,10 @@ class Controller:
         curve = self._times.curve()
         return None if curve is None else CostModel(curve, *self._draft.estimate(), self._overhead_ms)
 
+    def new_request(self) -> None:
+        """A request starts: its first cycle is in no run (what it learnt stays)."""
+        self.run = False
+
     # --- decisions --------------------------------------------------------------------------------
     def choose(self, backlog: int = 0, remaining: int | None = None) -> int:
         """1. no T(1) yet: a plain step measures it; 2. the cost model's best τ, now and then another one

@@ -54,6 +54,8 @@ class Sequence:
             self.num_draft_tokens, self.controller = 0, None
         else:
             self.drafter.reset(self.request.sampler)
+        if self.controller is not None:
+            self.controller.new_request()
         self.cache.truncate(0)
 
     @property
