@@ -143,9 +143,9 @@ class ChainAcceptance:
     i tokens (a tree: nodes) | it was asked for more than i), for positions i < max_tau, from decayed
     counts; a position is counted only in the cycles that reached it. A prior counts as prior_weight
     early observations and fades like them, so a drafter never accepted is estimated at 0, not at a
-    floor the prior holds up. Without a prior given, α's is prior_alpha at position 0 and at each
-    later position the estimate before it (positions beyond those seen are believed to accept like
-    the deepest one seen, so a longer τ gets tried), and offered's is 1."""
+    floor the prior holds up. Without a prior given, α's prior is prior_alpha at position 0 and at
+    each later position the estimate before it (positions beyond those seen are believed to accept
+    like the deepest one seen, so a longer τ gets tried), and offered's prior is 1."""
 
     def __init__(self, max_tau: int, prior_alpha: float, prior_weight: float, decay: float) -> None:
         self._prior_alpha, self._decay = prior_alpha, decay
@@ -349,7 +349,8 @@ class Controller:
 
     @property
     def _guessing(self) -> bool:
-        return self._trees.guessing if self.tree else self._chains[self.run].guessing
+        # (the run's estimates have the others' for prior: those tell whether anything was seen)
+        return self._trees.guessing if self.tree else self._chains[False].guessing
 
     @staticmethod
     def _repays(model: CostModel, speedup: float, backlog: int, remaining: int | None) -> bool:
