@@ -13,7 +13,7 @@ import pytest
 from verispec.config import SamplingParams
 from verispec.drafters import NgramDrafter
 from verispec.engine.controller import Controller
-from verispec.engine.cost import CostModel, VerifyCurve, drafted_rows, expected_tokens
+from verispec.engine.cost import CostModel, VerifyCurve, expected_tokens
 from verispec.engine.generate import Engine, Sequence, step
 from verispec.engine.load import BatchPlanner
 from verispec.engine.request import Request
