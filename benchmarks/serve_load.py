@@ -5,7 +5,7 @@ beside plain decoding (--drafter none), and beside serving the same requests one
 
     python benchmarks/serve_load.py [--model smollm2-135m-instruct] [--drafter ngram,none]
                                     [--requests 32] [--max-tokens 64] [--concurrency 1,4,8,16] [--rounds 2]
-                                    [--replicas 0,1,2]
+                                    [--replicas 0,1,2] [--stream-interval-ms MS]
 
 Every client streams (so time to first token is measured) a greedy chat request over Spec-Bench
 prompts (2 a category, in turn), or over the grounded categories only with --grounded. The
@@ -106,6 +106,7 @@ def main() -> None:
     ap.add_argument("--grounded", action="store_true", help="summarization, rag, extraction and qa prompts only")
     ap.add_argument("--threads", type=int, help="the server's torch threads (default: torch's)")
     ap.add_argument("--replicas", default="0", help="comma-separated replica counts, one server each (0: no Ray)")
+    ap.add_argument("--stream-interval-ms", type=float, help="a Ray server's stream batching (default: the server's)")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     categories = ["summarization", "rag", "extraction", "qa"] if args.grounded else None
@@ -118,6 +119,8 @@ def main() -> None:
             flags = ["--max-context", "2048"] + (["--threads", str(args.threads)] if args.threads else [])
             if replicas:
                 flags += ["--replicas", str(replicas), "--shutdown-timeout", "5"]
+                if args.stream_interval_ms is not None:
+                    flags += ["--stream-interval-ms", str(args.stream_interval_ms)]
             proc, url = start(args.model, drafter, max(levels), flags)
             try:
                 client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)

@@ -7,6 +7,7 @@ fail with a 503 (an error event in a stream), the service keeps answering and Ra
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -38,6 +39,47 @@ def service(folder):
         assert time.time() < deadline, "the ingress does not reach both replicas"
     yield s
     s.stop()
+
+
+# a replica's batching of the ASGI messages it sends back (asgi), on an app that sends at a known pace
+def paced(gaps_s: list[float]):
+    """An ASGI app answering with a start, then a body after each gap (each body stamped with when it
+    was sent), then the closing empty body."""
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for i, gap in enumerate(gaps_s):
+            await asyncio.sleep(gap)
+            await send({"type": "http.response.body", "body": f"{i},".encode(), "more_body": True,
+                        "sent": time.perf_counter()})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    return app
+
+
+def batches(gaps_s: list[float], interval_s: float) -> list[tuple[float, list[dict]]]:
+    """(when it came, the batch) for every batch asgi yields over paced(gaps_s)."""
+    from verispec.server.replicas import asgi
+
+    async def collect():
+        request = {"method": "POST", "path": "/v1/completions", "query": "", "headers": [], "body": b""}
+        return [(time.perf_counter(), batch) async for batch in asgi(paced(gaps_s), request, interval_s)]
+    return asyncio.run(collect())
+
+
+def test_a_stream_crosses_once_an_interval_after_its_first_two_chunks_which_go_at_once():
+    interval = 0.06
+    got = batches([0.01, 0.01] + [0.004] * 50, interval)
+    bodies = [(when, m) for when, batch in got for m in batch if m.get("sent")]
+    assert b"".join(m["body"] for _, m in bodies) == b"".join(f"{i},".encode() for i in range(52))
+    assert all(when - m["sent"] < interval / 2 for when, m in bodies[:2]), "the head waited for the interval"
+    later = [when for when, batch in got if any(m.get("sent") and int(m["body"][:-1]) >= 2 for m in batch)]
+    span = bodies[-1][1]["sent"] - bodies[2][1]["sent"]
+    assert len(later) <= span / interval + 2, f"{len(later)} batches for {span:.3f} s of tokens"
+
+
+def test_a_stream_ends_as_soon_as_the_app_does_not_an_interval_later():
+    got = batches([0.0, 0.0, 0.005, 0.005, 0.005], interval_s=0.5)
+    last_sent = max(m["sent"] for _, batch in got for m in batch if m.get("sent"))
+    assert got[-1][0] - last_sent < 0.25
 
 
 def replica_of(response: httpx.Response) -> str:
@@ -189,6 +231,7 @@ def test_a_killed_replica_fails_its_requests_with_503_and_the_others_answer(serv
     (["--replicas", "2", "--max-replicas", "1"], "max_replicas"),
     (["--ray-address", "auto"], "need replicas >= 1"),
     (["--replicas", "-1"], "replicas=-1"),
+    (["--replicas", "1", "--stream-interval-ms", "-5"], "stream_interval_ms=-5"),
 ])
 def test_bad_replica_flags_exit_2_naming_them(flags, says, folder, capsys):
     assert main(["serve", "--model", str(folder), *flags]) == 2

@@ -35,6 +35,8 @@ HELP = {
     "min_replicas": "with --max-replicas: Ray Serve scales the replicas between these on queue depth",
     "max_replicas": "the most replicas autoscaling may start (default: --replicas, a fixed count)",
     "ray_address": "join this Ray cluster (ray start --head elsewhere) instead of starting a local Ray",
+    "stream_interval_ms": "through Ray, a replica sends a stream's chunks in batches at most this often after the "
+                          "first token, as each crossing costs CPU (default 50; 0: each chunk as it comes)",
 }
 
 

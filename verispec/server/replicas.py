@@ -19,6 +19,7 @@ server's own code. What the ingress adds:
 
 # no `from __future__ import annotations`: FastAPI reads the handlers' annotations (Request) at run time
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -51,14 +52,23 @@ STALE_S = 10.0  # a replica silent this long has left: its samples are dropped
 SESSION_HEADER = "x-session-id"
 REPLICA_HEADER = "x-verispec-replica"  # on every answer: the replica that gave it
 OBJECT_STORE_BYTES = 256 << 20  # requests and answers are small; Ray's default takes 30 % of memory
+# A local Ray shares the machine with its engines, so it is set to take less of their CPU (each unless
+# the environment sets it): workers at normal priority (Ray's default niceness 15 puts the engine below
+# every Ray daemon), no usage reports, no Ray metrics (ours go through the Registry), and Serve's
+# controller looping every 0.5 s, not 0.1 s (it reacts to a dead replica in seconds either way).
+QUIET_RAY = {"RAY_worker_niceness": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_enable_metrics_collection": "0",
+             "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5"}
 
 
-async def asgi(app: Callable, request: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
+async def asgi(app: Callable, request: dict[str, Any], interval_s: float = 0.0
+               ) -> AsyncIterator[list[dict[str, Any]]]:
     """request {method, path, query, headers [(name, value)], body} -> the ASGI messages the app
-    sends in answer (http.response.start, then http.response.body ...), in batches: each holds what
-    the app sent while the last one was on its way, so that a slow consumer costs fewer crossings,
-    not more. Closing this generator early cancels the app's handler, which frees the request's
-    slots as a disconnect does."""
+    sends in answer (http.response.start, then http.response.body ...), in batches. A batch holds
+    what the app sent while the last one was on its way, so that a slow consumer costs fewer
+    crossings, not more. After the first two bodies (chat's role chunk and the first token, or a
+    completion's first two tokens, which go as they come) a batch also gathers until interval_s
+    has passed since the one before, and the app's last message ends it at once. Closing this
+    generator early cancels the app's handler, which frees the request's slots as a disconnect does."""
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "scheme": "http",
              "method": request["method"], "path": request["path"], "raw_path": request["path"].encode(),
              "query_string": request["query"].encode(), "root_path": "", "client": ("127.0.0.1", 0),
@@ -73,16 +83,27 @@ async def asgi(app: Callable, request: dict[str, Any]) -> AsyncIterator[list[dic
         await asyncio.Future()  # the client stays until this generator is closed
         raise AssertionError("unreachable")
 
+    async def gather(batch: list[dict[str, Any] | None], wait_s: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait_s):
+                while batch[-1] is not None:
+                    batch.append(await sent.get())
+
+    loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(app(scope, receive, sent.put))
     task.add_done_callback(lambda _: sent.put_nowait(None))
     try:
-        done = False
+        done, bodies, last = False, 0, loop.time()
         while not done:
             batch = [await sent.get()]
-            while not sent.empty():
+            if bodies >= 2 and (wait_s := last + interval_s - loop.time()) > 0:
+                await gather(batch, wait_s)
+            while batch[-1] is not None and not sent.empty():
                 batch.append(sent.get_nowait())
             done = batch[-1] is None
             if messages := [m for m in batch if m is not None]:
+                bodies += sum(m["type"] == "http.response.body" for m in messages)
+                last = loop.time()
                 yield messages
     finally:
         task.cancel()
@@ -92,7 +113,7 @@ class Replica:
     """One engine replica: the single server's app over its own LLM and scheduler."""
 
     def __init__(self, model: str, runtime: RuntimeConfig, engine: dict[str, Any], config: ServeConfig,
-                 name: str) -> None:
+                 name: str, interval_s: float) -> None:
         # imported here: the ingress, which loads this module too, never holds a model
         from verispec.llm import LLM
         from verispec.server.app import create_app
@@ -101,13 +122,14 @@ class Replica:
         llm = LLM(model, runtime, **engine)
         self.scheduler = llm.scheduler(config.max_concurrency, config.max_queue, config.audit_rate)
         self.app = create_app(llm, self.scheduler, config, name)
+        self.interval_s = interval_s
         self.stopped = threading.Event()
         self.registry = ray.get_actor(REGISTRY, namespace=NAMESPACE)
         threading.Thread(target=self._push, name="verispec-metrics-push", daemon=True).start()
 
     async def call(self, request: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
         """The ASGI messages of the app's answer to request, in batches (asgi), naming this replica."""
-        async for batch in asgi(self.app, request):
+        async for batch in asgi(self.app, request, self.interval_s):
             yield [{**m, "headers": [*m.get("headers", []), (REPLICA_HEADER.encode(), self.id.encode())]}
                    if m["type"] == "http.response.start" else m for m in batch]
 
@@ -274,8 +296,8 @@ def start(model: str, runtime: RuntimeConfig, engine: dict[str, Any], config: Se
     low, high = scale.bounds
     threads = runtime.threads or max(1, (os.cpu_count() or 1) // scale.replicas)
     if scale.ray_address is None:
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        os.environ.setdefault("RAY_worker_niceness", "0")
+        for variable, value in QUIET_RAY.items():
+            os.environ.setdefault(variable, value)
         ray.init(num_cpus=max(os.cpu_count() or 1, high * threads), include_dashboard=False, namespace=NAMESPACE,
                  object_store_memory=OBJECT_STORE_BYTES, log_to_driver=False)
     else:
@@ -293,7 +315,7 @@ def start(model: str, runtime: RuntimeConfig, engine: dict[str, Any], config: Se
         max_ongoing_requests=holds,
         graceful_shutdown_timeout_s=config.shutdown_timeout,
         request_router_config=RequestRouterConfig(request_router_class=f"{__name__}.SessionRouter"),
-    ).bind(model, dataclasses.replace(runtime, threads=threads), engine, config, name)
+    ).bind(model, dataclasses.replace(runtime, threads=threads), engine, config, name, scale.stream_interval_ms / 1e3)
     serve.run(Ingress.options(max_ongoing_requests=high * holds)
               .bind(replicas, config.max_body_bytes), name=APP, route_prefix="/")
     return f"http://{config.host}:{config.port}"
