@@ -285,7 +285,11 @@ def test_drafting_on_the_native_kernels_computes_the_heads_forward(trained):
             outs.append(torch.log_softmax(head.logits(h), -1))
     assert fast._native and not plain._native
     assert (outs[0] - outs[1]).abs().max() < 0.05
-    assert (outs[0].argmax(-1) == outs[1].argmax(-1)).float().mean() > 0.9
+    # where the plain forward's top two are further apart than the paths differ, both pick the same token
+    # (a head trained for seconds has near ties, which the AVX2 kernels' rounding may flip)
+    top2 = outs[1].topk(2, -1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * (outs[0] - outs[1]).abs().max()
+    assert clear.sum() >= 5 and (outs[0].argmax(-1) == outs[1].argmax(-1))[clear].all()
 
 
 def test_the_built_in_head_is_for_the_default_model_only(trained):
